@@ -1,0 +1,1 @@
+"""Data: label conventions, raw readers, processed-layout readers, augmentation, phantom."""

@@ -1,0 +1,174 @@
+"""The seed's processed layout: per-sequence 2D training slices and 3D test volumes.
+
+::
+
+    <root>/<sequence>/train_npz/<case>_slice<NNN>.npz      keys image [H, W], label [H, W]
+    <root>/<sequence>/test_vol_h5/<case>.npy.h5            datasets image [D, H, W], label [D, H, W]
+    <root>/lists/train.txt, <root>/lists/test_vol.txt      one slice / case name per line
+
+Images are stored in [0, 255] by our preprocessing (the seed's convention); readers return [0, 1]
+float32. The labels of the three sequences are identical after registration; the LGE copy (the
+labelled reference) is the one returned. Our volumes carry an optional ``spacing`` attribute
+(slice, row, column mm) that seed files lack; readers fall back to a default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from datasets.labels import MODALITIES
+from utils import atomic_path, write_text
+
+SPLITS = {"train": ("train_npz", ".npz"), "test_vol": ("test_vol_h5", ".npy.h5")}
+LABEL_SOURCE = "LGE"
+#: Spacing assumed for seed volumes without a ``spacing`` attribute (1 mm in-plane after
+#: preprocessing; the MyoPS380 slice gap is about 10 mm).
+DEFAULT_SPACING = (10.0, 1.0, 1.0)
+
+
+class ProcessedDataError(ValueError):
+    """A processed file or list is missing or malformed (message names the path)."""
+
+
+@dataclass(frozen=True)
+class ProcessedLayout:
+    """Path conventions of one processed dataset root."""
+
+    root: Path
+    modalities: tuple[str, ...] = MODALITIES
+    list_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+        if self.list_dir is None:
+            object.__setattr__(self, "list_dir", self.root / "lists")
+        unknown = set(self.modalities) - set(MODALITIES)
+        if unknown or not self.modalities:
+            raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got "
+                             f"{self.modalities}")
+
+    def item_path(self, modality: str, split: str, name: str) -> Path:
+        folder, suffix = _split(split)
+        return self.root / modality / folder / f"{name}{suffix}"
+
+    def list_path(self, split: str) -> Path:
+        _split(split)
+        assert self.list_dir is not None
+        return self.list_dir / f"{split}.txt"
+
+    def scan(self, split: str) -> list[str]:
+        """Names present for every sequence (what a list for ``split`` should contain)."""
+        folder, suffix = _split(split)
+        present = None
+        for modality in self.modalities:
+            directory = self.root / modality / folder
+            names = {p.name[: -len(suffix)] for p in directory.glob(f"*{suffix}")
+                     if not p.name.startswith(".")}
+            present = names if present is None else present & names
+        return sorted(present or ())
+
+    def names(self, split: str, *, create: bool = True) -> list[str]:
+        """Entries of the ``split`` list, writing it from the files on disk when absent.
+
+        Every listed entry must exist for every sequence; a list naming absent files is an error
+        rather than a crash in the middle of an epoch.
+        """
+        path = self.list_path(split)
+        if path.is_file():
+            names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        else:
+            names = self.scan(split)
+            if names and create:
+                write_text(path, "".join(f"{name}\n" for name in names))
+        if not names:
+            raise ProcessedDataError(f"{self.root}: no '{split}' data found "
+                                     f"(looked for {self.item_path(self.modalities[0], split, '*')})")
+        for name in names:
+            for modality in self.modalities:
+                if not self.item_path(modality, split, name).is_file():
+                    raise ProcessedDataError(
+                        f"{path}: lists {name!r} but {self.item_path(modality, split, name)} "
+                        "does not exist")
+        return names
+
+    def read_slice(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """One training slice: image ``[S, H, W]`` in [0, 1] and label ``[H, W]`` (uint8)."""
+        images, label = [], None
+        for modality in self.modalities:
+            path = self.item_path(modality, "train", name)
+            try:
+                with np.load(path) as data:
+                    image, this_label = data["image"], data["label"]
+            except (OSError, KeyError, ValueError) as error:
+                raise ProcessedDataError(f"{path}: unreadable training slice ({error})") from error
+            images.append(_check_image(image, path, ndim=2))
+            if label is None or modality == LABEL_SOURCE:
+                label = _check_label(this_label, image.shape, path)
+        assert label is not None
+        return np.stack(images), label
+
+    def read_volume(self, name: str) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+        """One test volume: image ``[D, S, H, W]`` in [0, 1], label ``[D, H, W]``, spacing (mm)."""
+        images, label, spacing = [], None, None
+        for modality in self.modalities:
+            path = self.item_path(modality, "test_vol", name)
+            try:
+                with h5py.File(path, "r") as handle:
+                    image, this_label = handle["image"][()], handle["label"][()]
+                    stored = handle.attrs.get("spacing")
+            except (OSError, KeyError) as error:
+                raise ProcessedDataError(f"{path}: unreadable test volume ({error})") from error
+            images.append(_check_image(image, path, ndim=3))
+            if label is None or modality == LABEL_SOURCE:
+                label = _check_label(this_label, image.shape, path)
+                spacing = (tuple(float(s) for s in stored) if stored is not None
+                           else DEFAULT_SPACING)
+        assert label is not None and spacing is not None
+        shapes = {image.shape for image in images}
+        if len(shapes) != 1:
+            raise ProcessedDataError(f"{self.root}: sequences of {name} differ in shape {shapes}")
+        return np.stack(images, axis=1), label, spacing  # type: ignore[return-value]
+
+
+def write_training_slice(path: Path, image: np.ndarray, label: np.ndarray) -> None:
+    """Write one seed-layout training slice atomically."""
+    with atomic_path(path) as tmp:
+        np.savez(tmp, image=image.astype(np.float32), label=label.astype(np.uint8))
+
+
+def write_test_volume(path: Path, image: np.ndarray, label: np.ndarray,
+                      spacing: Sequence[float]) -> None:
+    """Write one seed-layout test volume atomically, with our ``spacing`` attribute."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
+        handle.create_dataset("image", data=image.astype(np.float32), compression="gzip")
+        handle.create_dataset("label", data=label.astype(np.uint8), compression="gzip")
+        handle.attrs["spacing"] = np.asarray(spacing, dtype=np.float64)
+
+
+def _split(split: str) -> tuple[str, str]:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
+    return SPLITS[split]
+
+
+def _check_image(image: np.ndarray, path: Path, ndim: int) -> np.ndarray:
+    if image.ndim != ndim:
+        raise ProcessedDataError(f"{path}: image has {image.ndim} dimensions, expected {ndim}")
+    image = image.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(image)):
+        raise ProcessedDataError(f"{path}: image holds NaN/Inf")
+    # Seed files are in [0, 255]; files already in [0, 1] are accepted unchanged.
+    return image / 255.0 if image.max(initial=0.0) > 1.0 else image
+
+
+def _check_label(label: np.ndarray, shape: tuple[int, ...], path: Path) -> np.ndarray:
+    if label.shape != shape:
+        raise ProcessedDataError(f"{path}: label shape {label.shape} != image shape {shape}")
+    if label.size and (label.min() < 0 or label.max() > 3):
+        raise ProcessedDataError(f"{path}: label values outside 0..3")
+    return label.astype(np.uint8, copy=False)

@@ -1,0 +1,179 @@
+"""Training losses: soft multi-class Dice, weighted CE + Dice, and deep-supervision combination.
+
+Every combined loss is checked finite before it is returned, so a diverging run stops at the first
+bad step with the name of the offending component instead of writing NaN weights to a checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LossOutput = Tensor | tuple[Tensor, dict[str, float]]
+
+
+def _check_logits_target(logits: Tensor, target: Tensor, num_classes: int) -> None:
+    """Logits [B, C, *spatial] against integer labels [B, *spatial] with values in 0..C-1."""
+    if logits.ndim < 3 or target.ndim != logits.ndim - 1:
+        raise ValueError(f"expected logits [B, C, *spatial] and target [B, *spatial], got "
+                         f"logits {tuple(logits.shape)} and target {tuple(target.shape)}")
+    if logits.shape[1] != num_classes:
+        raise ValueError(f"logits {tuple(logits.shape)} have {logits.shape[1]} channels, "
+                         f"expected {num_classes} classes")
+    if logits.shape[0] != target.shape[0] or logits.shape[2:] != target.shape[1:]:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match target "
+                         f"{tuple(target.shape)} in batch or spatial size")
+    if target.dtype.is_floating_point or target.dtype == torch.bool or target.is_complex():
+        raise ValueError(f"target must hold integer class labels, got dtype {target.dtype}")
+    low, high = int(target.min()), int(target.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"target labels span {low}..{high}, expected 0..{num_classes - 1}")
+
+
+def _check_num_classes(num_classes: int) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+
+
+class DiceLoss(nn.Module):
+    """Soft Dice loss on softmax probabilities, averaged over classes.
+
+    Intersections and sizes are summed over the whole batch before the ratio is taken, so a class
+    missing from one slice (scar often is) does not turn that slice's term into noise. ``smooth``
+    keeps a class absent from both prediction and target at Dice 1 rather than 0/0.
+    """
+
+    def __init__(self, num_classes: int, smooth: float = 1e-5,
+                 include_background: bool = True) -> None:
+        super().__init__()
+        _check_num_classes(num_classes)
+        if not (math.isfinite(smooth) and smooth > 0):
+            raise ValueError(f"smooth must be finite and positive, got {smooth!r}")
+        if not isinstance(include_background, bool):
+            raise ValueError(f"include_background must be a bool, got {include_background!r}")
+        self.num_classes = num_classes
+        self.smooth = float(smooth)
+        self.include_background = include_background
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Return ``1 - mean_c Dice_c`` for logits [B, C, *spatial] and labels [B, *spatial]."""
+        _check_logits_target(logits, target, self.num_classes)
+        probs = torch.softmax(logits.float(), dim=1)
+        one_hot = F.one_hot(target.long(), self.num_classes).movedim(-1, 1).to(probs.dtype)
+        reduce_dims = [0, *range(2, logits.ndim)]
+        intersection = (probs * one_hot).sum(reduce_dims)
+        sizes = probs.sum(reduce_dims) + one_hot.sum(reduce_dims)
+        per_class = (2.0 * intersection + self.smooth) / (sizes + self.smooth)
+        if not self.include_background:
+            per_class = per_class[1:]
+        return 1.0 - per_class.mean()
+
+
+def _check_finite(parts: dict[str, float]) -> None:
+    bad = [name for name, value in parts.items() if not math.isfinite(value)]
+    if bad:
+        raise FloatingPointError(f"non-finite loss component(s) {bad}: {parts}")
+
+
+class SegmentationLoss(nn.Module):
+    """``ce_weight * CE + dice_weight * Dice``; defaults follow I_MMSeg's released 0.2 / 0.8.
+
+    ``forward`` returns the scalar loss and a dict of floats (``ce``, ``dice``, ``total``) for
+    logging; it raises FloatingPointError naming any non-finite component.
+    """
+
+    def __init__(self, num_classes: int, ce_weight: float = 0.2, dice_weight: float = 0.8,
+                 class_weights: Sequence[float] | None = None) -> None:
+        super().__init__()
+        _check_num_classes(num_classes)
+        for name, value in (("ce_weight", ce_weight), ("dice_weight", dice_weight)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+        if ce_weight == 0 and dice_weight == 0:
+            raise ValueError("ce_weight and dice_weight cannot both be 0")
+        weight = None
+        if class_weights is not None:
+            values = [float(w) for w in class_weights]
+            if len(values) != num_classes:
+                raise ValueError(f"class_weights has {len(values)} entries for "
+                                 f"{num_classes} classes")
+            if not all(math.isfinite(w) and w >= 0 for w in values) or not any(values):
+                raise ValueError(f"class_weights must be finite, >= 0 and not all 0: {values}")
+            weight = torch.tensor(values, dtype=torch.float32)
+        # A buffer follows the module across .to(device) and is saved with it.
+        self.register_buffer("class_weights", weight)
+        self.num_classes = num_classes
+        self.ce_weight = float(ce_weight)
+        self.dice_weight = float(dice_weight)
+        self.dice = DiceLoss(num_classes)
+
+    def forward(self, logits: Tensor, target: Tensor) -> tuple[Tensor, dict[str, float]]:
+        _check_logits_target(logits, target, self.num_classes)
+        ce = F.cross_entropy(logits.float(), target.long(), weight=self.class_weights)
+        dice = self.dice(logits, target)
+        total = self.ce_weight * ce + self.dice_weight * dice
+        # One host transfer gives both the finiteness check and the logged values.
+        ce_value, dice_value, total_value = torch.stack([ce, dice, total]).detach().cpu().tolist()
+        parts = {"ce": ce_value, "dice": dice_value, "total": total_value}
+        _check_finite(parts)
+        return total, parts
+
+
+def _level_weights(count: int, weights: Sequence[float] | None) -> list[float]:
+    if weights is None:
+        # Coarser heads see a blurrier target, so they count less (1, 1/2, 1/4, ...).
+        weights = [0.5**i for i in range(count)]
+    values = [float(w) for w in weights]
+    if len(values) != count:
+        raise ValueError(f"{len(values)} weights for {count} outputs")
+    if not all(math.isfinite(w) and w >= 0 for w in values) or sum(values) <= 0:
+        raise ValueError(f"weights must be finite, >= 0 and sum to > 0, got {values}")
+    total = sum(values)
+    return [w / total for w in values]
+
+
+def _resize_target(target: Tensor, size: torch.Size) -> Tensor:
+    if tuple(size) == tuple(target.shape[1:]):
+        return target
+    if len(size) != target.ndim - 1 or any(s > t for s, t in zip(size, target.shape[1:],
+                                                                   strict=True)):
+        raise ValueError(f"output spatial size {tuple(size)} cannot be reached by shrinking "
+                         f"target {tuple(target.shape)}")
+    # Labels are categorical: nearest neighbour keeps them valid (no interpolated class ids).
+    resized = F.interpolate(target[:, None].float(), size=tuple(size), mode="nearest")
+    return resized[:, 0].to(target.dtype)
+
+
+def deep_supervision_loss(
+    loss_fn: Callable[[Tensor, Tensor], LossOutput],
+    outputs: Sequence[Tensor],
+    target: Tensor,
+    weights: Sequence[float] | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Weighted sum of ``loss_fn`` over several logits maps, weights normalised to sum 1.
+
+    ``outputs[0]`` is the full-resolution head; smaller maps are scored against the target shrunk
+    with nearest-neighbour sampling. ``weights`` defaults to 1, 1/2, 1/4, ... When ``loss_fn``
+    returns ``(loss, parts)`` the parts are combined with the same weights, so logs keep the same
+    keys with or without deep supervision; otherwise the dict holds ``total`` only.
+    """
+    if not outputs:
+        raise ValueError("deep supervision needs at least one output")
+    level_weights = _level_weights(len(outputs), weights)
+    total: Tensor | None = None
+    parts: dict[str, float] = {}
+    for output, weight in zip(outputs, level_weights, strict=True):
+        result = loss_fn(output, _resize_target(target, output.shape[2:]))
+        loss, level_parts = result if isinstance(result, tuple) else (result, None)
+        if level_parts is None:
+            level_parts = {"total": float(loss.detach())}
+        for name, value in level_parts.items():
+            parts[name] = parts.get(name, 0.0) + weight * value
+        total = weight * loss if total is None else total + weight * loss
+    assert total is not None
+    _check_finite(parts)
+    return total, parts

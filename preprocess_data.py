@@ -1,0 +1,62 @@
+"""Raw multi-sequence CMR NIfTI -> the seed's processed layout (train_npz / test_vol_h5).
+
+    python preprocess_data.py --raw_root data/phantom --out_root data/phantom/Processed_data
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from preprocessing.pipeline import PreprocessConfig
+from preprocessing.runner import run_preprocessing
+from utils import setup_logging
+
+log = logging.getLogger("preprocess_data")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--raw_root", default="data/phantom",
+                        help="raw dataset (MyoPS380 Raw_data layout or MyoPS 2020 layout)")
+    parser.add_argument("--out_root", default=None,
+                        help="processed output (default: <raw_root>/Processed_data)")
+    parser.add_argument("--layout", choices=("myops380", "myops2020"), default=None,
+                        help="raw layout (default: detected)")
+    parser.add_argument("--test_every", type=int, default=5,
+                        help="every N-th case (sorted) becomes a test volume; 0 = none")
+    parser.add_argument("--max_slice_distance", type=float, default=5.0,
+                        help="mm; reference slices without partners this close are dropped")
+    parser.add_argument("--crop_size", type=int, default=224)
+    parser.add_argument("--roi_size", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=1, help="parallel processes")
+    parser.add_argument("--overwrite", action="store_true", help="redo finished cases")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    out_root = args.out_root or f"{args.raw_root.rstrip('/')}/Processed_data"
+    try:
+        config = PreprocessConfig(crop_size=args.crop_size, roi_size=args.roi_size,
+                                  max_slice_distance_mm=args.max_slice_distance)
+        results = run_preprocessing(args.raw_root, out_root, config, test_every=args.test_every,
+                                    workers=args.workers, overwrite=args.overwrite,
+                                    layout=args.layout)
+    except (ValueError, RuntimeError, OSError) as error:
+        log.error("%s", error)
+        return 1
+    done = [r for r in results if not r.skipped]
+    seconds = sum(r.seconds for r in done) / max(len(done), 1)
+    log.info("%d cases (%d train, %d test), %d skipped as finished, %.2f s per processed case "
+             "-> %s", len(results), sum(r.split == "train" for r in results),
+             sum(r.split == "test_vol" for r in results), len(results) - len(done), seconds,
+             out_root)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

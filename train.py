@@ -1,0 +1,70 @@
+"""Train a segmentation network on the processed MyoPS layout.
+
+    python train.py --dataset Myops --vit_name R50-ViT-B_16 --root_path data/phantom/Processed_data
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from networks.factory import list_models
+from trainer import DATASETS, TrainConfig, train
+from utils import setup_logging
+
+log = logging.getLogger("train")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default=defaults.dataset, choices=sorted(DATASETS))
+    parser.add_argument("--vit_name", default=defaults.vit_name, choices=list_models())
+    parser.add_argument("--root_path", default=None,
+                        help="processed data root (default: the dataset's default root)")
+    parser.add_argument("--list_dir", default=None, help="lists folder (default: <root>/lists)")
+    parser.add_argument("--output_dir", default=None,
+                        help="run folder (default: runs/<dataset>_<vit_name>)")
+    parser.add_argument("--img_size", type=int, default=defaults.img_size)
+    parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
+    parser.add_argument("--base_lr", type=float, default=defaults.base_lr)
+    parser.add_argument("--weight_decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--max_epochs", type=int, default=defaults.max_epochs)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--num_workers", type=int, default=defaults.num_workers)
+    parser.add_argument("--pretrained_path", default=None,
+                        help="Google R50+ViT-B_16.npz (local file) to initialise the encoder")
+    parser.add_argument("--ce_weight", type=float, default=defaults.ce_weight)
+    parser.add_argument("--dice_weight", type=float, default=defaults.dice_weight)
+    parser.add_argument("--no_augment", action="store_true", help="disable augmentation")
+    parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:1, ...")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    output_dir = args.output_dir or f"runs/{args.dataset}_{args.vit_name}"
+    setup_logging(Path(output_dir) / "log.txt")
+    try:
+        config = TrainConfig(
+            dataset=args.dataset, vit_name=args.vit_name,
+            root_path=args.root_path or DATASETS[args.dataset]["root_path"],
+            list_dir=args.list_dir, output_dir=output_dir, img_size=args.img_size,
+            num_classes=DATASETS[args.dataset]["num_classes"], batch_size=args.batch_size,
+            base_lr=args.base_lr, weight_decay=args.weight_decay, max_epochs=args.max_epochs,
+            seed=args.seed, num_workers=args.num_workers, pretrained_path=args.pretrained_path,
+            ce_weight=args.ce_weight, dice_weight=args.dice_weight, augment=not args.no_augment,
+            device=args.device)
+        result = train(config)
+    except (ValueError, OSError, FloatingPointError) as error:
+        log.error("%s", error)
+        return 1
+    print(f"checkpoint: {result.checkpoint}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
