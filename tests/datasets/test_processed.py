@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from datasets.labels import MODALITIES
+from datasets.processed import (
+    ProcessedDataError,
+    ProcessedLayout,
+    write_test_volume,
+    write_training_slice,
+)
+
+
+def _fill(layout: ProcessedLayout, rng: np.random.Generator) -> dict:
+    written = {}
+    for channel, modality in enumerate(MODALITIES):
+        image = rng.random((8, 8)).astype(np.float32) * 255
+        label = (np.arange(64).reshape(8, 8) % 4).astype(np.uint8)
+        write_training_slice(layout.item_path(modality, "train", "case0001_slice000"), image, label)
+        volume = rng.random((3, 8, 8)).astype(np.float32) * 255
+        write_test_volume(layout.item_path(modality, "test_vol", "case0005"), volume,
+                          np.zeros((3, 8, 8), np.uint8) + channel, (12.0, 1.0, 1.0))
+        written[modality] = (image, volume)
+    return written
+
+
+def test_round_trip_scales_to_unit_range_and_generates_lists(tmp_path):
+    layout = ProcessedLayout(tmp_path)
+    written = _fill(layout, np.random.default_rng(0))
+    assert layout.names("train") == ["case0001_slice000"]
+    assert (tmp_path / "lists" / "train.txt").read_text() == "case0001_slice000\n"
+    image, label = layout.read_slice("case0001_slice000")
+    assert image.shape == (3, 8, 8)
+    for channel, modality in enumerate(MODALITIES):
+        np.testing.assert_allclose(image[channel], written[modality][0] / 255, rtol=1e-6)
+    assert label[0, :4].tolist() == [0, 1, 2, 3]
+    volume, vlabel, spacing = layout.read_volume("case0005")
+    assert volume.shape == (3, 3, 8, 8) and spacing == (12.0, 1.0, 1.0)
+    np.testing.assert_allclose(volume[:, 1], written["LGE"][1] / 255, rtol=1e-6)
+    assert np.all(vlabel == MODALITIES.index("LGE"))  # the LGE label is the one returned
+
+
+def test_list_naming_absent_file_raises(tmp_path):
+    layout = ProcessedLayout(tmp_path)
+    _fill(layout, np.random.default_rng(0))
+    layout.list_path("train").parent.mkdir()
+    layout.list_path("train").write_text("case0001_slice000\ncase0002_slice004\n")
+    with pytest.raises(ProcessedDataError, match=r"train.txt: lists 'case0002_slice004'"):
+        layout.names("train")
+
+
+def test_empty_and_unknown_split(tmp_path):
+    layout = ProcessedLayout(tmp_path)
+    with pytest.raises(ProcessedDataError, match="no 'train' data"):
+        layout.names("train")
+    with pytest.raises(ValueError, match="unknown split"):
+        layout.names("validation")
+
+
+def test_corrupt_slice_names_file(tmp_path):
+    layout = ProcessedLayout(tmp_path)
+    _fill(layout, np.random.default_rng(0))
+    layout.item_path("T2w", "train", "case0001_slice000").write_bytes(b"junk")
+    with pytest.raises(ProcessedDataError, match=r"T2w/train_npz/case0001_slice000.npz"):
+        layout.read_slice("case0001_slice000")

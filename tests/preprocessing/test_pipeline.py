@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from datasets.processed import ProcessedLayout
+from datasets.raw import discover_cases, load_case
+from preprocessing.pipeline import PreprocessConfig, preprocess_case
+from preprocessing.runner import assign_splits, run_preprocessing
+
+
+@pytest.fixture(scope="module")
+def real_case(myops2020_dir):
+    return load_case(discover_cases(myops2020_dir)[0])
+
+
+def test_real_case_shapes_ranges_and_roi(real_case):
+    processed = preprocess_case(real_case)
+    depth = real_case.images["LGE"].num_slices
+    for stack in processed.images.values():
+        assert stack.shape == (depth, 128, 128)
+        assert stack.min() >= 0.0 and stack.max() == pytest.approx(255.0)
+    assert processed.label.shape == (depth, 128, 128)
+    assert set(np.unique(processed.label)) == {0, 1, 2, 3}
+    # The ROI is centred on the myocardium (unless clamped at the 224 crop border).
+    _, rows, cols = np.nonzero(processed.label)
+    assert rows.mean() == pytest.approx(63.5, abs=1.0)
+    assert cols.mean() == pytest.approx(63.5, abs=1.0)
+    manifest = processed.manifest
+    assert manifest["reference"] == "LGE"
+    assert manifest["matched_slices"]["bSSFP"] == list(range(depth))
+    assert processed.spacing == pytest.approx((12.0, 1.0, 1.0), abs=1e-3)
+
+
+def test_label_volume_is_preserved_in_mm(real_case):
+    """Myocardium area in mm^2 per slice survives resampling from 0.73 mm to 1 mm pixels."""
+    processed = preprocess_case(real_case, PreprocessConfig(roi_size=224))
+    _, row_mm, col_mm = real_case.label.spacing
+    native = (real_case.label.array > 0).sum(axis=(1, 2)) * row_mm * col_mm
+    resampled = (processed.label > 0).sum(axis=(1, 2)).astype(float)
+    np.testing.assert_allclose(resampled, native, rtol=0.05)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="roi_size"):
+        PreprocessConfig(roi_size=256, crop_size=224)
+    with pytest.raises(ValueError, match="pixel_spacing"):
+        PreprocessConfig(pixel_spacing_mm=0)
+
+
+def test_every_fifth_case_is_test():
+    splits = assign_splits([f"c{i:02d}" for i in range(10)], test_every=5)
+    assert [k for k, v in splits.items() if v == "test_vol"] == ["c04", "c09"]
+    assert set(assign_splits(["a", "b"], 0).values()) == {"train"}
+
+
+def test_runner_packs_layout_skips_finished_and_reports_bad_cases(myops2020_dir, tmp_path):
+    raw = tmp_path / "raw"
+    for case in ("Case3001", "Case3002", "Case3004"):
+        shutil.copytree(myops2020_dir / case, raw / case)
+    out = tmp_path / "out"
+    results = run_preprocessing(raw, out, test_every=3)
+    assert [(r.case_id, r.split, r.skipped) for r in results] == [
+        ("Case3001", "train", False), ("Case3002", "train", False), ("Case3004", "test_vol", False)]
+    layout = ProcessedLayout(out)
+    assert layout.names("test_vol") == ["Case3004"]
+    train_names = layout.names("train")
+    assert len(train_names) == results[0].num_slices + results[1].num_slices
+    image, label, spacing = layout.read_volume("Case3004")
+    assert image.shape[1:] == (3, 128, 128) and 0.0 <= image.min() and image.max() <= 1.0
+    assert spacing == pytest.approx((12.0, 1.0, 1.0), abs=1e-3)
+
+    again = run_preprocessing(raw, out, test_every=3)
+    assert all(r.skipped for r in again)
+
+    # A corrupt file fails its case only; the others stay written and listed.
+    (raw / "Case3002" / "Case3002_T2.nii.gz").write_bytes(b"broken")
+    with pytest.raises(RuntimeError, match=r"Case3002: .*Case3002_T2.nii.gz: unreadable"):
+        run_preprocessing(raw, out, test_every=3, overwrite=True)
+    assert layout.names("test_vol") == ["Case3004"]
+    assert all(name.startswith("Case3001") for name in layout.names("train"))
