@@ -77,7 +77,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def setup_logging(log_file: str | os.PathLike[str] | None = None, level: int = logging.INFO) -> None:
+def setup_logging(log_file: str | os.PathLike[str] | None = None,
+                  level: int = logging.INFO) -> None:
     """Log to stderr and, when given, to ``log_file`` (appending), with one shared format."""
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if log_file is not None:

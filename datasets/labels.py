@@ -53,7 +53,8 @@ def to_training_labels(raw: np.ndarray, source: str = "<array>") -> np.ndarray:
     unknown = sorted(set(values.tolist()) - set(MYOPS2020_CODES))
     if unknown:
         raise ValueError(
-            f"{source}: unknown label values {unknown}; expected 0..{NUM_CLASSES - 1} or MyoPS 2020 "
+            f"{source}: unknown label values {unknown}; expected 0..{NUM_CLASSES - 1} or "
+            "MyoPS 2020 "
             f"codes {sorted(MYOPS2020_CODES)}"
         )
     lut = np.zeros(max(MYOPS2020_CODES) + 1, dtype=np.uint8)

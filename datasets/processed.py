@@ -86,8 +86,8 @@ class ProcessedLayout:
             if names and create:
                 write_text(path, "".join(f"{name}\n" for name in names))
         if not names:
-            raise ProcessedDataError(f"{self.root}: no '{split}' data found "
-                                     f"(looked for {self.item_path(self.modalities[0], split, '*')})")
+            pattern = self.item_path(self.modalities[0], split, "*")
+            raise ProcessedDataError(f"{self.root}: no '{split}' data found (looked for {pattern})")
         for name in names:
             for modality in self.modalities:
                 if not self.item_path(modality, split, name).is_file():

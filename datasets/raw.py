@@ -247,9 +247,8 @@ def _discover_myops2020(root: Path) -> list[CaseFiles]:
         missing = [s for s in ("C0", "LGE", "T2") if s not in found]
         if missing:
             where = found[next(iter(found))].parent
-            raise RawDataError(
-                f"{where}: case {case_id} lacks {', '.join(f'{case_id}_{s}.nii.gz' for s in missing)}"
-            )
+            names = ", ".join(f"{case_id}_{s}.nii.gz" for s in missing)
+            raise RawDataError(f"{where}: case {case_id} lacks {names}")
         images = {name: found[_MYOPS2020_SUFFIX[name]] for name in MODALITIES}
         cases.append(CaseFiles(case_id, images, found.get("gd")))
     return cases

@@ -14,7 +14,8 @@ def normalise_to_255(stack: np.ndarray, low_pct: float = 0.5, high_pct: float = 
     intensities used, which the manifest records.
     """
     if not 0.0 <= low_pct < high_pct <= 100.0:
-        raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {low_pct}, {high_pct}")
+        raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {low_pct}, "
+                         f"{high_pct}")
     low, high = np.percentile(stack, [low_pct, high_pct])
     if not high > low:
         raise ValueError(f"{source}: constant intensities ({low:g}); cannot normalise")

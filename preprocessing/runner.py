@@ -78,7 +78,7 @@ def process_one(files: CaseFiles, out_root: Path, split: str, config: Preprocess
 
 
 def run_preprocessing(raw_root: str | Path, out_root: str | Path,
-                      config: PreprocessConfig = PreprocessConfig(), *, test_every: int = 5,
+                      config: PreprocessConfig | None = None, *, test_every: int = 5,
                       workers: int = 1, overwrite: bool = False,
                       layout: str | None = None) -> list[CaseResult]:
     """Preprocess every case under ``raw_root`` into ``out_root`` and (re)write the lists.
@@ -87,6 +87,7 @@ def run_preprocessing(raw_root: str | Path, out_root: str | Path,
     ``RuntimeError`` naming each case and its problem, after the finished cases are written.
     """
     out_root = Path(out_root)
+    config = config or PreprocessConfig()
     cases = discover_cases(raw_root, layout)
     splits = assign_splits([case.case_id for case in cases], test_every)
     results: list[CaseResult] = []
@@ -115,7 +116,7 @@ def run_preprocessing(raw_root: str | Path, out_root: str | Path,
     results.sort(key=lambda result: result.case_id)
     _write_lists(ProcessedLayout(out_root), results)
     if errors:
-        details = "\n".join(f"  {case_id}: {message}" for case_id, message in sorted(errors.items()))
+        details = "\n".join(f"  {case_id}: {error}" for case_id, error in sorted(errors.items()))
         raise RuntimeError(f"{len(errors)} of {len(cases)} cases failed:\n{details}")
     return results
 

@@ -87,7 +87,7 @@ def test_bad_volumes_raise_naming_file(tmp_path, array, message):
 def test_unreadable_and_missing_files(tmp_path):
     garbage = tmp_path / "garbage.nii.gz"
     garbage.write_bytes(b"not a nifti")
-    with pytest.raises(RawDataError, match="garbage.nii.gz: unreadable"):
+    with pytest.raises(RawDataError, match=r"garbage\.nii\.gz: unreadable"):
         read_volume(garbage)
     with pytest.raises(RawDataError, match="file not found"):
         read_volume(tmp_path / "absent.nii.gz")
