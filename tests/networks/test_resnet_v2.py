@@ -29,7 +29,7 @@ def test_feature_channels_property_matches_outputs() -> None:
 
 @pytest.mark.parametrize("shape", [(1, 3, 40, 32), (1, 3, 32, 24), (1, 1, 32, 32), (3, 32, 32)])
 def test_bad_input_raises(shape: tuple[int, ...]) -> None:
-    with pytest.raises(ValueError, match="expected input|multiples of 16"):
+    with pytest.raises(ValueError, match=r"expected input|multiples of 16"):
         ResNetV2(TINY)(torch.randn(*shape))
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -41,7 +42,7 @@ def test_attention_matches_the_textbook_formula() -> None:
 
 def test_eval_is_deterministic_and_train_uses_dropout() -> None:
     torch.manual_seed(0)
-    vit = VisionTransformer(ViTConfig(**{**CONFIG.__dict__, "dropout_rate": 0.5}), 16, 2)
+    vit = VisionTransformer(dataclasses.replace(CONFIG, dropout_rate=0.5), 16, 2)
     x = torch.randn(1, 16, 2, 2)
     vit.eval()
     torch.testing.assert_close(vit(x), vit(x))
