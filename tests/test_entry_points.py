@@ -115,3 +115,21 @@ def test_scripts_fail_cleanly_on_bad_input(tmp_path, processed_root, capsys):
     assert "no 'train' data found" in error_of(
         train_script.main(["--vit_name", "tiny", "--root_path", str(tmp_path / "nothing"),
                            "--output_dir", str(tmp_path / "run"), "--num_workers", "0"]))
+
+
+def test_training_starts_from_a_google_layout_npz(processed_root, tmp_path):
+    from networks.factory import create_model
+    from networks.npz_loader import write_google_npz
+
+    source = create_model("tiny", img_size=64, in_channels=3, num_classes=4)
+    weights = write_google_npz(source.encoder, tmp_path / "R50+ViT-tiny.npz")
+    run = tmp_path / "run"
+    args = ["--vit_name", "tiny", "--root_path", str(processed_root), "--img_size", "32",
+            "--batch_size", "6", "--max_epochs", "1", "--num_workers", "0", "--output_dir",
+            str(run), "--base_lr", "1e-12", "--no_augment", "--pretrained_path", str(weights)]
+    assert train_script.main(args) == 0
+    trained = torch.load(run / CHECKPOINT_FINAL, weights_only=False)["model"]
+    # With a vanishing learning rate the encoder still holds the file's ResNet weights.
+    root_key = next(k for k in trained if k.startswith("encoder.") and k.endswith("conv.weight"))
+    assert torch.allclose(trained[root_key], source.state_dict()[root_key], atol=1e-6)
+    assert train_script.main([*args[:-1], str(tmp_path / "missing.npz")]) == 1
