@@ -98,7 +98,10 @@ class PhantomConfig:
     fov_mm: float = 300.0
     phase_fov_fraction: tuple[float, float] = (0.8, 1.0)
     fov_offset_mm: float = 10.0  # random in-plane FOV centre offset per sequence
-    stack_offset_mm: float = 3.0  # random through-plane stack offset per sequence
+    stack_offset_mm: float = 2.0  # random through-plane stack offset per sequence
+    # LGE and T2w stacks copy the cine slice positions (the usual planning), each then offset
+    # through-plane by up to stack_offset_mm; False plans every stack independently.
+    planned_from_cine: bool = True
     lv_length_mm: tuple[float, float] = (70.0, 90.0)
     endo_radius_mm: tuple[float, float] = (18.0, 26.0)
     wall_thickness_mm: tuple[float, float] = (6.0, 11.0)
@@ -455,9 +458,12 @@ def _sample_geometry(rng: np.random.Generator, config: PhantomConfig,
         centre = body_c + rng.uniform(-1, 1, 2) * config.fov_offset_mm
         z_centre = z_mid + _u(rng, *base_shift.get(name, (0.0, 0.0)))
         z_centre += _u(rng, -1, 1) * config.stack_offset_mm
+        z_first = z_centre - (nz - 1) / 2 * dz
+        if config.planned_from_cine and name != "bSSFP":
+            z_first, dz = _copy_cine_positions(sequences["bSSFP"], nz, z_centre)
+            z_first += _u(rng, -1, 1) * config.stack_offset_mm
         affine = np.diag([s, s, dz, 1.0])
-        affine[:3, 3] = [centre[0] - (nx - 1) / 2 * s, centre[1] - (ny - 1) / 2 * s,
-                         z_centre - (nz - 1) / 2 * dz]
+        affine[:3, 3] = [centre[0] - (nx - 1) / 2 * s, centre[1] - (ny - 1) / 2 * s, z_first]
         slice_z = (affine[2, 3] + dz * np.arange(nz)).tolist()
         sequences[name] = {
             "shape": [nx, ny, nz], "affine": affine.tolist(), "spacing_mm": [s, s, dz],
@@ -469,6 +475,16 @@ def _sample_geometry(rng: np.random.Generator, config: PhantomConfig,
             "misalignment": None,
         }
     return sequences
+
+
+def _copy_cine_positions(cine: Mapping[str, Any], nz: int, z_centre: float) -> tuple[float, float]:
+    """First z and spacing of ``nz`` consecutive cine slices centred nearest to ``z_centre``."""
+    cine_z = np.asarray(cine["slice_z_mm"])
+    if nz > len(cine_z):
+        raise ValueError(f"cannot copy {nz} slice positions from a {len(cine_z)}-slice cine stack")
+    means = np.convolve(cine_z, np.ones(nz) / nz, mode="valid")
+    start = int(np.argmin(np.abs(means - z_centre)))
+    return float(cine_z[start]), float(cine["spacing_mm"][2])
 
 
 def _grid_axes(seq: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:

@@ -382,7 +382,7 @@ def test_overlap_with_resampled_lge_label(moving, still):
         for case in cases:
             for name in MISALIGNED:
                 points = _grid_points(case.truth_labels[name])
-                for k_lge, k, _ in _matched_slices(case, name, max_mm=2.5):
+                for k_lge, k, _ in _matched_slices(case, name, max_mm=1.0):
                     own = np.isin(_data(case.truth_labels[name])[:, :, k].ravel(), LV_CODES)
                     lge = np.isin(_sample_label(case.label, k_lge, points), LV_CODES)
                     dice[key].append(_dice(own, lge))
