@@ -41,26 +41,35 @@ class PlaneGrid:
         origin = centre - half * (col_axis + row_axis)
         return cls(origin=origin, row_axis=row_axis, col_axis=col_axis, size=size, spacing=spacing)
 
-    def world_points(self) -> np.ndarray:
-        """``[size, size, 3]`` world coordinates of every pixel centre."""
-        steps = np.arange(self.size) * self.spacing
-        return (self.origin + steps[:, None, None] * self.row_axis
-                + steps[None, :, None] * self.col_axis)
+    def world_points(self, field: np.ndarray | None = None) -> np.ndarray:
+        """``[H, W, 3]`` world coordinates of grid positions.
+
+        Without ``field``, the pixel centres; with a ``[2, H, W]`` field of (row, col) grid
+        positions (see :mod:`preprocessing.transforms`), those positions.
+        """
+        if field is None:
+            steps = np.arange(self.size) * self.spacing
+            return (self.origin + steps[:, None, None] * self.row_axis
+                    + steps[None, :, None] * self.col_axis)
+        rows, cols = field[0] * self.spacing, field[1] * self.spacing
+        return (self.origin + rows[..., None] * self.row_axis + cols[..., None] * self.col_axis)
 
     def to_dict(self) -> dict:
         return {"origin": self.origin.tolist(), "row_axis": self.row_axis.tolist(),
                 "col_axis": self.col_axis.tolist(), "size": self.size, "spacing": self.spacing}
 
 
-def sample_slice(volume: Volume, index: int, grid: PlaneGrid, *, is_label: bool) -> np.ndarray:
-    """Slice ``index`` of ``volume`` resampled onto ``grid``.
+def sample_slice(volume: Volume, index: int, grid: PlaneGrid, *, is_label: bool,
+                 field: np.ndarray | None = None) -> np.ndarray:
+    """Slice ``index`` of ``volume`` resampled onto ``grid`` (optionally through ``field``).
 
     World points are projected into the slice along its normal. Images are low-pass filtered
     before linear interpolation when the grid is coarser than the source (no aliasing); labels use
-    nearest-neighbour. Outside the field of view is 0.
+    nearest-neighbour. Outside the field of view is 0. ``field`` (``[2, size, size]`` grid
+    positions) carries registration, so native voxels are interpolated exactly once.
     """
     inverse = np.linalg.inv(volume.affine)
-    points = grid.world_points().reshape(-1, 3)
+    points = grid.world_points(field).reshape(-1, 3)
     voxel = points @ inverse[:3, :3].T + inverse[:3, 3]
     coords = np.stack([voxel[:, 1], voxel[:, 0]])  # (row = y, col = x) in the source slice
     source = volume.array[index]
