@@ -31,6 +31,14 @@ import numpy as np
 from scipy import ndimage
 
 from datasets.labels import MODALITIES
+from datasets.misalignment import (
+    MisalignmentConfig,
+    apply_slice_misalignment,
+    displacement_grid,
+    linear_part,
+    sample_slice_misalignment,
+    spline_grid,
+)
 from utils import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -61,7 +69,6 @@ CONTRAST: Mapping[str, Mapping[str, float]] = {
 }
 
 _CASE_ID = re.compile(r"^[A-Za-z0-9_-]+$")
-_NONRIGID_REACH_MM = 90.0  # half-width of the square about the heart that carries the field
 
 
 def _check_range(name: str, value: tuple[float, float], low: float, high: float = math.inf,
@@ -156,6 +163,13 @@ class PhantomConfig:
 
     def geometry(self, sequence: str) -> SequenceGeometry:
         return {"bSSFP": self.bssfp, "LGE": self.lge, "T2w": self.t2w}[sequence]
+
+    @property
+    def misalignment(self) -> MisalignmentConfig:
+        return MisalignmentConfig(
+            max_rotation_deg=self.max_rotation_deg, max_translation_mm=self.max_translation_mm,
+            max_scale=self.max_scale, nonrigid_mm=self.nonrigid_mm,
+            nonrigid_grid_mm=self.nonrigid_grid_mm)
 
 
 @dataclass
@@ -493,59 +507,6 @@ def _grid_axes(seq: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     return affine[0, 3] + affine[0, 0] * np.arange(nx), affine[1, 3] + affine[1, 1] * np.arange(ny)
 
 
-def _bspline3(t: np.ndarray) -> np.ndarray:
-    t = np.abs(t)
-    return np.where(t < 1, (4 - 6 * t**2 + 3 * t**3) / 6, np.where(t < 2, (2 - t) ** 3 / 6, 0.0))
-
-
-def _taps(coord: np.ndarray, n_nodes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Node indices and cubic B-spline weights ``[N, 4]`` around coordinates in node units.
-
-    Only four nodes per axis carry weight, so gathering them beats a dense (BLAS) product and
-    keeps the result identical on every machine.
-    """
-    first = np.floor(coord).astype(np.int64) - 1
-    index = first[:, None] + np.arange(4)
-    weight = _bspline3(coord[:, None] - index)
-    outside = (index < 0) | (index >= n_nodes)
-    return np.clip(index, 0, n_nodes - 1), np.where(outside, 0.0, weight)
-
-
-def _spline_grid(coeffs: np.ndarray, origin: tuple[float, float], spacing: float,
-                 xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """Cubic B-spline ``[..., nx, ny]`` from node coefficients ``[..., gx, gy]`` (separable)."""
-    ix, wx = _taps((np.asarray(xs, np.float64) - origin[0]) / spacing, coeffs.shape[-2])
-    iy, wy = _taps((np.asarray(ys, np.float64) - origin[1]) / spacing, coeffs.shape[-1])
-    wx, wy = wx.astype(coeffs.dtype), wy.astype(coeffs.dtype)
-    along_x = sum(coeffs[..., ix[:, a], :] * wx[:, a, None] for a in range(4))
-    return sum(along_x[..., iy[:, b]] * wy[:, b] for b in range(4))
-
-
-def _displacement_grid(nonrigid: Mapping[str, Any], xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """B-spline displacement ``[2, nx, ny]`` on the grid ``xs x ys``."""
-    return _spline_grid(np.asarray(nonrigid["coefficients_mm"], np.float64),
-                        nonrigid["origin_mm"], nonrigid["spacing_mm"], xs, ys)
-
-
-def _displacement_points(nonrigid: Mapping[str, Any], xy: np.ndarray) -> np.ndarray:
-    """B-spline displacement ``[N, 2]`` at scattered points ``[N, 2]``."""
-    coeffs = np.asarray(nonrigid["coefficients_mm"], np.float64)
-    (x0, y0), g = nonrigid["origin_mm"], nonrigid["spacing_mm"]
-    ix, wx = _taps((xy[:, 0] - x0) / g, coeffs.shape[1])
-    iy, wy = _taps((xy[:, 1] - y0) / g, coeffs.shape[2])
-    out = np.zeros((xy.shape[0], 2))
-    for a in range(4):
-        for b in range(4):
-            out += coeffs[:, ix[:, a], iy[:, b]].T * (wx[:, a] * wy[:, b])[:, None]
-    return out
-
-
-def _linear_part(sl: Mapping[str, Any]) -> np.ndarray:
-    angle = math.radians(sl["rotation_deg"])
-    return sl["scale"] * np.array([[math.cos(angle), -math.sin(angle)],
-                                   [math.sin(angle), math.cos(angle)]])
-
-
 def _sample_misalignment(rng: np.random.Generator, config: PhantomConfig,
                          anat: Mapping[str, Any], seq: Mapping[str, Any]
                          ) -> tuple[dict[str, Any], list[np.ndarray]]:
@@ -555,29 +516,12 @@ def _sample_misalignment(rng: np.random.Generator, config: PhantomConfig,
     renderer reuses (it equals the recorded field to within the 1e-6 mm rounding).
     """
     xs, ys = _grid_axes(seq)
-    g = config.nonrigid_grid_mm
-    # Nodes cover the heart's neighbourhood; the field fades to zero a node beyond it, since
-    # cardiac and respiratory deformation is local while the chest wall barely deforms.
-    nodes = math.ceil(2 * _NONRIGID_REACH_MM / g) + 3
     slices, fields = [], []
     for z in seq["slice_z_mm"]:
-        cx, cy = (float(v) for v in _heart_centre(anat["heart"], z))
-        rotation = _u(rng, -1, 1) * config.max_rotation_deg
-        shift = config.max_translation_mm * math.sqrt(rng.random())
-        direction = _u(rng, 0, 2 * math.pi)
-        scale = 1 + _u(rng, -1, 1) * config.max_scale
-        target = config.nonrigid_mm * _u(rng, 0.5, 1.0)
-        raw = rng.standard_normal((2, nodes, nodes))
-        corner = [c - _NONRIGID_REACH_MM - g for c in (cx, cy)]
-        nonrigid = {"origin_mm": corner, "spacing_mm": g, "coefficients_mm": raw}
-        field = _displacement_grid(nonrigid, xs, ys)
-        factor = target / max(float(np.hypot(*field).max()), 1e-12)
-        nonrigid["coefficients_mm"] = np.round(raw * factor, 6).tolist()
-        nonrigid["amplitude_mm"] = target
-        fields.append(field * factor)
-        slices.append({"centre_mm": [cx, cy], "rotation_deg": rotation,
-                       "translation_mm": [shift * math.cos(direction), shift * math.sin(direction)],
-                       "scale": scale, "nonrigid": nonrigid})
+        record, field = sample_slice_misalignment(rng, _heart_centre(anat["heart"], z), xs, ys,
+                                                  config.misalignment)
+        slices.append(record)
+        fields.append(field)
     return {"reference": REFERENCE, "slices": slices}, fields
 
 
@@ -586,28 +530,13 @@ def misalignment_map(sequence_truth: Mapping[str, Any], slice_index: int, xy_mm:
     """Apply a slice's recorded sampling map ``W`` (or ``W^-1``) to in-plane world points.
 
     ``W`` takes a point of the sequence image to the LGE/label point whose anatomy it shows, so
-    sampling the LGE label at ``W(p)`` reproduces the sequence's truth label. The inverse solves
-    ``W(p) = q`` by fixed-point iteration, which converges because the field is small and smooth.
-    ``xy_mm`` is ``[N, 2]``; sequences without misalignment (LGE) map points to themselves.
+    sampling the LGE label at ``W(p)`` reproduces the sequence's truth label. ``xy_mm`` is
+    ``[N, 2]``; sequences without misalignment (LGE) map points to themselves.
     """
-    xy = np.asarray(xy_mm, np.float64).reshape(-1, 2)
     misalignment = sequence_truth["misalignment"]
     if misalignment is None:
-        return xy.copy()
-    sl = misalignment["slices"][slice_index]
-    centre, linear = np.asarray(sl["centre_mm"]), _linear_part(sl)
-    shift = centre + np.asarray(sl["translation_mm"])
-    if not inverse:
-        return shift + (xy - centre) @ linear.T + _displacement_points(sl["nonrigid"], xy)
-    inv = np.linalg.inv(linear)
-    p = centre + (xy - shift) @ inv.T
-    for _ in range(50):
-        new = centre + (xy - shift - _displacement_points(sl["nonrigid"], p)) @ inv.T
-        done = np.abs(new - p).max(initial=0.0) < 1e-9
-        p = new
-        if done:
-            break
-    return p
+        return np.asarray(xy_mm, np.float64).reshape(-1, 2).copy()
+    return apply_slice_misalignment(misalignment["slices"][slice_index], xy_mm, inverse)
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -626,10 +555,10 @@ def _sampling_grid(seq: Mapping[str, Any], fields: list[np.ndarray] | None
             qx[k], qy[k] = xs[:, None], ys[None, :]
             continue
         sl = seq["misalignment"]["slices"][k]
-        linear[k] = _linear_part(sl)
+        linear[k] = linear_part(sl)
         (cx, cy), (tx, ty) = sl["centre_mm"], sl["translation_mm"]
         u, v = xs[:, None] - cx, ys[None, :] - cy
-        disp = _displacement_grid(sl["nonrigid"], xs, ys) if fields is None else fields[k]
+        disp = displacement_grid(sl["nonrigid"], xs, ys) if fields is None else fields[k]
         qx[k] = cx + tx + linear[k, 0, 0] * u + linear[k, 0, 1] * v + disp[0]
         qy[k] = cy + ty + linear[k, 1, 0] * u + linear[k, 1, 1] * v + disp[1]
     return qx, qy, linear
@@ -736,7 +665,7 @@ def _acquire(signal: np.ndarray, seq: Mapping[str, Any], rng: np.random.Generato
     bias_min, bias_max = float(gain.min()), float(gain.max())
     g = 20.0  # mm between nodes of the per-slice inhomogeneity field
     nodes = [math.ceil((axis[-1] - axis[0]) / g) + 3 for axis in (xs, ys)]
-    texture = _spline_grid(rng.standard_normal((signal.shape[2], *nodes)).astype(np.float32),
+    texture = spline_grid(rng.standard_normal((signal.shape[2], *nodes)).astype(np.float32),
                            (xs[0] - g, ys[0] - g), g, xs, ys)
     texture *= config.texture / max(float(texture.std()), 1e-12)
     gain *= np.moveaxis(np.clip(1 + texture, 0.5, 1.5), 0, -1)
