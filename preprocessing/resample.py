@@ -73,15 +73,16 @@ def sample_slice(volume: Volume, index: int, grid: PlaneGrid, *, is_label: bool,
     voxel = points @ inverse[:3, :3].T + inverse[:3, 3]
     coords = np.stack([voxel[:, 1], voxel[:, 0]])  # (row = y, col = x) in the source slice
     source = volume.array[index]
+    shape = (grid.size, grid.size) if field is None else field.shape[1:]
     if is_label:
         sampled = ndimage.map_coordinates(source, coords, order=0, mode="constant", cval=0)
-        return sampled.reshape(grid.size, grid.size).astype(np.uint8)
+        return sampled.reshape(shape).astype(np.uint8)
     _, row_mm, col_mm = volume.spacing
     sigma = [_antialias_sigma(grid.spacing / row_mm), _antialias_sigma(grid.spacing / col_mm)]
     if max(sigma) > 0:
         source = ndimage.gaussian_filter(source, sigma=sigma, mode="nearest")
     sampled = ndimage.map_coordinates(source, coords, order=1, mode="constant", cval=0.0)
-    return sampled.reshape(grid.size, grid.size).astype(np.float32)
+    return sampled.reshape(shape).astype(np.float32)
 
 
 def _antialias_sigma(ratio: float) -> float:

@@ -1,27 +1,45 @@
-"""Run the per-case pipeline over a raw dataset and pack the result into the seed layout.
+"""Run the pipeline over a raw dataset and pack the result into the seed layout.
 
-Each case is independent, so cases run in parallel processes. A case counts as done once its
-manifest exists (written last, atomically), which makes reruns skip finished work and makes an
-interrupted run safe to restart.
+Three stages: (1) every case is matched, resampled, affinely registered and cropped, in parallel
+processes, the result parked in ``<out>/.work``; (2) the non-rigid network is trained on the
+aligned pairs of the training cases, unless its checkpoint exists (then it is reused); (3) every
+case gets its non-rigid fields and is resampled once more from the native images and written.
+A case counts as done once its manifest exists (written last, atomically), so reruns skip
+finished work and an interrupted run restarts safely.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import pickle
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import torch
 from tqdm import tqdm
 
 from datasets.processed import ProcessedLayout, write_test_volume, write_training_slice
 from datasets.raw import CaseFiles, discover_cases, load_case
-from preprocessing.pipeline import PreprocessConfig, ProcessedCase, preprocess_case
-from utils import write_json, write_text
+from preprocessing.pipeline import (
+    AlignedCase,
+    PreprocessConfig,
+    ProcessedCase,
+    align_case,
+    finish_case,
+)
+from preprocessing.qa import write_qa_png
+from preprocessing.voxelmorph import VoxelMorphConfig, load_voxelmorph, train_voxelmorph
+from utils import atomic_path, write_json, write_text
 
 log = logging.getLogger(__name__)
+
+VOXELMORPH_CHECKPOINT = "voxelmorph.pth"
 
 
 @dataclass(frozen=True)
@@ -31,6 +49,20 @@ class CaseResult:
     num_slices: int
     seconds: float
     skipped: bool
+
+
+@dataclass
+class RunOptions:
+    """How a run is carried out (not what the data become: that is :class:`PreprocessConfig`)."""
+
+    test_every: int = 5
+    workers: int = 1
+    overwrite: bool = False
+    layout: str | None = None
+    qa: bool = True
+    voxelmorph: VoxelMorphConfig = field(default_factory=VoxelMorphConfig)
+    voxelmorph_checkpoint: Path | None = None
+    device: str = "cpu"
 
 
 def assign_splits(case_ids: list[str], test_every: int) -> dict[str, str]:
@@ -49,7 +81,8 @@ def slice_name(case_id: str, index: int) -> str:
     return f"{case_id}_slice{index:03d}"
 
 
-def write_case(layout: ProcessedLayout, processed: ProcessedCase, split: str) -> None:
+def write_case(layout: ProcessedLayout, processed: ProcessedCase, split: str,
+               qa: bool = True) -> None:
     """Write one case's files for ``split``; the manifest goes last as the completion mark."""
     for modality, stack in processed.images.items():
         if split == "train":
@@ -59,66 +92,160 @@ def write_case(layout: ProcessedLayout, processed: ProcessedCase, split: str) ->
         else:
             path = layout.item_path(modality, "test_vol", processed.case_id)
             write_test_volume(path, stack, processed.label, processed.spacing)
-    write_json(manifest_path(layout.root, processed.case_id), processed.manifest | {"split": split})
-
-
-def process_one(files: CaseFiles, out_root: Path, split: str, config: PreprocessConfig,
-                overwrite: bool) -> CaseResult:
-    """Load, preprocess and write one case (runs in a worker process)."""
-    start = time.perf_counter()
-    marker = manifest_path(out_root, files.case_id)
-    if marker.is_file() and not overwrite:
-        manifest = json.loads(marker.read_text())
-        if manifest.get("split") == split:
-            return CaseResult(files.case_id, split, manifest["num_slices"], 0.0, skipped=True)
-    processed = preprocess_case(load_case(files), config)
-    write_case(ProcessedLayout(out_root), processed, split)
-    return CaseResult(files.case_id, split, processed.label.shape[0],
-                      time.perf_counter() - start, skipped=False)
+    fields_path = layout.root / "manifests" / f"{processed.case_id}_fields.npz"
+    with atomic_path(fields_path) as tmp:
+        np.savez_compressed(tmp, **processed.fields)
+    if qa and processed.unregistered:
+        write_qa_png(layout.root / "qa" / f"{processed.case_id}.png", processed.case_id,
+                     processed.manifest["label_modality"], processed.label,
+                     processed.unregistered, processed.images)
+    write_json(manifest_path(layout.root, processed.case_id),
+               processed.manifest | {"split": split, "fields_file": fields_path.name})
 
 
 def run_preprocessing(raw_root: str | Path, out_root: str | Path,
-                      config: PreprocessConfig | None = None, *, test_every: int = 5,
-                      workers: int = 1, overwrite: bool = False,
-                      layout: str | None = None) -> list[CaseResult]:
+                      config: PreprocessConfig | None = None,
+                      options: RunOptions | None = None) -> list[CaseResult]:
     """Preprocess every case under ``raw_root`` into ``out_root`` and (re)write the lists.
 
     Failures of single cases do not stop the others; they are reported together at the end as a
     ``RuntimeError`` naming each case and its problem, after the finished cases are written.
     """
-    out_root = Path(out_root)
     config = config or PreprocessConfig()
-    cases = discover_cases(raw_root, layout)
-    splits = assign_splits([case.case_id for case in cases], test_every)
-    results: list[CaseResult] = []
+    options = options or RunOptions()
+    out_root = Path(out_root)
+    work = out_root / ".work"
+    cases = {files.case_id: files for files in discover_cases(raw_root, options.layout)}
+    splits = assign_splits(list(cases), options.test_every)
+    results: dict[str, CaseResult] = {}
     errors: dict[str, str] = {}
-    progress = tqdm(total=len(cases), desc="preprocess", unit="case")
+    todo = []
+    for case_id, files in cases.items():
+        finished = _finished(out_root, case_id, splits[case_id])
+        if finished is not None and not options.overwrite:
+            results[case_id] = CaseResult(case_id, splits[case_id], finished, 0.0, skipped=True)
+        else:
+            todo.append(files)
+
+    align_seconds = _parallel("align", _align_to_disk,
+                              {f.case_id: (f, config, work) for f in todo},
+                              options.workers, errors)
+
+    model = None
+    aligned_ids = sorted(align_seconds)
+    if config.nonrigid_registration and aligned_ids:
+        model = _voxelmorph_model(out_root, work, aligned_ids, splits, config, options)
+
+    finish_seconds = _parallel(
+        "register+write", _finish_from_disk,
+        {i: (cases[i], config, work, out_root, splits[i], model, options) for i in aligned_ids},
+        options.workers if model is None else 1, errors)
+    for case_id, (seconds, num_slices) in finish_seconds.items():
+        results[case_id] = CaseResult(case_id, splits[case_id], num_slices,
+                                      align_seconds[case_id][0] + seconds, skipped=False)
+    ordered = [results[case_id] for case_id in sorted(results)]
+    _write_lists(ProcessedLayout(out_root), ordered)
+    if errors:
+        details = "\n".join(f"  {case_id}: {error}" for case_id, error in sorted(errors.items()))
+        raise RuntimeError(f"{len(errors)} of {len(cases)} cases failed:\n{details}")
+    return ordered
+
+
+def _finished(out_root: Path, case_id: str, split: str) -> int | None:
+    """Slice count of a case already written for ``split``, else None."""
+    path = manifest_path(out_root, case_id)
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    return int(manifest["num_slices"]) if manifest.get("split") == split else None
+
+
+def _parallel(stage: str, function: Callable[..., Any], calls: dict[str, tuple], workers: int,
+              errors: dict[str, str]) -> dict[str, Any]:
+    """``function(*calls[case_id])`` for every case, in ``workers`` processes.
+
+    Returns the results by case id; a case whose call raises a data error lands in ``errors``.
+    """
+    done: dict[str, Any] = {}
+    if not calls:
+        return done
+    progress = tqdm(total=len(calls), desc=stage, unit="case")
     if workers <= 1:
-        for files in cases:
+        for case_id, arguments in calls.items():
             try:
-                results.append(process_one(files, out_root, splits[files.case_id], config,
-                                           overwrite))
+                done[case_id] = function(*arguments)
             except (ValueError, OSError) as error:
-                errors[files.case_id] = str(error)
+                errors[case_id] = str(error)
             progress.update()
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(process_one, files, out_root, splits[files.case_id], config,
-                                   overwrite): files.case_id for files in cases}
+            futures = {pool.submit(function, *arguments): case_id
+                       for case_id, arguments in calls.items()}
             for future in as_completed(futures):
                 try:
-                    results.append(future.result())
+                    done[futures[future]] = future.result()
                 except (ValueError, OSError) as error:
                     errors[futures[future]] = str(error)
                 progress.update()
     progress.close()
+    return done
 
-    results.sort(key=lambda result: result.case_id)
-    _write_lists(ProcessedLayout(out_root), results)
-    if errors:
-        details = "\n".join(f"  {case_id}: {error}" for case_id, error in sorted(errors.items()))
-        raise RuntimeError(f"{len(errors)} of {len(cases)} cases failed:\n{details}")
-    return results
+
+def _work_path(work: Path, case_id: str) -> Path:
+    return work / f"{case_id}.aligned.pkl"
+
+
+def _align_to_disk(files: CaseFiles, config: PreprocessConfig, work: Path) -> tuple[float, int]:
+    """Stage 1 for one case; the aligned case is parked on disk (keeps memory flat)."""
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    aligned = align_case(load_case(files), config)
+    with atomic_path(_work_path(work, files.case_id)) as tmp:
+        tmp.write_bytes(pickle.dumps(aligned, protocol=pickle.HIGHEST_PROTOCOL))
+    return time.perf_counter() - start, len(aligned.grids)
+
+
+def _load_aligned(work: Path, case_id: str) -> AlignedCase:
+    return pickle.loads(_work_path(work, case_id).read_bytes())
+
+
+def registration_pairs(cases: Iterable[AlignedCase], config: PreprocessConfig
+                       ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(fixed, moving, metric mask) ROI slices of every moving sequence of aligned cases."""
+    pairs = []
+    for aligned in cases:
+        masks = aligned.metric_mask(config.affine.mask_margin_mm, config.pixel_spacing_mm)
+        for name in aligned.moving:
+            pairs.extend(zip(aligned.images[aligned.fixed], aligned.images[name], masks,
+                             strict=True))
+    return pairs
+
+
+def _voxelmorph_model(out_root: Path, work: Path, aligned_ids: list[str],
+                      splits: dict[str, str], config: PreprocessConfig, options: RunOptions):
+    """Reuse the checkpoint when present; otherwise train on the training cases' pairs."""
+    device = torch.device(options.device)
+    checkpoint = options.voxelmorph_checkpoint or out_root / VOXELMORPH_CHECKPOINT
+    if checkpoint.is_file():
+        log.info("non-rigid registration: reusing %s", checkpoint)
+        return load_voxelmorph(checkpoint, device)
+    train_ids = [case_id for case_id in aligned_ids if splits[case_id] == "train"] or aligned_ids
+    pairs = registration_pairs((_load_aligned(work, i) for i in train_ids), config)
+    log.info("non-rigid registration: training on %d slice pairs of %d cases -> %s", len(pairs),
+             len(train_ids), checkpoint)
+    return train_voxelmorph(pairs, options.voxelmorph, device, checkpoint)
+
+
+def _finish_from_disk(files: CaseFiles, config: PreprocessConfig, work: Path, out_root: Path,
+                      split: str, model, options: RunOptions) -> tuple[float, int]:
+    """Stage 3 for one case: non-rigid fields, final resampling, files, manifest."""
+    start = time.perf_counter()
+    aligned = _load_aligned(work, files.case_id)
+    processed = finish_case(load_case(files), aligned, config, model,
+                            torch.device(options.device))
+    write_case(ProcessedLayout(out_root), processed, split, qa=options.qa)
+    _work_path(work, files.case_id).unlink(missing_ok=True)
+    return time.perf_counter() - start, processed.label.shape[0]
 
 
 def _write_lists(layout: ProcessedLayout, results: list[CaseResult]) -> None:

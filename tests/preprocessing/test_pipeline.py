@@ -8,7 +8,7 @@ import pytest
 from datasets.processed import ProcessedLayout
 from datasets.raw import discover_cases, load_case
 from preprocessing.pipeline import PreprocessConfig, preprocess_case
-from preprocessing.runner import assign_splits, run_preprocessing
+from preprocessing.runner import RunOptions, assign_splits, run_preprocessing
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,9 @@ def test_runner_packs_layout_skips_finished_and_reports_bad_cases(myops2020_dir,
     for case in ("Case3001", "Case3002", "Case3004"):
         shutil.copytree(myops2020_dir / case, raw / case)
     out = tmp_path / "out"
-    results = run_preprocessing(raw, out, test_every=3)
+    config = PreprocessConfig(nonrigid_registration=False)
+    options = RunOptions(test_every=3)
+    results = run_preprocessing(raw, out, config, options)
     assert [(r.case_id, r.split, r.skipped) for r in results] == [
         ("Case3001", "train", False), ("Case3002", "train", False), ("Case3004", "test_vol", False)]
     layout = ProcessedLayout(out)
@@ -72,12 +74,12 @@ def test_runner_packs_layout_skips_finished_and_reports_bad_cases(myops2020_dir,
     assert image.shape[1:] == (3, 128, 128) and image.min() >= 0.0 and image.max() <= 1.0
     assert spacing == pytest.approx((12.0, 1.0, 1.0), abs=1e-3)
 
-    again = run_preprocessing(raw, out, test_every=3)
+    again = run_preprocessing(raw, out, config, options)
     assert all(r.skipped for r in again)
 
     # A corrupt file fails its case only; the others stay written and listed.
     (raw / "Case3002" / "Case3002_T2.nii.gz").write_bytes(b"broken")
     with pytest.raises(RuntimeError, match=r"Case3002: .*Case3002_T2.nii.gz: unreadable"):
-        run_preprocessing(raw, out, test_every=3, overwrite=True)
+        run_preprocessing(raw, out, config, RunOptions(test_every=3, overwrite=True))
     assert layout.names("test_vol") == ["Case3004"]
     assert all(name.startswith("Case3001") for name in layout.names("train"))
