@@ -63,6 +63,9 @@ class RunOptions:
     voxelmorph: VoxelMorphConfig = field(default_factory=VoxelMorphConfig)
     voxelmorph_checkpoint: Path | None = None
     device: str = "cpu"
+    # The registration networks are small: one thread per process is fastest on CPU, and
+    # several threads per process stall each other when processes share the cores.
+    torch_threads: int = 1
 
 
 def assign_splits(case_ids: list[str], test_every: int) -> dict[str, str]:
@@ -113,7 +116,16 @@ def run_preprocessing(raw_root: str | Path, out_root: str | Path,
     """
     config = config or PreprocessConfig()
     options = options or RunOptions()
-    out_root = Path(out_root)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(options.torch_threads)
+    try:
+        return _run(raw_root, Path(out_root), config, options)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(raw_root: str | Path, out_root: Path, config: PreprocessConfig,
+         options: RunOptions) -> list[CaseResult]:
     work = out_root / ".work"
     cases = {files.case_id: files for files in discover_cases(raw_root, options.layout)}
     splits = assign_splits(list(cases), options.test_every)
@@ -197,7 +209,6 @@ def _work_path(work: Path, case_id: str) -> Path:
 
 def _align_to_disk(files: CaseFiles, config: PreprocessConfig, work: Path) -> tuple[float, int]:
     """Stage 1 for one case; the aligned case is parked on disk (keeps memory flat)."""
-    torch.set_num_threads(1)
     start = time.perf_counter()
     aligned = align_case(load_case(files), config)
     with atomic_path(_work_path(work, files.case_id)) as tmp:
