@@ -53,7 +53,7 @@ def test_without_registration_fields_are_the_roi_identity(phantom_cases):
     processed = finish_case(case, aligned, config)
     row0, col0 = aligned.roi
     rows, cols = np.mgrid[:128, :128]
-    for name, stack in processed.fields.items():
+    for stack in processed.fields.values():
         assert stack.shape == (len(aligned.grids), 2, 128, 128)
         np.testing.assert_array_equal(stack[:, 0], np.broadcast_to(rows + row0, stack[:, 0].shape))
         np.testing.assert_array_equal(stack[:, 1], np.broadcast_to(cols + col0, stack[:, 1].shape))
@@ -70,7 +70,7 @@ def test_nonrigid_stage_plugs_in_and_keeps_images_in_range(phantom_cases):
     case, truth = phantom_cases[0]
     processed = finish_case(case, aligned[0], config, model, torch.device("cpu"))
     assert set(processed.manifest["nonrigid_max_displacement_px"]) == {"bSSFP", "T2w"}
-    for name, stack in processed.images.items():
+    for stack in processed.images.values():
         assert stack.shape == (len(aligned[0].grids), 128, 128)
         assert stack.min() >= 0 and stack.max() <= 255
     np.testing.assert_array_equal(processed.images["LGE"], aligned[0].images["LGE"])
