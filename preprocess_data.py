@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                                            iterations=args.voxelmorph_iterations),
             voxelmorph_checkpoint=args.voxelmorph_checkpoint, device=args.device)
         results = run_preprocessing(args.raw_root, out_root, config, options)
-    except (ValueError, RuntimeError, OSError) as error:
+    except (ValueError, RuntimeError, OSError, FloatingPointError) as error:
         log.error("%s", error)
         return 1
     done = [r for r in results if not r.skipped]

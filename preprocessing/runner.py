@@ -155,6 +155,8 @@ def _run(raw_root: str | Path, out_root: Path, config: PreprocessConfig,
     for case_id, (seconds, num_slices) in finish_seconds.items():
         results[case_id] = CaseResult(case_id, splits[case_id], num_slices,
                                       align_seconds[case_id][0] + seconds, skipped=False)
+    if work.is_dir() and not any(work.iterdir()):
+        work.rmdir()
     ordered = [results[case_id] for case_id in sorted(results)]
     _write_lists(ProcessedLayout(out_root), ordered)
     if errors:

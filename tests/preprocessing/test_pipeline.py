@@ -74,6 +74,9 @@ def test_runner_packs_layout_skips_finished_and_reports_bad_cases(myops2020_dir,
     assert image.shape[1:] == (3, 128, 128) and image.min() >= 0.0 and image.max() <= 1.0
     assert spacing == pytest.approx((12.0, 1.0, 1.0), abs=1e-3)
 
+    assert not (out / ".work").exists()  # parked intermediate results are cleaned up
+    assert sorted(p.name for p in (out / "qa").iterdir()) == [
+        "Case3001.png", "Case3002.png", "Case3004.png"]
     again = run_preprocessing(raw, out, config, options)
     assert all(r.skipped for r in again)
 
