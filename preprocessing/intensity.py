@@ -19,5 +19,12 @@ def normalise_to_255(stack: np.ndarray, low_pct: float = 0.5, high_pct: float = 
     low, high = np.percentile(stack, [low_pct, high_pct])
     if not high > low:
         raise ValueError(f"{source}: constant intensities ({low:g}); cannot normalise")
+    window = (float(low), float(high))
+    return apply_window(stack, window), window
+
+
+def apply_window(stack: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """Map ``window = (low, high)`` linearly onto [0, 255] and clip (float32)."""
+    low, high = window
     scaled = (stack.astype(np.float32) - low) * (255.0 / (high - low))
-    return np.clip(scaled, 0.0, 255.0), (float(low), float(high))
+    return np.clip(scaled, 0.0, 255.0)

@@ -28,10 +28,10 @@ from preprocessing.affine_registration import (
     myocardium_metric_mask,
     register_affine,
 )
-from preprocessing.intensity import normalise_to_255
+from preprocessing.intensity import apply_window, normalise_to_255
 from preprocessing.resample import PlaneGrid, sample_slice
 from preprocessing.slice_matching import SliceMatch, choose_reference, match_slices
-from preprocessing.transforms import Affine2D, compose_fields, identity_field
+from preprocessing.transforms import compose_fields, identity_field
 
 if TYPE_CHECKING:
     import torch
@@ -172,14 +172,14 @@ def align_case(case: RawCase, config: PreprocessConfig) -> AlignedCase:
             results = [register_affine(full[fixed][i], full[name][i], masks[i], config.affine)
                        for i in range(len(kept))]
             registrations[name] = [result.to_dict() for result in results]
-            affine_fields[name] = [_apply_affine(result.transform, roi_field)
-                                   for result in results]
+            affine_fields[name] = [result.transform.map_field(roi_field) for result in results]
 
     images = {}
     for name in MODALITIES:
-        stack = resample(name, affine_fields[name]) if name in registrations else full[name][roi]
         if name in registrations:
-            stack = _apply_window(stack, windows[name])
+            stack = apply_window(resample(name, affine_fields[name]), windows[name])
+        else:
+            stack = full[name][roi]
         images[name] = np.ascontiguousarray(stack)
 
     manifest = {
@@ -235,7 +235,7 @@ def finish_case(case: RawCase, aligned: AlignedCase, config: PreprocessConfig,
             sample_slice(case.images[name], aligned.partners[name][i], grid, is_label=False,
                          field=fields[name][i])
             for i, grid in enumerate(aligned.grids)])
-        images[name] = np.ascontiguousarray(_apply_window(stack, aligned.windows[name]))
+        images[name] = np.ascontiguousarray(apply_window(stack, aligned.windows[name]))
     manifest = aligned.manifest | {"nonrigid_max_displacement_px": nonrigid}
     return ProcessedCase(
         aligned.case_id, images, aligned.label, tuple(manifest["output_spacing"]),
@@ -261,16 +261,6 @@ def roi_origin(label: np.ndarray, size: int, case_id: str) -> tuple[int, int]:
     row0 = int(np.clip(round(centre_row - size / 2), 0, height - size))
     col0 = int(np.clip(round(centre_col - size / 2), 0, width - size))
     return row0, col0
-
-
-def _apply_affine(transform: Affine2D, positions: np.ndarray) -> np.ndarray:
-    """Map a ``[2, H, W]`` field of fixed positions through ``transform``."""
-    return np.moveaxis(transform.apply(np.moveaxis(positions, 0, -1)), -1, 0)
-
-
-def _apply_window(stack: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    low, high = window
-    return np.clip((stack - low) * (255.0 / (high - low)), 0.0, 255.0).astype(np.float32)
 
 
 def _distances(matches: dict[str, SliceMatch], kept: list[int]) -> dict[str, list[float]]:

@@ -64,7 +64,11 @@ class Affine2D:
 
     def field(self, shape: tuple[int, int]) -> np.ndarray:
         """The dense ``[2, H, W]`` sampling field of this transform."""
-        return np.moveaxis(self.apply(np.moveaxis(identity_field(shape), 0, -1)), -1, 0)
+        return self.map_field(identity_field(shape))
+
+    def map_field(self, positions: np.ndarray) -> np.ndarray:
+        """Map a ``[2, H, W]`` field of fixed positions to moving positions."""
+        return np.moveaxis(self.apply(np.moveaxis(positions, 0, -1)), -1, 0)
 
     def to_dict(self) -> dict:
         return {"matrix": self.matrix.tolist(), "offset": self.offset.tolist()}
