@@ -39,6 +39,7 @@ from datasets.misalignment import (
     sample_slice_misalignment,
     spline_grid,
 )
+from datasets.raw import nifti_image
 from utils import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -690,15 +691,6 @@ def _config_record(config: PhantomConfig) -> dict[str, Any]:
     return json.loads(json.dumps(record))  # tuples become lists, as when read back
 
 
-def _nifti(array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
-    image = nib.Nifti1Image(np.ascontiguousarray(array), affine)
-    image.header.set_data_dtype(array.dtype)
-    image.header.set_xyzt_units("mm", "sec")
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    return image
-
-
 # ------------------------------------------------------------------------------- public API
 
 
@@ -728,7 +720,7 @@ def generate_case(case_id: str, rng: np.random.Generator,
         image, record = _acquire(signal, seq, acq_rng, config)
         seq["intensity"] = {"contrast": contrast, **record}
         affine = np.asarray(seq["affine"])
-        images[name], labels[name] = _nifti(image, affine), _nifti(codes, affine)
+        images[name], labels[name] = nifti_image(image, affine), nifti_image(codes, affine)
     truth = {
         "case_id": case_id, "generator": "datasets.phantom", "reference": REFERENCE,
         "label_codes": {"normal_myocardium": 200, "lv_blood_pool": 500, "rv_blood_pool": 600,

@@ -126,6 +126,19 @@ def read_volume(path: str | Path, *, is_label: bool = False) -> Volume:
     return Volume(array=array, affine=affine, source=path)
 
 
+def nifti_image(xyz: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """A NIfTI image of an ``[X, Y, Z]`` array with both qform and sform set to ``affine`` (mm).
+
+    Viewers such as ITK-SNAP then place it in the same world space as the scanner images.
+    """
+    image = nib.Nifti1Image(np.ascontiguousarray(xyz), affine)
+    image.header.set_data_dtype(xyz.dtype)
+    image.header.set_xyzt_units("mm", "sec")
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    return image
+
+
 def detect_layout(root: str | Path) -> str:
     """Tell which raw layout ``root`` holds; accepts the dataset root or its ``Raw_data``."""
     root = Path(root)

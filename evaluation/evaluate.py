@@ -6,7 +6,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from torch import nn
@@ -14,6 +13,7 @@ from tqdm import tqdm
 
 from datasets.dataset import iter_test_volumes
 from datasets.processed import ProcessedLayout
+from datasets.raw import nifti_image
 from evaluation.inference import predict_volume
 from evaluation.metrics import MetricAccumulator
 from networks.factory import create_model_from_config
@@ -70,6 +70,6 @@ def evaluate(model: nn.Module, layout: ProcessedLayout, names: list[str], img_si
 def write_nifti(path: Path, volume: np.ndarray, spacing: tuple[float, float, float]) -> None:
     """Write a ``[D, H, W]`` array as NIfTI with the given (slice, row, column) spacing."""
     affine = np.diag([spacing[2], spacing[1], spacing[0], 1.0])
-    image = nib.Nifti1Image(np.ascontiguousarray(volume.transpose(2, 1, 0)), affine)
+    image = nifti_image(volume.transpose(2, 1, 0), affine)
     with atomic_path(path) as tmp:
-        nib.save(image, str(tmp))
+        image.to_filename(str(tmp))

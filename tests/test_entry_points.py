@@ -98,6 +98,15 @@ def test_train_then_test_round_trip(processed_root, tmp_path, capsys):
     summary = json.loads((run / "test" / "summary.json").read_text())
     assert summary
 
+    assert test_script.main(["--run_dir", str(run), "--device", "cpu", "--save_nifti",
+                             "--output_dir", str(tmp_path / "with_nifti")]) == 0
+    import nibabel as nib
+
+    prediction = nib.load(str(tmp_path / "with_nifti" / "predictions" / "case0005_pred.nii.gz"))
+    assert prediction.shape == (32, 32, 3)
+    assert prediction.header.get_zooms() == (1.0, 1.0, 10.0)
+    assert int(prediction.header["sform_code"]) == 1
+
 
 def test_scripts_fail_cleanly_on_bad_input(tmp_path, processed_root, capsys):
     def error_of(code: int) -> str:
