@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from preprocessing.pipeline import PreprocessConfig
+from preprocessing.pipeline import AFFINE_METRICS, PreprocessConfig
 from preprocessing.runner import RunOptions, run_preprocessing
 from preprocessing.voxelmorph import VoxelMorphConfig
 from utils import setup_logging
@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--crop_size", type=int, default=224)
     parser.add_argument("--roi_size", type=int, default=128)
     parser.add_argument("--no_affine", action="store_true", help="skip affine registration")
+    parser.add_argument("--affine_metric", choices=AFFINE_METRICS,
+                        default=PreprocessConfig().affine_metric,
+                        help="ngf: edge directions (robust to the sequences' contrasts, default); "
+                             "mattes: mutual information (closer on simple contrasts)")
     parser.add_argument("--no_nonrigid", action="store_true",
                         help="skip VoxelMorph-style non-rigid registration")
     parser.add_argument("--voxelmorph_checkpoint", type=Path, default=None,
@@ -61,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         config = PreprocessConfig(crop_size=args.crop_size, roi_size=args.roi_size,
                                   max_slice_distance_mm=args.max_slice_distance,
                                   affine_registration=not args.no_affine,
+                                  affine_metric=args.affine_metric,
                                   nonrigid_registration=not args.no_nonrigid)
         options = RunOptions(
             test_every=args.test_every, workers=args.workers, overwrite=args.overwrite,

@@ -39,7 +39,7 @@ from datasets.misalignment import (
 from datasets.phantom import misalignment_map, write_phantom_dataset
 from datasets.raw import discover_cases, load_case
 from preprocessing.alignment_error import myocardial_residuals, plane_mm
-from preprocessing.pipeline import PreprocessConfig, align_case, finish_case
+from preprocessing.pipeline import AFFINE_METRICS, PreprocessConfig, align_case, finish_case
 from preprocessing.runner import registration_pairs
 from preprocessing.voxelmorph import VoxelMorphConfig, train_voxelmorph
 
@@ -120,16 +120,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--voxelmorph_iterations", type=int,
                         default=VoxelMorphConfig().iterations)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--affine_metric", choices=AFFINE_METRICS,
+                        default=PreprocessConfig().affine_metric)
+    parser.add_argument("--warp_scale", type=float, default=1.0,
+                        help="scale of the known warp applied to real cases (0: none, which "
+                             "shows how far registration moves already aligned slices)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    config = PreprocessConfig()
+    config = PreprocessConfig(affine_metric=args.affine_metric)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw"
         if args.source == "phantom":
             root, factory = _phantom_source(raw, args.cases, args.seed)
         else:
-            root, factory = _real_source(args.real_root, raw, args.cases, args.seed,
-                                         MisalignmentConfig())
+            base = MisalignmentConfig()
+            warp = MisalignmentConfig(
+                max_rotation_deg=base.max_rotation_deg * args.warp_scale,
+                max_translation_mm=base.max_translation_mm * args.warp_scale,
+                max_scale=base.max_scale * args.warp_scale,
+                nonrigid_mm=base.nonrigid_mm * args.warp_scale)
+            root, factory = _real_source(args.real_root, raw, args.cases, args.seed, warp)
         loaded, aligned, align_seconds = {}, {}, []
         for files in discover_cases(root):
             case = load_case(files)
@@ -167,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         "voxelmorph_training_seconds": train_seconds,
         "voxelmorph_iterations": args.voxelmorph_iterations,
         "threads": args.threads,
+        "affine_metric": args.affine_metric,
+        "warp_scale": args.warp_scale if args.source == "real" else None,
     }
     print(json.dumps(report, indent=2))
     return 0

@@ -29,6 +29,7 @@ from preprocessing.affine_registration import (
     register_affine,
 )
 from preprocessing.intensity import apply_window, normalise_to_255
+from preprocessing.ngf_affine import NGFAffineConfig, register_affine_ngf
 from preprocessing.resample import PlaneGrid, sample_slice
 from preprocessing.slice_matching import SliceMatch, choose_reference, match_slices
 from preprocessing.transforms import compose_fields, identity_field
@@ -37,6 +38,9 @@ if TYPE_CHECKING:
     import torch
 
     from preprocessing.voxelmorph import VoxelMorph2D
+
+
+AFFINE_METRICS: tuple[str, ...] = ("ngf", "mattes")
 
 
 @dataclass(frozen=True)
@@ -51,9 +55,15 @@ class PreprocessConfig:
     high_percentile: float = 99.5
     affine_registration: bool = True
     nonrigid_registration: bool = True
+    #: "ngf" (edge directions, see preprocessing.ngf_affine) or "mattes" (mutual information)
+    affine_metric: str = "ngf"
     affine: AffineRegistrationConfig = field(default_factory=AffineRegistrationConfig)
+    ngf: NGFAffineConfig = field(default_factory=NGFAffineConfig)
 
     def __post_init__(self) -> None:
+        if self.affine_metric not in AFFINE_METRICS:
+            raise ValueError(f"affine_metric must be one of {AFFINE_METRICS}, got "
+                             f"{self.affine_metric!r}")
         if self.pixel_spacing_mm <= 0:
             raise ValueError(f"pixel_spacing_mm must be > 0, got {self.pixel_spacing_mm}")
         if not 0 < self.roi_size <= self.crop_size:
@@ -169,8 +179,12 @@ def align_case(case: RawCase, config: PreprocessConfig) -> AlignedCase:
         for name in MODALITIES:
             if name == fixed:
                 continue
-            results = [register_affine(full[fixed][i], full[name][i], masks[i], config.affine)
-                       for i in range(len(kept))]
+            if config.affine_metric == "ngf":
+                results = register_affine_ngf(full[fixed], full[name], np.stack(masks),
+                                              config.ngf, config.affine)
+            else:
+                results = [register_affine(full[fixed][i], full[name][i], masks[i],
+                                           config.affine) for i in range(len(kept))]
             registrations[name] = [result.to_dict() for result in results]
             affine_fields[name] = [result.transform.map_field(roi_field) for result in results]
 

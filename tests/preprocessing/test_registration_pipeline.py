@@ -34,16 +34,20 @@ def _residuals(case, truth, aligned, fields):
     return myocardial_residuals(aligned, fields, truth_map, lambda name, world: world[:, :2])
 
 
-def test_affine_registration_removes_most_misalignment(phantom_cases):
+# Mutual information fits the phantom's piecewise-constant contrasts closely (about 0.35 mm);
+# NGF, which sees only edge directions and is pulled to identity by its prior, stops near 1 mm
+# here but is the one that does not drift on real slices (see preprocessing.ngf_affine).
+@pytest.mark.parametrize(("metric", "limit_mm"), [("mattes", 0.8), ("ngf", 1.5)])
+def test_affine_registration_removes_most_misalignment(phantom_cases, metric, limit_mm):
     for case, truth in phantom_cases:
-        aligned = align_case(case, PreprocessConfig())
+        aligned = align_case(case, PreprocessConfig(affine_metric=metric))
         fields = {name: np.stack(aligned.affine_fields[name]) for name in aligned.affine_fields}
         residuals = _residuals(case, truth, aligned, fields)
         for name in ("bSSFP", "T2w"):
             before = residuals[name]["none"].mean()
             after = residuals[name]["affine"].mean()
             assert before > 1.0, (case.case_id, name, before)
-            assert after < 0.8 and after < before / 2, (case.case_id, name, before, after)
+            assert after < limit_mm and after < before / 2, (case.case_id, name, before, after)
 
 
 def test_without_registration_fields_are_the_roi_identity(phantom_cases):
