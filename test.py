@@ -13,6 +13,7 @@ from pathlib import Path
 
 from datasets.processed import ProcessedLayout
 from evaluation.evaluate import evaluate, load_checkpoint
+from networks.variants import describe
 from trainer import CHECKPOINT_FINAL
 from utils import resolve_device, setup_logging
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     metrics.write_csv(output_dir / "per_case.csv")
     metrics.write_json(output_dir / "summary.json")
-    print(f"{loaded.payload['model_name']} on {len(names)} volumes of {root}")
+    print(f"{describe(loaded.model)}; {len(names)} volumes of {root}")
     print(metrics.format_table())
     print(f"results: {output_dir}")
     return 0

@@ -1,6 +1,7 @@
 """Train a segmentation network on the processed MyoPS layout.
 
-    python train.py --dataset Myops --vit_name R50-ViT-B_16 --root_path data/phantom/Processed_data
+    python train.py --dataset Myops --model immseg --vit_name R50-ViT-B_16 \
+        --priors_path priors/biomedclip.pt --root_path data/phantom/Processed_data
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ import logging
 import sys
 from pathlib import Path
 
+from datasets.labels import MODALITIES
 from networks.factory import list_models
-from trainer import DATASETS, TrainConfig, train
+from networks.variants import VARIANTS
+from trainer import DATASETS, DEFAULT_PRIORS_PATH, TrainConfig, train
 from utils import setup_logging
 
 log = logging.getLogger("train")
@@ -22,12 +25,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default=defaults.dataset, choices=sorted(DATASETS))
-    parser.add_argument("--vit_name", default=defaults.vit_name, choices=list_models())
+    parser.add_argument("--model", default=defaults.model, choices=sorted(VARIANTS),
+                        help="network variant: " + "; ".join(f"{k}: {v}"
+                                                             for k, v in VARIANTS.items()))
+    parser.add_argument("--vit_name", default=defaults.vit_name, choices=list_models(),
+                        help="encoder backbone of every variant")
+    parser.add_argument("--priors_path", default=None,
+                        help="prior bank (.pt) from `python -m prompts.encode`; immseg only "
+                             f"(default {DEFAULT_PRIORS_PATH})")
+    parser.add_argument("--sequence", default=defaults.sequence, choices=MODALITIES,
+                        help="input of the transunet_single variant")
+    parser.add_argument("--share_encoder", action="store_true",
+                        help="immseg: one encoder for all sequences")
     parser.add_argument("--root_path", default=None,
                         help="processed data root (default: the dataset's default root)")
     parser.add_argument("--list_dir", default=None, help="lists folder (default: <root>/lists)")
     parser.add_argument("--output_dir", default=None,
-                        help="run folder (default: runs/<dataset>_<vit_name>)")
+                        help="run folder (default: runs/<dataset>_<model>_<vit_name>)")
     parser.add_argument("--img_size", type=int, default=defaults.img_size)
     parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
     parser.add_argument("--base_lr", type=float, default=defaults.base_lr)
@@ -39,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Google R50+ViT-B_16.npz (local file) to initialise the encoder")
     parser.add_argument("--ce_weight", type=float, default=defaults.ce_weight)
     parser.add_argument("--dice_weight", type=float, default=defaults.dice_weight)
+    parser.add_argument("--aux_weight", type=float, default=defaults.aux_weight,
+                        help="per-sequence deep supervision (immseg variants)")
+    parser.add_argument("--contrastive_weight", type=float, default=defaults.contrastive_weight)
+    parser.add_argument("--contrastive_start_epoch", type=int,
+                        default=defaults.contrastive_start_epoch,
+                        help="0-based epoch from which the pixel-text contrastive term counts")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature)
     parser.add_argument("--no_augment", action="store_true", help="disable augmentation")
     parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:1, ...")
     return parser
@@ -46,17 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    output_dir = args.output_dir or f"runs/{args.dataset}_{args.vit_name}"
+    output_dir = args.output_dir or f"runs/{args.dataset}_{args.model}_{args.vit_name}"
     setup_logging(Path(output_dir) / "log.txt")
     try:
         config = TrainConfig(
-            dataset=args.dataset, vit_name=args.vit_name,
+            dataset=args.dataset, model=args.model, vit_name=args.vit_name,
+            priors_path=args.priors_path, sequence=args.sequence,
+            share_encoder=args.share_encoder,
             root_path=args.root_path or DATASETS[args.dataset]["root_path"],
             list_dir=args.list_dir, output_dir=output_dir, img_size=args.img_size,
             num_classes=DATASETS[args.dataset]["num_classes"], batch_size=args.batch_size,
             base_lr=args.base_lr, weight_decay=args.weight_decay, max_epochs=args.max_epochs,
             seed=args.seed, num_workers=args.num_workers, pretrained_path=args.pretrained_path,
-            ce_weight=args.ce_weight, dice_weight=args.dice_weight, augment=not args.no_augment,
+            ce_weight=args.ce_weight, dice_weight=args.dice_weight, aux_weight=args.aux_weight,
+            contrastive_weight=args.contrastive_weight,
+            contrastive_start_epoch=args.contrastive_start_epoch,
+            temperature=args.temperature, augment=not args.no_augment,
             device=args.device)
         result = train(config)
     except (ValueError, OSError, FloatingPointError) as error:

@@ -24,8 +24,11 @@ from datasets.augment import AugmentConfig
 from datasets.dataset import SliceDataset
 from datasets.labels import NUM_CLASSES
 from datasets.processed import ProcessedLayout
-from networks.factory import create_model, list_models
-from networks.losses import SegmentationLoss
+from networks.factory import list_models
+from networks.objective import ObjectiveConfig, TrainingObjective, forward_outputs
+from networks.variants import VARIANTS, create_network, describe, network_record
+from prompts.bank import PriorBank, load_prior_bank
+from prompts.texts import canonical_names
 from utils import atomic_path, resolve_device, seed_everything, write_json
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,8 @@ log = logging.getLogger(__name__)
 DATASETS: dict[str, dict[str, Any]] = {
     "Myops": {"root_path": "data/phantom/Processed_data", "num_classes": NUM_CLASSES},
 }
+#: Where the immseg model looks for its prior bank unless told (``python -m prompts.encode``).
+DEFAULT_PRIORS_PATH = "priors/biomedclip.pt"
 CHECKPOINT_LAST = "checkpoint_last.pth"
 CHECKPOINT_FINAL = "checkpoint_final.pth"
 
@@ -43,10 +48,14 @@ class TrainConfig:
     """One training run. Defaults follow the released I_MMSeg recipe (AdamW, poly decay)."""
 
     dataset: str = "Myops"
+    model: str = "immseg"
     vit_name: str = "R50-ViT-B_16"
+    priors_path: str | None = None
+    sequence: str = "LGE"  # the input of the single-sequence variant
+    share_encoder: bool = False
     root_path: str = "data/phantom/Processed_data"
     list_dir: str | None = None
-    output_dir: str = "runs/Myops_R50-ViT-B_16"
+    output_dir: str = "runs/Myops_immseg_R50-ViT-B_16"
     img_size: int = 128
     num_classes: int = NUM_CLASSES
     batch_size: int = 24
@@ -59,14 +68,26 @@ class TrainConfig:
     pretrained_path: str | None = None
     ce_weight: float = 0.2
     dice_weight: float = 0.8
+    aux_weight: float = 0.4
+    contrastive_weight: float = 0.1
+    contrastive_start_epoch: int = 20
+    temperature: float = 0.07
     augment: bool = True
     device: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; known: {sorted(DATASETS)}")
+        if self.model not in VARIANTS:
+            raise ValueError(f"unknown model {self.model!r}; known: {sorted(VARIANTS)}")
         if self.vit_name not in list_models():
             raise ValueError(f"unknown vit_name {self.vit_name!r}; known: {list_models()}")
+        if self.model == "immseg" and self.priors_path is None:
+            object.__setattr__(self, "priors_path", DEFAULT_PRIORS_PATH)
+        if self.model != "immseg" and self.priors_path is not None:
+            raise ValueError(f"the {self.model} model uses no text priors; drop priors_path "
+                             f"({self.priors_path})")
+        self.objective()  # validates the loss settings
         if self.img_size < 16 or self.img_size % 16:
             raise ValueError(f"img_size must be a positive multiple of 16, got {self.img_size}")
         for name in ("batch_size", "max_epochs", "num_classes"):
@@ -76,6 +97,12 @@ class TrainConfig:
             raise ValueError("base_lr must be > 0, weight_decay and poly_power >= 0")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+
+    def objective(self) -> ObjectiveConfig:
+        return ObjectiveConfig(
+            ce_weight=self.ce_weight, dice_weight=self.dice_weight, aux_weight=self.aux_weight,
+            contrastive_weight=self.contrastive_weight,
+            contrastive_start_epoch=self.contrastive_start_epoch, temperature=self.temperature)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,11 +119,14 @@ def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float) -
 
 
 def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    config: TrainConfig, epoch: int, iteration: int) -> None:
-    """Write a self-describing checkpoint atomically."""
+                    config: TrainConfig, epoch: int, iteration: int,
+                    priors: PriorBank | None = None) -> None:
+    """Write a self-describing checkpoint atomically (the network rebuilds from it alone)."""
     payload = {
-        "model_name": model.name,
-        "model_config": model.config.to_dict(),
+        "network": network_record(model),
+        "priors": None if priors is None else {"model_id": priors.model_id,
+                                               "text_hash": priors.text_hash,
+                                               "path": config.priors_path},
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "epoch": epoch,
@@ -136,15 +166,21 @@ def train(config: TrainConfig) -> TrainResult:
                         num_workers=config.num_workers, generator=loader_generator,
                         pin_memory=device.type == "cuda", drop_last=False)
 
-    model = create_model(config.vit_name, img_size=config.img_size, in_channels=3,
-                         num_classes=config.num_classes, pretrained=config.pretrained_path)
+    priors = (load_prior_bank(config.priors_path, required=canonical_names())
+              if config.priors_path is not None else None)
+    if priors is not None:
+        log.info("priors: %s (%s, texts %s...)", config.priors_path, priors.model_id,
+                 priors.text_hash[:12])
+    model = create_network(config.model, backbone=config.vit_name, img_size=config.img_size,
+                           num_classes=config.num_classes, sequence=config.sequence,
+                           priors=priors, share_encoder=config.share_encoder,
+                           pretrained=config.pretrained_path)
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.base_lr,
                                   weight_decay=config.weight_decay)
-    criterion = SegmentationLoss(config.num_classes, ce_weight=config.ce_weight,
-                                 dice_weight=config.dice_weight)
+    objective = TrainingObjective(config.num_classes, config.objective()).to(device)
     max_iterations = config.max_epochs * len(loader)
-    log.info("training %s on %d slices (%d iterations, device %s) -> %s", config.vit_name,
+    log.info("training %s on %d slices (%d iterations, device %s) -> %s", describe(model),
              len(dataset), max_iterations, device, run_dir)
 
     iteration, loss_value = 0, math.nan
@@ -161,7 +197,7 @@ def train(config: TrainConfig) -> TrainResult:
                     group["lr"] = lr
                 images = batch["image"].to(device, non_blocking=True)
                 labels = batch["label"].to(device, non_blocking=True)
-                loss, parts = criterion(model(images), labels)
+                loss, parts = objective(forward_outputs(model, images), labels, epoch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -176,10 +212,10 @@ def train(config: TrainConfig) -> TrainResult:
             log.info("epoch %d/%d: mean loss %.4f, lr %.2e", epoch + 1, config.max_epochs,
                      float(np.mean(epoch_losses)), lr)
             save_checkpoint(run_dir / CHECKPOINT_LAST, model=model, optimizer=optimizer,
-                            config=config, epoch=epoch + 1, iteration=iteration)
+                            config=config, epoch=epoch + 1, iteration=iteration, priors=priors)
     final = run_dir / CHECKPOINT_FINAL
     save_checkpoint(final, model=model, optimizer=optimizer, config=config,
-                    epoch=config.max_epochs, iteration=iteration)
+                    epoch=config.max_epochs, iteration=iteration, priors=priors)
     seconds = time.perf_counter() - start_time
     log.info("finished in %.1f s; final checkpoint %s", seconds, final)
     return TrainResult(run_dir, final, config.max_epochs, iteration, loss_value, seconds)

@@ -16,12 +16,12 @@ from datasets.processed import ProcessedLayout
 from datasets.raw import nifti_image
 from evaluation.inference import predict_volume
 from evaluation.metrics import MetricAccumulator
-from networks.factory import create_model_from_config
+from networks.variants import input_size, network_from_record
 from utils import atomic_path
 
 log = logging.getLogger(__name__)
 
-_REQUIRED_KEYS = ("model_name", "model_config", "model")
+_REQUIRED_KEYS = ("network", "model")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class LoadedCheckpoint:
 
     @property
     def img_size(self) -> int:
-        return int(self.payload["model_config"]["img_size"])
+        return input_size(self.model)
 
 
 def load_checkpoint(path: str | Path, device: torch.device) -> LoadedCheckpoint:
@@ -43,11 +43,19 @@ def load_checkpoint(path: str | Path, device: torch.device) -> LoadedCheckpoint:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises several types for truncated/corrupt files
         raise ValueError(f"{path}: unreadable checkpoint ({error})") from error
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path}: not a checkpoint of this framework")
+    if "network" not in payload and {"model_name", "model_config"} <= set(payload):
+        # Written before variants existed: always an early-fusion TransUNet.
+        payload["network"] = {"variant": "transunet", "name": payload["model_name"],
+                              "config": payload["model_config"]}
     missing = [key for key in _REQUIRED_KEYS if key not in payload]
     if missing:
         raise ValueError(f"{path}: not a checkpoint of this framework (missing {missing})")
-    model = create_model_from_config(payload["model_name"], payload["model_config"])
-    model.load_state_dict(payload["model"])
+    try:
+        model = network_from_record(payload["network"], payload["model"])
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise ValueError(f"{path}: cannot rebuild its network ({error})") from error
     return LoadedCheckpoint(model.to(device).eval(), payload)
 
 

@@ -14,6 +14,8 @@ import train as train_script
 from datasets.labels import EVAL_GROUPS, MODALITIES
 from datasets.processed import ProcessedLayout, write_test_volume, write_training_slice
 from evaluation.evaluate import load_checkpoint
+from prompts.bank import PriorBank, save_prior_bank
+from prompts.texts import canonical_names
 from trainer import CHECKPOINT_FINAL, CHECKPOINT_LAST, TrainConfig, poly_lr
 
 
@@ -53,36 +55,56 @@ def processed_root(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def bank_path(tmp_path_factory):
+    """A small prior bank (random unit rows): the plumbing test needs names, not meaning."""
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.nn.functional.normalize(torch.randn(len(canonical_names()), 16,
+                                                     generator=generator), dim=1)
+    bank = PriorBank("test/random", "0" * 64, dict(zip(canonical_names(), rows, strict=True)))
+    return save_prior_bank(bank, tmp_path_factory.mktemp("priors") / "bank.pt")
+
+
 def test_poly_lr_known_values():
     assert poly_lr(1e-3, 0, 100, 0.9) == pytest.approx(1e-3)
     assert poly_lr(1e-3, 50, 100, 0.9) == pytest.approx(1e-3 * 0.5**0.9)
     assert poly_lr(1e-3, 100, 100, 0.9) == 0.0
 
 
-@pytest.mark.parametrize("change", [{"vit_name": "R99"}, {"img_size": 120}, {"batch_size": 0},
-                                    {"dataset": "Synapse"}, {"base_lr": 0.0}])
+@pytest.mark.parametrize("change", [
+    {"vit_name": "R99"}, {"img_size": 120}, {"batch_size": 0}, {"dataset": "Synapse"},
+    {"base_lr": 0.0}, {"model": "unet"},
+    {"model": "transunet", "priors_path": "bank.pt"}, {"model": "transunet", "aux_weight": -1.0},
+    {"model": "transunet", "temperature": 0.0}])
 def test_train_config_rejects_bad_values(change):
     with pytest.raises(ValueError):
-        TrainConfig(**change)
+        TrainConfig(**({"model": "transunet"} | change))
 
 
-def test_train_then_test_round_trip(processed_root, tmp_path, capsys):
+@pytest.mark.parametrize("variant", ["immseg", "immseg_noprior", "transunet", "transunet_single"])
+def test_train_then_test_round_trip(variant, processed_root, bank_path, tmp_path, capsys):
     run = tmp_path / "run"
-    code = train_script.main(["--dataset", "Myops", "--vit_name", "tiny", "--root_path",
-                              str(processed_root), "--img_size", "32", "--batch_size", "3",
-                              "--max_epochs", "2", "--num_workers", "0", "--output_dir", str(run),
-                              "--device", "cpu"])
+    priors = ["--priors_path", str(bank_path)] if variant == "immseg" else []
+    code = train_script.main(["--dataset", "Myops", "--model", variant, "--vit_name", "tiny",
+                              "--root_path", str(processed_root), "--img_size", "32",
+                              "--batch_size", "3", "--max_epochs", "2", "--num_workers", "0",
+                              "--output_dir", str(run), "--device", "cpu",
+                              "--contrastive_start_epoch", "1", *priors])
     assert code == 0
     config = json.loads((run / "config.json").read_text())
     assert config["vit_name"] == "tiny" and config["max_epochs"] == 2
+    assert config["model"] == variant
     payload = torch.load(run / CHECKPOINT_FINAL, weights_only=False)
     assert payload["epoch"] == 2 and payload["iteration"] == 4  # 6 slices / batch 3 x 2 epochs
     assert payload["train_config"] == config
     assert (run / CHECKPOINT_LAST).is_file() and (run / "tensorboard").is_dir()
 
-    # The checkpoint alone rebuilds the same network.
+    assert payload["network"]["variant"] == variant
+    assert (payload["priors"] is not None) == (variant == "immseg")
+
+    # The checkpoint alone rebuilds the same network (for immseg: priors included).
     loaded = load_checkpoint(run / CHECKPOINT_FINAL, torch.device("cpu"))
-    assert loaded.img_size == 32
+    assert loaded.img_size == 32 and loaded.model.variant == variant
     state = loaded.model.state_dict()
     for key, value in payload["model"].items():
         assert torch.equal(state[key], value)
@@ -122,8 +144,17 @@ def test_scripts_fail_cleanly_on_bad_input(tmp_path, processed_root, capsys):
     assert "not a checkpoint of this framework" in error_of(
         test_script.main(["--checkpoint", str(bogus), "--root_path", str(processed_root)]))
     assert "no 'train' data found" in error_of(
-        train_script.main(["--vit_name", "tiny", "--root_path", str(tmp_path / "nothing"),
-                           "--output_dir", str(tmp_path / "run"), "--num_workers", "0"]))
+        train_script.main(["--model", "transunet", "--vit_name", "tiny", "--root_path",
+                           str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "run"),
+                           "--num_workers", "0"]))
+    assert "uses no text priors" in error_of(
+        train_script.main(["--model", "transunet", "--vit_name", "tiny", "--root_path",
+                           str(processed_root), "--output_dir", str(tmp_path / "run2"),
+                           "--priors_path", "bank.pt"]))
+    assert "not found" in error_of(
+        train_script.main(["--model", "immseg", "--vit_name", "tiny", "--root_path",
+                           str(processed_root), "--output_dir", str(tmp_path / "run3"),
+                           "--priors_path", str(tmp_path / "absent.pt"), "--num_workers", "0"]))
 
 
 def test_training_starts_from_a_google_layout_npz(processed_root, tmp_path):
@@ -133,7 +164,8 @@ def test_training_starts_from_a_google_layout_npz(processed_root, tmp_path):
     source = create_model("tiny", img_size=64, in_channels=3, num_classes=4)
     weights = write_google_npz(source.encoder, tmp_path / "R50+ViT-tiny.npz")
     run = tmp_path / "run"
-    args = ["--vit_name", "tiny", "--root_path", str(processed_root), "--img_size", "32",
+    args = ["--model", "transunet", "--vit_name", "tiny", "--root_path", str(processed_root),
+            "--img_size", "32",
             "--batch_size", "6", "--max_epochs", "1", "--num_workers", "0", "--output_dir",
             str(run), "--base_lr", "1e-12", "--no_augment", "--pretrained_path", str(weights)]
     assert train_script.main(args) == 0

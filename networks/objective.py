@@ -1,0 +1,151 @@
+"""The training objective of every variant: weighted CE + Dice, per-sequence deep supervision and
+the pixel-text contrastive term, on the released schedule by default.
+
+``total = seg(main) + aux_weight * mean_s seg(aux_s) + w_c(epoch) * mean_s contrastive_s``
+
+where ``seg = ce_weight * CE + dice_weight * Dice`` and ``w_c`` is ``contrastive_weight`` from
+``contrastive_start_epoch`` on (the released recipe: 0.1 from the 21st epoch, i.e. 0-based epoch
+20) and 0 before, so the pixel embeddings first learn from the segmentation signal. Networks
+without auxiliary outputs (the TransUNet baselines) get the main term only. Auxiliary logits at
+H/4 are upsampled to the label size rather than the labels shrunk: shrinking labels by nearest
+sampling drops most of a two-pixel-thick scar.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from networks.contrastive import PixelTextContrastiveLoss
+from networks.immseg import IMMSegOutput
+from networks.losses import SegmentationLoss
+
+Outputs = Tensor | IMMSegOutput
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Loss weights and schedule (defaults: the released I_MMSeg recipe)."""
+
+    ce_weight: float = 0.2
+    dice_weight: float = 0.8
+    aux_weight: float = 0.4
+    contrastive_weight: float = 0.1
+    contrastive_start_epoch: int = 20
+    temperature: float = 0.07
+    class_weights: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("ce_weight", "dice_weight", "aux_weight", "contrastive_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+        if isinstance(self.contrastive_start_epoch, bool) or self.contrastive_start_epoch < 0:
+            raise ValueError(f"contrastive_start_epoch must be an int >= 0, got "
+                             f"{self.contrastive_start_epoch!r}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if self.class_weights is not None:
+            object.__setattr__(self, "class_weights", tuple(float(w) for w in self.class_weights))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def forward_outputs(model: nn.Module, images: Tensor,
+                    sequence_mask: Tensor | None = None) -> Outputs:
+    """Training outputs of any variant: everything ``forward_train`` gives, else the logits."""
+    forward_train = getattr(model, "forward_train", None)
+    if forward_train is not None:
+        return forward_train(images, sequence_mask)
+    if sequence_mask is not None:
+        raise ValueError(f"{type(model).__name__} cannot take a sequence mask")
+    return model(images)
+
+
+class TrainingObjective(nn.Module):
+    """``forward(outputs, labels, epoch, sequence_mask=None) -> (loss, parts)``.
+
+    ``parts`` holds floats for logging: ``seg`` (main), ``ce`` and ``dice`` (main), ``aux`` and
+    ``contrastive`` (means over sequences, when the network has them) and ``total``. Auxiliary
+    and contrastive terms of a sequence are computed only on the samples where it is present.
+    """
+
+    def __init__(self, num_classes: int, config: ObjectiveConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or ObjectiveConfig()
+        self.segmentation = SegmentationLoss(num_classes, self.config.ce_weight,
+                                             self.config.dice_weight, self.config.class_weights)
+        self.contrastive = PixelTextContrastiveLoss(self.config.temperature)
+
+    def contrastive_weight(self, epoch: int) -> float:
+        """Weight of the contrastive term in 0-based ``epoch``."""
+        if epoch < self.config.contrastive_start_epoch:
+            return 0.0
+        return self.config.contrastive_weight
+
+    def forward(self, outputs: Outputs, labels: Tensor, epoch: int,
+                sequence_mask: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+        if isinstance(outputs, Tensor):
+            loss, parts = self.segmentation(outputs, labels)
+            return loss, {"seg": parts["total"], "ce": parts["ce"], "dice": parts["dice"],
+                          "total": parts["total"]}
+        if not isinstance(outputs, IMMSegOutput):
+            raise ValueError(f"outputs must be logits or IMMSegOutput, got "
+                             f"{type(outputs).__name__}")
+        main, main_parts = self.segmentation(outputs.logits, labels)
+        total = main
+        parts = {"seg": main_parts["total"], "ce": main_parts["ce"], "dice": main_parts["dice"]}
+        present = _presence(sequence_mask, labels, len(outputs.aux_logits))
+
+        if self.config.aux_weight > 0 and outputs.aux_logits:
+            aux = _mean_over_sequences([
+                self.segmentation(_upsample(logits[rows], labels.shape[-2:]), labels[rows])[0]
+                for logits, rows in zip(outputs.aux_logits, present, strict=True)
+                if rows.any()])
+            total = total + self.config.aux_weight * aux
+            parts["aux"] = float(aux.detach())
+
+        weight = self.contrastive_weight(epoch)
+        if weight > 0 and outputs.pixel_embeddings:
+            classes = outputs.class_embeddings
+            term = _mean_over_sequences([
+                self.contrastive(pixels[rows], classes[rows] if classes.ndim == 3 else classes,
+                                 labels[rows])[0]
+                for pixels, rows in zip(outputs.pixel_embeddings, present, strict=True)
+                if rows.any()])
+            total = total + weight * term
+            parts["contrastive"] = float(term.detach())
+
+        parts["total"] = float(total.detach())
+        if not math.isfinite(parts["total"]):
+            raise FloatingPointError(f"non-finite loss: {parts}")
+        return total, parts
+
+
+def _presence(sequence_mask: Tensor | None, labels: Tensor, sequences: int) -> list[Tensor]:
+    """Per sequence, a boolean row selector of the samples where it is present."""
+    batch = labels.shape[0]
+    if sequence_mask is None:
+        return [torch.ones(batch, dtype=torch.bool, device=labels.device)] * sequences
+    if sequence_mask.shape != (batch, sequences) or sequence_mask.dtype != torch.bool:
+        raise ValueError(f"sequence_mask must be bool [{batch}, {sequences}], got "
+                         f"{sequence_mask.dtype} {tuple(sequence_mask.shape)}")
+    return list(sequence_mask.to(labels.device).T)
+
+
+def _upsample(logits: Tensor, size: Sequence[int]) -> Tensor:
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def _mean_over_sequences(terms: list[Tensor]) -> Tensor:
+    if not terms:
+        raise ValueError("no sequence is present in any sample of the batch")
+    return torch.stack(terms).mean()

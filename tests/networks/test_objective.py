@@ -1,0 +1,104 @@
+"""Training objective: composition by hand, contrastive schedule, absent sequences."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from networks.contrastive import PixelTextContrastiveLoss
+from networks.immseg import IMMSegOutput
+from networks.losses import SegmentationLoss
+from networks.objective import ObjectiveConfig, TrainingObjective, forward_outputs
+
+
+def _outputs(seed: int = 0, batch: int = 2, size: int = 16) -> tuple[IMMSegOutput, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    outputs = IMMSegOutput(
+        logits=rand(batch, 4, size, size),
+        aux_logits=tuple(rand(batch, 4, size // 4, size // 4) for _ in range(3)),
+        pixel_embeddings=tuple(rand(batch, 8, size // 4, size // 4) for _ in range(3)),
+        class_embeddings=rand(batch, 4, 8))
+    labels = torch.randint(0, 4, (batch, size, size), generator=generator)
+    return outputs, labels
+
+
+def test_total_is_the_documented_weighted_sum():
+    outputs, labels = _outputs()
+    config = ObjectiveConfig(aux_weight=0.4, contrastive_weight=0.1, contrastive_start_epoch=3)
+    objective = TrainingObjective(4, config)
+    seg = SegmentationLoss(4, 0.2, 0.8)
+    contrastive = PixelTextContrastiveLoss(0.07)
+    main = seg(outputs.logits, labels)[0]
+    aux = torch.stack([seg(F.interpolate(a, size=(16, 16), mode="bilinear"), labels)[0]
+                       for a in outputs.aux_logits]).mean()
+    pixel_text = torch.stack([contrastive(p, outputs.class_embeddings, labels)[0]
+                              for p in outputs.pixel_embeddings]).mean()
+
+    before, parts_before = objective(outputs, labels, epoch=2)
+    torch.testing.assert_close(before, main + 0.4 * aux)
+    assert "contrastive" not in parts_before
+
+    after, parts = objective(outputs, labels, epoch=3)
+    torch.testing.assert_close(after, main + 0.4 * aux + 0.1 * pixel_text)
+    assert parts["total"] == pytest.approx(float(after))
+    assert parts["contrastive"] == pytest.approx(float(pixel_text))
+    assert objective.contrastive_weight(2) == 0.0 and objective.contrastive_weight(3) == 0.1
+
+
+def test_plain_logits_get_the_segmentation_loss_only():
+    outputs, labels = _outputs()
+    loss, parts = TrainingObjective(4)(outputs.logits, labels, epoch=50)
+    torch.testing.assert_close(loss, SegmentationLoss(4)(outputs.logits, labels)[0])
+    assert set(parts) == {"seg", "ce", "dice", "total"}
+
+
+def test_absent_sequences_do_not_count():
+    outputs, labels = _outputs()
+    objective = TrainingObjective(4, ObjectiveConfig(contrastive_start_epoch=0))
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    reference, _ = objective(outputs, labels, 0, mask)
+    # Garbage in the absent slots (T2w everywhere, LGE in sample 1) changes nothing.
+    aux = [a.clone() for a in outputs.aux_logits]
+    pix = [p.clone() for p in outputs.pixel_embeddings]
+    aux[2].fill_(50.0)
+    pix[2].fill_(-3.0)
+    aux[1][1].fill_(50.0)
+    pix[1][1].fill_(7.0)
+    changed = outputs._replace(aux_logits=tuple(aux), pixel_embeddings=tuple(pix))
+    torch.testing.assert_close(objective(changed, labels, 0, mask)[0], reference)
+    # ... while the same garbage in present slots does change it.
+    assert not torch.allclose(objective(changed, labels, 0)[0], reference)
+    with pytest.raises(ValueError, match="sequence_mask"):
+        objective(outputs, labels, 0, mask.int())
+
+
+def test_non_finite_outputs_raise_and_bad_settings_are_refused():
+    outputs, labels = _outputs()
+    nan = torch.full((2, 8, 4, 4), math.nan)
+    broken = outputs._replace(pixel_embeddings=(nan, *outputs.pixel_embeddings[1:]))
+    with pytest.raises(FloatingPointError):
+        TrainingObjective(4, ObjectiveConfig(contrastive_start_epoch=0))(broken, labels, 0)
+    for bad in ({"aux_weight": -1.0}, {"temperature": 0.0}, {"contrastive_start_epoch": -1},
+                {"contrastive_weight": math.inf}):
+        with pytest.raises(ValueError):
+            ObjectiveConfig(**bad)
+
+
+def test_forward_outputs_prefers_forward_train():
+    class WithTrain(torch.nn.Module):
+        def forward(self, x):
+            return "plain"
+
+        def forward_train(self, x, mask=None):
+            return "train"
+
+    assert forward_outputs(WithTrain(), torch.zeros(1)) == "train"
+    with pytest.raises(ValueError, match="sequence mask"):
+        forward_outputs(torch.nn.Identity(), torch.zeros(1), torch.ones(1, 3, dtype=torch.bool))
