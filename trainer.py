@@ -72,6 +72,7 @@ class TrainConfig:
     contrastive_weight: float = 0.1
     contrastive_start_epoch: int = 20
     temperature: float = 0.07
+    class_weights: tuple[float, ...] | None = None  # cross-entropy weights per class
     augment: bool = True
     device: str = "auto"
 
@@ -87,6 +88,11 @@ class TrainConfig:
         if self.model != "immseg" and self.priors_path is not None:
             raise ValueError(f"the {self.model} model uses no text priors; drop priors_path "
                              f"({self.priors_path})")
+        if self.class_weights is not None:
+            object.__setattr__(self, "class_weights", tuple(self.class_weights))
+            if len(self.class_weights) != self.num_classes:
+                raise ValueError(f"class_weights has {len(self.class_weights)} entries for "
+                                 f"{self.num_classes} classes")
         self.objective()  # validates the loss settings
         if self.img_size < 16 or self.img_size % 16:
             raise ValueError(f"img_size must be a positive multiple of 16, got {self.img_size}")
@@ -102,7 +108,8 @@ class TrainConfig:
         return ObjectiveConfig(
             ce_weight=self.ce_weight, dice_weight=self.dice_weight, aux_weight=self.aux_weight,
             contrastive_weight=self.contrastive_weight,
-            contrastive_start_epoch=self.contrastive_start_epoch, temperature=self.temperature)
+            contrastive_start_epoch=self.contrastive_start_epoch, temperature=self.temperature,
+            class_weights=self.class_weights)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -164,7 +171,9 @@ def train(config: TrainConfig) -> TrainResult:
     loader_generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
                         num_workers=config.num_workers, generator=loader_generator,
-                        pin_memory=device.type == "cuda", drop_last=False)
+                        pin_memory=device.type == "cuda", drop_last=False,
+                        # Workers that outlive an epoch keep prefetching across its boundary.
+                        persistent_workers=config.num_workers > 0)
 
     priors = (load_prior_bank(config.priors_path, required=canonical_names())
               if config.priors_path is not None else None)

@@ -1,6 +1,7 @@
-"""Text priors: the prompt file, its encoding by a CLIP text tower, and the name-keyed bank.
+"""Text priors: the prompt file, its encoding by a frozen text tower, and the name-keyed bank.
 
-``prompts.encode`` (the command) imports open_clip; the readers below need only torch.
+``prompts.encode`` (the command) runs an open_clip text tower (BiomedCLIP by default) or a
+sentence-embedding model and writes a bank; training reads only the bank, with torch alone.
 """
 
 from __future__ import annotations

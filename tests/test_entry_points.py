@@ -75,7 +75,7 @@ def test_poly_lr_known_values():
     {"vit_name": "R99"}, {"img_size": 120}, {"batch_size": 0}, {"dataset": "Synapse"},
     {"base_lr": 0.0}, {"model": "unet"},
     {"model": "transunet", "priors_path": "bank.pt"}, {"model": "transunet", "aux_weight": -1.0},
-    {"model": "transunet", "temperature": 0.0}])
+    {"model": "transunet", "temperature": 0.0}, {"class_weights": (1.0, 2.0)}])
 def test_train_config_rejects_bad_values(change):
     with pytest.raises(ValueError):
         TrainConfig(**({"model": "transunet"} | change))
