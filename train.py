@@ -2,12 +2,15 @@
 
     python train.py --dataset Myops --model immseg --vit_name R50-ViT-B_16 \
         --priors_path priors/biomedclip.pt --root_path data/phantom/Processed_data
+    torchrun --nproc_per_node=4 train.py ...        # the same run on 4 GPUs (global batch)
+    python train.py ... --resume                     # continue an interrupted run exactly
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -44,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run folder (default: runs/<dataset>_<model>_<vit_name>)")
     parser.add_argument("--img_size", type=int, default=defaults.img_size)
     parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
+    parser.add_argument("--optimizer", default=defaults.optimizer, choices=("adamw", "sgd"))
     parser.add_argument("--base_lr", type=float, default=defaults.base_lr)
     parser.add_argument("--weight_decay", type=float, default=defaults.weight_decay)
     parser.add_argument("--max_epochs", type=int, default=defaults.max_epochs)
@@ -63,15 +67,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--class_weights", type=float, nargs="+", default=None,
                         help="cross-entropy weight per class (background, myocardium, scar, "
                              "edema)")
+    parser.add_argument("--vit_dropout", type=float, default=None,
+                        help="transformer dropout (default: the backbone's, 0.1)")
+    parser.add_argument("--val_every", type=int, default=defaults.val_every,
+                        help="validate every N epochs (0: no validation)")
+    parser.add_argument("--val_fraction", type=float, default=defaults.val_fraction,
+                        help="share of the training cases held out for validation")
+    parser.add_argument("--patience", type=int, default=None,
+                        help="stop after this many validations without a better model")
+    parser.add_argument("--no_amp", action="store_true",
+                        help="no float16 autocast on CUDA (never used on the CPU)")
     parser.add_argument("--no_augment", action="store_true", help="disable augmentation")
     parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue <output_dir>/checkpoint_last.pth exactly")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     output_dir = args.output_dir or f"runs/{args.dataset}_{args.model}_{args.vit_name}"
-    setup_logging(Path(output_dir) / "log.txt")
+    if os.environ.get("RANK", "0") == "0":
+        setup_logging(Path(output_dir) / "log.txt")
+    else:  # torchrun's other processes: warnings and errors only, and not into the log file
+        setup_logging(level=logging.WARNING)
     try:
         config = TrainConfig(
             dataset=args.dataset, model=args.model, vit_name=args.vit_name,
@@ -80,15 +99,18 @@ def main(argv: list[str] | None = None) -> int:
             root_path=args.root_path or DATASETS[args.dataset]["root_path"],
             list_dir=args.list_dir, output_dir=output_dir, img_size=args.img_size,
             num_classes=DATASETS[args.dataset]["num_classes"], batch_size=args.batch_size,
-            base_lr=args.base_lr, weight_decay=args.weight_decay, max_epochs=args.max_epochs,
+            optimizer=args.optimizer, base_lr=args.base_lr, weight_decay=args.weight_decay,
+            max_epochs=args.max_epochs,
             seed=args.seed, num_workers=args.num_workers, pretrained_path=args.pretrained_path,
             ce_weight=args.ce_weight, dice_weight=args.dice_weight, aux_weight=args.aux_weight,
             contrastive_weight=args.contrastive_weight,
             contrastive_start_epoch=args.contrastive_start_epoch,
             temperature=args.temperature, augment=not args.no_augment,
             class_weights=tuple(args.class_weights) if args.class_weights else None,
+            vit_dropout=args.vit_dropout, val_every=args.val_every,
+            val_fraction=args.val_fraction, patience=args.patience, amp=not args.no_amp,
             device=args.device)
-        result = train(config)
+        result = train(config, resume=args.resume)
     except (ValueError, OSError, FloatingPointError) as error:
         log.error("%s", error)
         return 1

@@ -7,16 +7,19 @@ network from a checkpoint file alone.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -25,11 +28,29 @@ from datasets.dataset import SliceDataset
 from datasets.labels import NUM_CLASSES
 from datasets.processed import ProcessedLayout
 from networks.factory import list_models
-from networks.objective import ObjectiveConfig, TrainingObjective, forward_outputs
-from networks.variants import VARIANTS, create_network, describe, network_record
-from prompts.bank import PriorBank, load_prior_bank
+from networks.objective import ObjectiveConfig, TrainingForward, TrainingObjective
+from networks.variants import VARIANTS, create_network, describe
+from prompts.bank import load_prior_bank
 from prompts.texts import canonical_names
-from utils import atomic_path, resolve_device, seed_everything, write_json
+from training.checkpoint import (
+    load_training_checkpoint,
+    restore_rng_state,
+    save_training_checkpoint,
+)
+from training.distributed import (
+    DistContext,
+    broadcast_flag,
+    convert_batchnorm,
+    distributed_session,
+)
+from training.overlays import overlay_grid
+from training.validation import (
+    BestModelTracker,
+    split_validation_cases,
+    validate,
+    validation_volumes,
+)
+from utils import resolve_device, seed_everything, write_json
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +62,10 @@ DATASETS: dict[str, dict[str, Any]] = {
 DEFAULT_PRIORS_PATH = "priors/biomedclip.pt"
 CHECKPOINT_LAST = "checkpoint_last.pth"
 CHECKPOINT_FINAL = "checkpoint_final.pth"
+CHECKPOINT_BEST = "checkpoint_best.pth"
+OPTIMIZERS = ("adamw", "sgd")
+#: The best model is the one with the highest mean Dice over these groups.
+PATHOLOGY_GROUPS = ("scar", "edema")
 
 
 @dataclass(frozen=True)
@@ -59,6 +84,7 @@ class TrainConfig:
     img_size: int = 128
     num_classes: int = NUM_CLASSES
     batch_size: int = 24
+    optimizer: str = "adamw"  # "adamw" (the released recipe) or "sgd" (momentum 0.9)
     base_lr: float = 1e-3
     weight_decay: float = 1e-4
     poly_power: float = 0.9
@@ -73,6 +99,11 @@ class TrainConfig:
     contrastive_start_epoch: int = 20
     temperature: float = 0.07
     class_weights: tuple[float, ...] | None = None  # cross-entropy weights per class
+    vit_dropout: float | None = None  # overrides the backbone's transformer dropout
+    val_every: int = 5  # epochs between validations; 0 turns validation off
+    val_fraction: float = 0.2  # share of the training cases held out for validation
+    patience: int | None = None  # validations without improvement before stopping early
+    amp: bool = True  # float16 autocast + GradScaler, used on CUDA only
     augment: bool = True
     device: str = "auto"
 
@@ -103,6 +134,18 @@ class TrainConfig:
             raise ValueError("base_lr must be > 0, weight_decay and poly_power >= 0")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.val_every < 0 or not 0 <= self.val_fraction < 1:
+            raise ValueError(f"need val_every >= 0 and 0 <= val_fraction < 1, got "
+                             f"{self.val_every}, {self.val_fraction}")
+        if (self.val_every > 0) != (self.val_fraction > 0):
+            raise ValueError("validation needs both val_every > 0 and val_fraction > 0 (set "
+                             "both to 0 to train without validation)")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1 or None, got {self.patience}")
+        if self.vit_dropout is not None and not 0 <= self.vit_dropout < 1:
+            raise ValueError(f"vit_dropout must lie in [0, 1), got {self.vit_dropout}")
 
     def objective(self) -> ObjectiveConfig:
         return ObjectiveConfig(
@@ -125,25 +168,6 @@ def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float) -
     return base_lr * (1.0 - min(iteration, max_iterations) / max_iterations) ** power
 
 
-def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    config: TrainConfig, epoch: int, iteration: int,
-                    priors: PriorBank | None = None) -> None:
-    """Write a self-describing checkpoint atomically (the network rebuilds from it alone)."""
-    payload = {
-        "network": network_record(model),
-        "priors": None if priors is None else {"model_id": priors.model_id,
-                                               "text_hash": priors.text_hash,
-                                               "path": config.priors_path},
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "epoch": epoch,
-        "iteration": iteration,
-        "train_config": config.to_dict(),
-    }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
 @dataclass(frozen=True)
 class TrainResult:
     run_dir: Path
@@ -152,79 +176,203 @@ class TrainResult:
     iterations: int
     final_loss: float
     seconds: float
+    best_score: float | None = None
+    best_epoch: int | None = None
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Train ``config.vit_name`` on the processed training slices and save checkpoints."""
+def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
+    """Train ``config.model`` on the processed training slices; one process or torchrun's N.
+
+    Under torchrun each process trains on its share of every global batch of
+    ``config.batch_size`` slices (DistributedDataParallel, SyncBatchNorm, Dice over the global
+    batch), so N processes compute what one would. Rank 0 logs, validates and saves.
+    ``resume`` continues from ``<output_dir>/checkpoint_last.pth`` exactly.
+    """
     start_time = time.perf_counter()
+    with distributed_session(resolve_device(config.device)) as context:
+        return _train(config, context, resume, start_time)
+
+
+def _train(config: TrainConfig, context: DistContext, resume: bool,
+           start_time: float) -> TrainResult:
+    device = context.device
+    if config.batch_size % context.world_size:
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by the "
+                         f"{context.world_size} processes")
     seed_everything(config.seed)
-    device = resolve_device(config.device)
     run_dir = Path(config.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", config.to_dict())
+    payload = (load_training_checkpoint(run_dir / CHECKPOINT_LAST, config.to_dict())
+               if resume else None)
+    if context.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", config.to_dict())
 
     layout = ProcessedLayout(Path(config.root_path),
                              list_dir=Path(config.list_dir) if config.list_dir else None)
-    names = layout.names("train")
-    dataset = SliceDataset(layout, names, config.img_size,
+    if context.is_main:
+        names = layout.names("train")  # may write the list file: one process only
+    context.barrier()
+    names = layout.names("train", create=False) if not context.is_main else names
+    train_names, val_names = split_validation_cases(
+        names, config.val_fraction if config.val_every else 0.0)
+    dataset = SliceDataset(layout, train_names, config.img_size,
                            AugmentConfig() if config.augment else None, seed=config.seed)
-    loader_generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
-                        num_workers=config.num_workers, generator=loader_generator,
+    # The shuffle is a pure function of (seed, epoch): a resumed epoch replays its batches.
+    sampler = DistributedSampler(dataset, num_replicas=context.world_size, rank=context.rank,
+                                 shuffle=True, seed=config.seed, drop_last=False)
+    loader = DataLoader(dataset, batch_size=config.batch_size // context.world_size,
+                        sampler=sampler, num_workers=config.num_workers,
+                        # Its own generator keeps worker seeding off the global RNG (dropout).
+                        generator=torch.Generator().manual_seed(config.seed),
                         pin_memory=device.type == "cuda", drop_last=False,
-                        # Workers that outlive an epoch keep prefetching across its boundary.
                         persistent_workers=config.num_workers > 0)
 
     priors = (load_prior_bank(config.priors_path, required=canonical_names())
               if config.priors_path is not None else None)
-    if priors is not None:
-        log.info("priors: %s (%s, texts %s...)", config.priors_path, priors.model_id,
-                 priors.text_hash[:12])
     model = create_network(config.model, backbone=config.vit_name, img_size=config.img_size,
                            num_classes=config.num_classes, sequence=config.sequence,
                            priors=priors, share_encoder=config.share_encoder,
-                           pretrained=config.pretrained_path)
+                           pretrained=None if resume else config.pretrained_path,
+                           dropout_rate=config.vit_dropout)
+    if context.distributed:
+        model = convert_batchnorm(model, device)
     model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.base_lr,
-                                  weight_decay=config.weight_decay)
+    optimizer = _optimizer(config, model)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
+    tracker = BestModelTracker(config.patience)
+    start_epoch, iteration = 0, 0
+    if payload is not None:
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scaler.load_state_dict(payload["scaler"])
+        if payload.get("tracker"):
+            tracker.load_state_dict(payload["tracker"])
+        start_epoch, iteration = int(payload["epoch"]), int(payload["iteration"])
+        restore_rng_state(payload["rng"])
+    step = TrainingForward(model)
+    if context.distributed:
+        # Before the contrastive term starts, immseg's embedding layers get no gradient.
+        step = DistributedDataParallel(
+            step, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=hasattr(model, "forward_train"))
     objective = TrainingObjective(config.num_classes, config.objective()).to(device)
     max_iterations = config.max_epochs * len(loader)
-    log.info("training %s on %d slices (%d iterations, device %s) -> %s", describe(model),
-             len(dataset), max_iterations, device, run_dir)
+    schedule = {"kind": "poly", "base_lr": config.base_lr, "power": config.poly_power,
+                "max_iterations": max_iterations}
+    prior_record = None if priors is None else {
+        "model_id": priors.model_id, "text_hash": priors.text_hash, "path": config.priors_path}
+    validation = (validation_volumes(layout, val_names)
+                  if context.is_main and val_names else [])
+    log.info("training %s on %d slices x %d process(es) (%d iterations from %d, %d validation "
+             "volumes, device %s) -> %s", describe(model), len(dataset), context.world_size,
+             max_iterations, iteration, len(validation), device, run_dir)
 
-    iteration, loss_value = 0, math.nan
-    with SummaryWriter(str(run_dir / "tensorboard")) as writer:
-        for epoch in range(config.max_epochs):
+    def save(path: Path, epoch: int) -> None:
+        # A finite last loss does not make the step after it finite: never save broken weights
+        # over the last good checkpoint.
+        bad = [name for name, value in model.state_dict().items()
+               if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+        if bad:
+            raise FloatingPointError(f"non-finite weights after epoch {epoch} ({bad[:3]}...); "
+                                     f"{path.name} not written, the previous one is kept")
+        save_training_checkpoint(
+            path, model=model, optimizer=optimizer, scaler=scaler, epoch=epoch,
+            iteration=iteration, train_config=config.to_dict(), schedule=schedule,
+            tracker=tracker.state_dict(), priors=prior_record)
+
+    loss_value, completed = math.nan, start_epoch
+    final = run_dir / CHECKPOINT_FINAL
+    writer = SummaryWriter(str(run_dir / "tensorboard")) if context.is_main else None
+    try:
+        for epoch in range(start_epoch, config.max_epochs):
             model.train()
+            sampler.set_epoch(epoch)
             dataset.set_epoch(epoch)
             epoch_losses = []
-            progress = tqdm(loader, desc=f"epoch {epoch + 1}/{config.max_epochs}", unit="batch",
-                            leave=False)
+            progress = tqdm(loader, desc=f"epoch {epoch + 1}/{config.max_epochs}",
+                            unit="batch", leave=False, disable=not context.is_main)
             for batch in progress:
                 lr = poly_lr(config.base_lr, iteration, max_iterations, config.poly_power)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 images = batch["image"].to(device, non_blocking=True)
                 labels = batch["label"].to(device, non_blocking=True)
-                loss, parts = objective(forward_outputs(model, images), labels, epoch)
+                with torch.autocast(device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
+                    outputs = step(images)
+                loss, parts = objective(outputs, labels, epoch)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 iteration += 1
-                loss_value = float(loss.detach())
+                loss_value = parts["total"]
                 epoch_losses.append(loss_value)
                 progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-                writer.add_scalar("train/lr", lr, iteration)
-                writer.add_scalar("train/loss", loss_value, iteration)
-                for name, value in parts.items():
-                    writer.add_scalar(f"train/{name}", float(value), iteration)
+                if writer is not None:
+                    writer.add_scalar("train/lr", lr, iteration)
+                    for name, value in parts.items():
+                        writer.add_scalar(f"train/{name}", value, iteration)
             log.info("epoch %d/%d: mean loss %.4f, lr %.2e", epoch + 1, config.max_epochs,
-                     float(np.mean(epoch_losses)), lr)
-            save_checkpoint(run_dir / CHECKPOINT_LAST, model=model, optimizer=optimizer,
-                            config=config, epoch=epoch + 1, iteration=iteration, priors=priors)
-    final = run_dir / CHECKPOINT_FINAL
-    save_checkpoint(final, model=model, optimizer=optimizer, config=config,
-                    epoch=config.max_epochs, iteration=iteration, priors=priors)
+                     float(np.mean(epoch_losses)) if epoch_losses else math.nan, lr)
+            stop = False
+            if validation and (epoch + 1) % config.val_every == 0:
+                stop = _validate(model, validation, config, tracker, epoch, device, writer,
+                                 functools.partial(save, run_dir / CHECKPOINT_BEST, epoch + 1))
+            completed = epoch + 1
+            if context.is_main:
+                save(run_dir / CHECKPOINT_LAST, completed)
+            if broadcast_flag(stop, context):
+                log.info("early stop after epoch %d: no gain for %d validations", epoch + 1,
+                         config.patience)
+                break
+        if context.is_main:
+            save(final, completed)
+        context.barrier()
+    finally:
+        if writer is not None:
+            writer.close()
     seconds = time.perf_counter() - start_time
     log.info("finished in %.1f s; final checkpoint %s", seconds, final)
-    return TrainResult(run_dir, final, config.max_epochs, iteration, loss_value, seconds)
+    best = tracker.best_score if tracker.best_epoch is not None else None
+    return TrainResult(run_dir, final, completed, iteration, loss_value, seconds, best,
+                       tracker.best_epoch)
+
+
+def _optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW as released, or SGD with momentum (whose steps, unlike Adam's, do not amplify
+    rounding noise in near-zero gradients: the choice for bit-level comparisons)."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.base_lr, momentum=0.9,
+                               weight_decay=config.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=config.base_lr,
+                             weight_decay=config.weight_decay)
+
+
+def _validate(model: torch.nn.Module, volumes: list, config: TrainConfig,
+              tracker: BestModelTracker, epoch: int, device: torch.device,
+              writer: SummaryWriter | None, save_best: Callable[[], None]) -> bool:
+    """Score the validation volumes, log them, keep the best model; True means stop early."""
+    metrics = validate(model, volumes, config.img_size, device)
+    score = metrics.mean_dice(PATHOLOGY_GROUPS)
+    summary = metrics.summary()
+    if tracker.update(epoch + 1, score):
+        save_best()
+    log.info("validation after epoch %d: mean pathology Dice %.4f (best %.4f at epoch %s)",
+             epoch + 1, score, tracker.best_score, tracker.best_epoch)
+    if writer is not None:
+        writer.add_scalar("val/mean_pathology_dice", score, epoch + 1)
+        for group, values in summary.items():
+            writer.add_scalar(f"val/dice/{group}", values["dice"]["mean"], epoch + 1)
+        writer.add_image("val/overlay", _overlay(model, volumes[0], config, device), epoch + 1)
+    model.train()
+    return tracker.should_stop
+
+
+def _overlay(model: torch.nn.Module, volume: Any, config: TrainConfig,
+             device: torch.device) -> np.ndarray:
+    """Overlay picture (CHW uint8) of the first validation volume's prediction."""
+    from evaluation.inference import predict_volume
+
+    prediction = predict_volume(model, volume.image, config.img_size, device)
+    image = np.asarray(volume.image, dtype=np.float32)
+    return overlay_grid(image / max(float(image.max()), 1e-6), volume.label, prediction)

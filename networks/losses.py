@@ -7,9 +7,11 @@ bad step with the name of the offending component instead of writing NaN weights
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -39,12 +41,31 @@ def _check_num_classes(num_classes: int) -> None:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
 
 
+def global_sum(tensor: Tensor) -> Tensor:
+    """``tensor`` summed over the torch.distributed process group, gradients included.
+
+    Identity outside distributed training. Under DDP every rank sees part of the global batch;
+    summing the Dice statistics before the ratio makes each rank's loss the whole batch's Dice,
+    and since the backward of the sum is again a sum, DDP's gradient averaging then yields the
+    gradient a single process computes on the whole batch.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_reduce
+
+    with warnings.catch_warnings():
+        # Deprecated in favour of a private module; still the public autograd-aware collective.
+        warnings.simplefilter("ignore", FutureWarning)
+        return all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
 class DiceLoss(nn.Module):
     """Soft Dice loss on softmax probabilities, averaged over classes.
 
     Intersections and sizes are summed over the whole batch before the ratio is taken, so a class
-    missing from one slice (scar often is) does not turn that slice's term into noise. ``smooth``
-    keeps a class absent from both prediction and target at Dice 1 rather than 0/0.
+    missing from one slice (scar often is) does not turn that slice's term into noise; under
+    torch.distributed the sums run over the global batch (:func:`global_sum`). ``smooth`` keeps a
+    class absent from both prediction and target at Dice 1 rather than 0/0.
     """
 
     def __init__(self, num_classes: int, smooth: float = 1e-5,
@@ -65,8 +86,9 @@ class DiceLoss(nn.Module):
         probs = torch.softmax(logits.float(), dim=1)
         one_hot = F.one_hot(target.long(), self.num_classes).movedim(-1, 1).to(probs.dtype)
         reduce_dims = [0, *range(2, logits.ndim)]
-        intersection = (probs * one_hot).sum(reduce_dims)
-        sizes = probs.sum(reduce_dims) + one_hot.sum(reduce_dims)
+        statistics = global_sum(torch.stack([
+            (probs * one_hot).sum(reduce_dims), probs.sum(reduce_dims) + one_hot.sum(reduce_dims)]))
+        intersection, sizes = statistics.unbind(0)
         per_class = (2.0 * intersection + self.smooth) / (sizes + self.smooth)
         if not self.include_background:
             per_class = per_class[1:]

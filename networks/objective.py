@@ -68,6 +68,21 @@ def forward_outputs(model: nn.Module, images: Tensor,
     return model(images)
 
 
+class TrainingForward(nn.Module):
+    """``forward(images)`` = :func:`forward_outputs` of the wrapped model.
+
+    DistributedDataParallel synchronises gradients only for what runs through its wrapped
+    module's ``forward``; wrapping this (not the network) lets it see ``forward_train``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor, sequence_mask: Tensor | None = None) -> Outputs:
+        return forward_outputs(self.model, images, sequence_mask)
+
+
 class TrainingObjective(nn.Module):
     """``forward(outputs, labels, epoch, sequence_mask=None) -> (loss, parts)``.
 

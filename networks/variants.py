@@ -17,6 +17,7 @@ frozen priors), so no prompt file or npz is needed to rebuild it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -81,8 +82,12 @@ def create_network(
     priors: PriorBank | None = None,
     share_encoder: bool = False,
     pretrained: str | os.PathLike[str] | None = None,
+    dropout_rate: float | None = None,
 ) -> nn.Module:
     """Build ``variant`` on ``backbone``; ``pretrained`` is a Google R50+ViT npz for every encoder.
+
+    ``dropout_rate`` replaces the backbone's transformer dropout (0 makes training deterministic
+    across process counts, which the distributed tests rely on).
 
     ``priors`` is required by ``immseg`` and refused by the others, so a run cannot silently
     train without the text it was meant to use (or pretend to use text it ignores).
@@ -100,6 +105,9 @@ def create_network(
     channels = len(sequences) if variant == "transunet" else 1
     config = model_config(backbone, img_size=img_size, in_channels=channels,
                           num_classes=num_classes)
+    if dropout_rate is not None:
+        config = dataclasses.replace(
+            config, vit=dataclasses.replace(config.vit, dropout_rate=dropout_rate))
     model: nn.Module
     if variant == "transunet":
         model = TransUNet(config, name=backbone)

@@ -4,65 +4,30 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
 import preprocess_data
 import test as test_script
 import train as train_script
-from datasets.labels import EVAL_GROUPS, MODALITIES
-from datasets.processed import ProcessedLayout, write_test_volume, write_training_slice
+from datasets.labels import EVAL_GROUPS
 from evaluation.evaluate import load_checkpoint
-from prompts.bank import PriorBank, save_prior_bank
-from prompts.texts import canonical_names
+from prompts.bank import save_prior_bank
+from tests.helpers import random_bank, write_ring_dataset
 from trainer import CHECKPOINT_FINAL, CHECKPOINT_LAST, TrainConfig, poly_lr
-
-
-def _ring(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A myocardium-like ring with a scar and an edema sector, and sequence-like contrasts."""
-    y, x = np.mgrid[:size, :size] - (size - 1) / 2 + rng.uniform(-3, 3, size=2)[:, None, None]
-    radius, angle = np.hypot(y, x), np.arctan2(y, x)
-    label = np.zeros((size, size), np.uint8)
-    ring = (radius > size * 0.18) & (radius < size * 0.3)
-    label[ring] = 1
-    label[ring & (angle > 0) & (angle < 1.2)] = 2
-    label[ring & (angle >= 1.2) & (angle < 2.2)] = 3
-    bssfp = np.where(radius <= size * 0.18, 230, np.where(ring, 60, 120))
-    lge = np.where(label == 2, 240, np.where(ring, 20, 110))
-    t2w = np.where(label >= 2, 220, np.where(ring, 90, 40))
-    image = np.stack([bssfp, lge, t2w]).astype(np.float32) + rng.normal(0, 5, (3, size, size))
-    return np.clip(image, 0, 255), label
 
 
 @pytest.fixture(scope="module")
 def processed_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("processed")
-    layout = ProcessedLayout(root)
-    rng = np.random.default_rng(0)
-    for index in range(6):
-        image, label = _ring(32, rng)
-        for channel, modality in enumerate(MODALITIES):
-            write_training_slice(layout.item_path(modality, "train", f"case0001_slice{index:03d}"),
-                                 image[channel], label)
-    for case in ("case0005", "case0010"):
-        slices = [_ring(32, rng) for _ in range(3)]
-        labels = np.stack([label for _, label in slices])
-        for channel, modality in enumerate(MODALITIES):
-            write_test_volume(layout.item_path(modality, "test_vol", case),
-                              np.stack([image[channel] for image, _ in slices]), labels,
-                              (10.0, 1.0, 1.0))
-    return root
+    # 4 training cases of 3 slices, 2 test volumes of 3 slices, 32 x 32.
+    return write_ring_dataset(tmp_path_factory.mktemp("processed"), train_cases=4,
+                              slices_per_case=3, test_cases=("case0005", "case0010"))
 
 
 @pytest.fixture(scope="module")
 def bank_path(tmp_path_factory):
     """A small prior bank (random unit rows): the plumbing test needs names, not meaning."""
-    generator = torch.Generator().manual_seed(0)
-    rows = torch.nn.functional.normalize(torch.randn(len(canonical_names()), 16,
-                                                     generator=generator), dim=1)
-    bank = PriorBank("test/random", "0" * 64, dict(zip(canonical_names(), rows, strict=True)))
-    return save_prior_bank(bank, tmp_path_factory.mktemp("priors") / "bank.pt")
+    return save_prior_bank(random_bank(), tmp_path_factory.mktemp("priors") / "bank.pt")
 
 
 def test_poly_lr_known_values():
@@ -89,13 +54,17 @@ def test_train_then_test_round_trip(variant, processed_root, bank_path, tmp_path
                               "--root_path", str(processed_root), "--img_size", "32",
                               "--batch_size", "3", "--max_epochs", "2", "--num_workers", "0",
                               "--output_dir", str(run), "--device", "cpu",
-                              "--contrastive_start_epoch", "1", *priors])
+                              "--contrastive_start_epoch", "1", "--val_every", "1",
+                              "--val_fraction", "0.25", *priors])
     assert code == 0
     config = json.loads((run / "config.json").read_text())
     assert config["vit_name"] == "tiny" and config["max_epochs"] == 2
     assert config["model"] == variant
     payload = torch.load(run / CHECKPOINT_FINAL, weights_only=False)
-    assert payload["epoch"] == 2 and payload["iteration"] == 4  # 6 slices / batch 3 x 2 epochs
+    # 4 cases, 1 held out for validation: 9 slices / batch 3 x 2 epochs
+    assert payload["epoch"] == 2 and payload["iteration"] == 6
+    assert (run / "checkpoint_best.pth").is_file()
+    assert payload["tracker"]["best_epoch"] in (1, 2)
     assert payload["train_config"] == config
     assert (run / CHECKPOINT_LAST).is_file() and (run / "tensorboard").is_dir()
 
@@ -157,6 +126,30 @@ def test_scripts_fail_cleanly_on_bad_input(tmp_path, processed_root, capsys):
                            "--priors_path", str(tmp_path / "absent.pt"), "--num_workers", "0"]))
 
 
+def test_lists_naming_absent_files_and_diverging_losses_stop_cleanly(tmp_path, capsys):
+    root = write_ring_dataset(tmp_path / "data", train_cases=2, slices_per_case=2)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "train.txt").write_text("case0001_slice000\ncase0009_slice004\n")
+    args = ["--model", "transunet", "--vit_name", "tiny", "--root_path", str(root),
+            "--img_size", "32", "--batch_size", "2", "--num_workers", "0", "--val_every", "0",
+            "--val_fraction", "0", "--device", "cpu"]
+    assert train_script.main([*args, "--list_dir", str(lists),
+                              "--output_dir", str(tmp_path / "listed")]) == 1
+    assert "lists 'case0009_slice004' but" in capsys.readouterr().err
+
+    # A learning rate that blows the weights up: the run stops at the first non-finite loss
+    # with a message and exit code 1, and no checkpoint holds a non-finite value.
+    run = tmp_path / "diverged"
+    assert train_script.main([*args, "--optimizer", "sgd", "--base_lr", "1e12",
+                              "--max_epochs", "6", "--output_dir", str(run)]) == 1
+    assert "non-finite" in capsys.readouterr().err
+    assert not (run / CHECKPOINT_FINAL).exists()
+    for checkpoint in run.glob("*.pth"):
+        state = torch.load(checkpoint, weights_only=False)["model"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
 def test_training_starts_from_a_google_layout_npz(processed_root, tmp_path):
     from networks.factory import create_model
     from networks.npz_loader import write_google_npz
@@ -166,7 +159,8 @@ def test_training_starts_from_a_google_layout_npz(processed_root, tmp_path):
     run = tmp_path / "run"
     args = ["--model", "transunet", "--vit_name", "tiny", "--root_path", str(processed_root),
             "--img_size", "32",
-            "--batch_size", "6", "--max_epochs", "1", "--num_workers", "0", "--output_dir",
+            "--batch_size", "6", "--max_epochs", "1", "--num_workers", "0", "--val_every", "0",
+            "--val_fraction", "0", "--output_dir",
             str(run), "--base_lr", "1e-12", "--no_augment", "--pretrained_path", str(weights)]
     assert train_script.main(args) == 0
     trained = torch.load(run / CHECKPOINT_FINAL, weights_only=False)["model"]

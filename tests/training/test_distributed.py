@@ -1,0 +1,61 @@
+"""Two gloo processes on one global batch train the same weights as one process."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tests.helpers import write_ring_dataset
+from trainer import CHECKPOINT_FINAL, TrainConfig, train
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, config: dict) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train(TrainConfig.from_dict(config))
+
+
+def _config(root, out, model: str) -> dict:
+    # No dropout: its masks are drawn per process and could never agree. SGD: Adam divides
+    # each gradient by its own size, so a weight whose gradient is rounding noise (attention
+    # key biases, biases before a BatchNorm) steps by +-lr either way and the runs drift apart
+    # for reasons that have nothing to do with the distribution.
+    return TrainConfig(model=model, vit_name="tiny", root_path=str(root), output_dir=str(out),
+                       img_size=32, batch_size=4, max_epochs=2, num_workers=0, device="cpu",
+                       vit_dropout=0.0, val_every=0, val_fraction=0.0, seed=5,
+                       optimizer="sgd", base_lr=0.01, contrastive_start_epoch=100).to_dict()
+
+
+@pytest.mark.parametrize("model", ["transunet", "immseg_noprior"])
+def test_two_processes_equal_one_on_the_same_global_batch(tmp_path, model):
+    root = write_ring_dataset(tmp_path / "data", train_cases=4, slices_per_case=2)
+    single = _config(root, tmp_path / "single", model)
+    double = _config(root, tmp_path / "double", model)
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        assert key not in os.environ
+    torch.set_num_threads(1)
+    train(TrainConfig.from_dict(single))
+    mp.spawn(_worker, args=(2, _free_port(), double), nprocs=2, join=True)
+
+    one = torch.load(tmp_path / "single" / CHECKPOINT_FINAL, weights_only=False)
+    two = torch.load(tmp_path / "double" / CHECKPOINT_FINAL, weights_only=False)
+    assert one["iteration"] == two["iteration"] == 4  # 8 slices / global batch 4 x 2 epochs
+    assert one["model"].keys() == two["model"].keys()
+    compared = 0
+    for key, value in one["model"].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(two["model"][key], value, rtol=1e-4, atol=1e-6,
+                                       msg=lambda text, key=key: f"{key}: {text}")
+            compared += 1
+    assert compared > 10

@@ -1,0 +1,1 @@
+"""Training-loop building blocks: validation split and scoring, best-model tracking, overlays."""

@@ -1,0 +1,120 @@
+"""Self-describing training checkpoints that let ``--resume`` continue a run exactly.
+
+A checkpoint holds the network record and weights (``test.py`` rebuilds the model from those
+alone), the optimiser, the gradient scaler, the learning-rate schedule, the epoch and iteration
+reached, the validation tracker, every random generator's state and the run's config. Files are
+written to a temporary name and renamed, so a run killed at any moment leaves the previous
+checkpoint intact.
+
+Exactness: everything random in an epoch is either a pure function of (seed, epoch, index)
+(augmentation, the sampler's shuffle) or drawn from the generators saved here (dropout), so a
+resumed run replays the interrupted epoch bit for bit on the same machine and thread count.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from networks.variants import network_record
+from utils import atomic_path
+
+FORMAT_VERSION = 2
+#: Train-config entries a resumed run may change: they do not alter what is computed.
+RESUMABLE_CHANGES = frozenset({"device", "num_workers", "output_dir", "max_epochs"})
+_REQUIRED = ("format_version", "network", "model", "optimizer", "epoch", "iteration",
+             "train_config", "rng")
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """States of Python's, NumPy's and torch's global generators (CUDA ones when present)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_checkpoint(
+    path: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    epoch: int,
+    iteration: int,
+    train_config: Mapping[str, Any],
+    schedule: Mapping[str, Any],
+    tracker: Mapping[str, Any] | None = None,
+    priors: Mapping[str, Any] | None = None,
+) -> None:
+    """Write everything a resumed run or ``test.py`` needs; atomic (temp file, then rename).
+
+    ``model`` is the bare network (not a DDP wrapper), so the keys carry no ``module.`` prefix.
+    """
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "network": network_record(model),
+        "priors": None if priors is None else dict(priors),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "schedule": dict(schedule),
+        "epoch": epoch,
+        "iteration": iteration,
+        "tracker": None if tracker is None else dict(tracker),
+        "rng": capture_rng_state(),
+        "train_config": dict(train_config),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_training_checkpoint(path: Path, train_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Read a checkpoint to resume ``train_config``'s run; refuse one of a different run.
+
+    The configs must agree on everything but :data:`RESUMABLE_CHANGES`: resuming with another
+    variant, backbone, batch size or loss weight would silently produce a different model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint to resume from")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises several types for truncated/corrupt files
+        raise ValueError(f"{path}: unreadable checkpoint ({error})") from error
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path}: not a checkpoint of this framework")
+    missing = [key for key in _REQUIRED if key not in payload]
+    if missing:
+        raise ValueError(f"{path}: cannot resume from it (missing {missing}; written by an "
+                         "older version or not by train.py)")
+    saved = payload["train_config"]
+    differing = sorted(key for key in set(saved) | set(train_config)
+                       if key not in RESUMABLE_CHANGES
+                       and _plain(saved.get(key)) != _plain(train_config.get(key)))
+    if differing:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {train_config.get(k)!r}"
+                            for k in differing)
+        raise ValueError(f"{path}: written by a different run configuration ({details})")
+    return payload
+
+
+def _plain(value: Any) -> Any:
+    """Tuples and lists compare equal (JSON round trips turn one into the other)."""
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
