@@ -373,6 +373,9 @@ def _overlay(model: torch.nn.Module, volume: Any, config: TrainConfig,
     """Overlay picture (CHW uint8) of the first validation volume's prediction."""
     from evaluation.inference import predict_volume
 
+    # Eval mode matters beyond BatchNorm statistics: in training mode the global-batch norms
+    # would wait for the other ranks, which do not validate.
+    model.eval()
     prediction = predict_volume(model, volume.image, config.img_size, device)
     image = np.asarray(volume.image, dtype=np.float32)
     return overlay_grid(image / max(float(image.max()), 1e-6), volume.label, prediction)

@@ -59,3 +59,32 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path, model):
                                        msg=lambda text, key=key: f"{key}: {text}")
             compared += 1
     assert compared > 10
+
+
+def test_torchrun_launch_logs_once_and_writes_tensorboard(tmp_path):
+    """The real launcher: two CPU processes, rank 0 alone logs, validates and saves."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root = write_ring_dataset(tmp_path / "data", train_cases=4, slices_per_case=2)
+    run = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node=2", "--master_port", str(_free_port()),
+         str(Path(__file__).resolve().parents[2] / "train.py"), "--model", "transunet",
+         "--vit_name", "tiny", "--root_path", str(root), "--output_dir", str(run),
+         "--img_size", "32", "--batch_size", "4", "--max_epochs", "2", "--num_workers", "0",
+         "--device", "cpu", "--val_every", "1", "--val_fraction", "0.25"],
+        env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (run / "log.txt").read_text()
+    assert log.count("training transunet") == 1 and "x 2 process(es)" in log
+    assert (run / "checkpoint_best.pth").is_file() and (run / CHECKPOINT_FINAL).is_file()
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
+    assert {"train/total", "train/lr", "val/mean_pathology_dice", "val/dice/scar"} <= scalars
+    assert "val/overlay" in images
