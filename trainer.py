@@ -27,6 +27,7 @@ from datasets.augment import AugmentConfig
 from datasets.dataset import SliceDataset
 from datasets.labels import NUM_CLASSES
 from datasets.processed import ProcessedLayout
+from evaluation.inference import predict_volume
 from networks.factory import list_models
 from networks.objective import ObjectiveConfig, TrainingForward, TrainingObjective
 from networks.variants import VARIANTS, create_network, describe
@@ -64,6 +65,7 @@ CHECKPOINT_LAST = "checkpoint_last.pth"
 CHECKPOINT_FINAL = "checkpoint_final.pth"
 CHECKPOINT_BEST = "checkpoint_best.pth"
 OPTIMIZERS = ("adamw", "sgd")
+_LOSS = ObjectiveConfig()
 #: The best model is the one with the highest mean Dice over these groups.
 PATHOLOGY_GROUPS = ("scar", "edema")
 
@@ -92,12 +94,13 @@ class TrainConfig:
     seed: int = 1234
     num_workers: int = 2
     pretrained_path: str | None = None
-    ce_weight: float = 0.2
-    dice_weight: float = 0.8
-    aux_weight: float = 0.4
-    contrastive_weight: float = 0.1
-    contrastive_start_epoch: int = 20
-    temperature: float = 0.07
+    # Loss settings: the objective's own defaults (the released recipe), kept in one place.
+    ce_weight: float = _LOSS.ce_weight
+    dice_weight: float = _LOSS.dice_weight
+    aux_weight: float = _LOSS.aux_weight
+    contrastive_weight: float = _LOSS.contrastive_weight
+    contrastive_start_epoch: int = _LOSS.contrastive_start_epoch
+    temperature: float = _LOSS.temperature
     class_weights: tuple[float, ...] | None = None  # cross-entropy weights per class
     vit_dropout: float | None = None  # overrides the backbone's transformer dropout
     val_every: int = 5  # epochs between validations; 0 turns validation off
@@ -210,9 +213,9 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
     layout = ProcessedLayout(Path(config.root_path),
                              list_dir=Path(config.list_dir) if config.list_dir else None)
     if context.is_main:
-        names = layout.names("train")  # may write the list file: one process only
+        layout.names("train")  # may write the list file: one process only
     context.barrier()
-    names = layout.names("train", create=False) if not context.is_main else names
+    names = layout.names("train", create=False)
     train_names, val_names = split_validation_cases(
         names, config.val_fraction if config.val_every else 0.0)
     dataset = SliceDataset(layout, train_names, config.img_size,
@@ -371,8 +374,6 @@ def _validate(model: torch.nn.Module, volumes: list, config: TrainConfig,
 def _overlay(model: torch.nn.Module, volume: Any, config: TrainConfig,
              device: torch.device) -> np.ndarray:
     """Overlay picture (CHW uint8) of the first validation volume's prediction."""
-    from evaluation.inference import predict_volume
-
     # Eval mode matters beyond BatchNorm statistics: in training mode the global-batch norms
     # would wait for the other ranks, which do not validate.
     model.eval()

@@ -93,3 +93,20 @@ def setup_logging(log_file: str | os.PathLike[str] | None = None,
         handlers.append(logging.FileHandler(log_file))
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         handlers=handlers, force=True)
+
+
+def read_checkpoint(path: str | os.PathLike[str], missing: str = "checkpoint not found") -> dict:
+    """The dict a framework checkpoint holds; clear errors for absent, corrupt or foreign files.
+
+    ``missing`` is the message for an absent file (what the caller was looking for).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {missing}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises several types for truncated/corrupt files
+        raise ValueError(f"{path}: unreadable checkpoint ({error})") from error
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path}: not a checkpoint of this framework")
+    return payload

@@ -17,7 +17,7 @@ from datasets.raw import nifti_image
 from evaluation.inference import predict_volume
 from evaluation.metrics import MetricAccumulator
 from networks.variants import input_size, network_from_record
-from utils import atomic_path
+from utils import atomic_path, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +37,7 @@ class LoadedCheckpoint:
 def load_checkpoint(path: str | Path, device: torch.device) -> LoadedCheckpoint:
     """Rebuild the network described inside a checkpoint and load its weights (eval mode)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises several types for truncated/corrupt files
-        raise ValueError(f"{path}: unreadable checkpoint ({error})") from error
-    if not isinstance(payload, dict):
-        raise ValueError(f"{path}: not a checkpoint of this framework")
+    payload = read_checkpoint(path)
     if "network" not in payload and {"model_name", "model_config"} <= set(payload):
         # Written before variants existed: always an early-fusion TransUNet.
         payload["network"] = {"variant": "transunet", "name": payload["model_name"],

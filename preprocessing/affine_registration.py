@@ -160,7 +160,7 @@ def register_affine(fixed: np.ndarray, moving: np.ndarray, fixed_mask: np.ndarra
     (or tiny) mask or a constant image gives the identity with NaN metrics.
     """
     start = time.perf_counter()
-    fixed, moving, fixed_mask = _check_inputs(fixed, moving, fixed_mask)
+    fixed, moving, fixed_mask = check_slice_inputs(fixed, moving, fixed_mask)
     transform, model, before, after, reasons = _fit(fixed, moving, fixed_mask, config)
     return AffineResult(transform, model, before, after, time.perf_counter() - start,
                         config.model, tuple(reasons))
@@ -270,21 +270,27 @@ def affine_to_sitk(transform: Affine2D, pixel_spacing_mm: float = 1.0) -> sitk.A
     return result
 
 
-def _check_inputs(fixed: np.ndarray, moving: np.ndarray,
-                  fixed_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def check_slice_inputs(fixed: np.ndarray, moving: np.ndarray, masks: np.ndarray, *,
+                       stacked: bool = False, mask_name: str = "fixed_mask"
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate a fixed/moving/mask triple of ``[H, W]`` slices (``[N, H, W]`` if ``stacked``).
+
+    Shared by the MI fit (one slice) and the NGF fit (a stack); returns float32 images.
+    """
     fixed = np.asarray(fixed, dtype=np.float32)
     moving = np.asarray(moving, dtype=np.float32)
-    fixed_mask = np.asarray(fixed_mask)
-    if fixed.ndim != 2 or fixed.shape != moving.shape or fixed.shape != fixed_mask.shape:
-        raise ValueError("fixed, moving and fixed_mask must be [H, W] on one grid, got "
-                         f"{fixed.shape}, {moving.shape}, {fixed_mask.shape}")
-    if min(fixed.shape) < 8:
-        raise ValueError(f"slices must be at least 8 x 8 pixels, got {fixed.shape}")
-    if fixed_mask.dtype != bool:
-        raise ValueError(f"fixed_mask must be boolean, got {fixed_mask.dtype}")
+    masks = np.asarray(masks)
+    ndim, layout = (3, "[N, H, W]") if stacked else (2, "[H, W]")
+    if fixed.ndim != ndim or fixed.shape != moving.shape or fixed.shape != masks.shape:
+        raise ValueError(f"fixed, moving and {mask_name} must be {layout} on one grid, got "
+                         f"{fixed.shape}, {moving.shape}, {masks.shape}")
+    if min(fixed.shape[-2:]) < 8:
+        raise ValueError(f"slices must be at least 8 x 8 pixels, got {fixed.shape[-2:]}")
+    if masks.dtype != bool:
+        raise ValueError(f"{mask_name} must be boolean, got {masks.dtype}")
     if not (np.isfinite(fixed).all() and np.isfinite(moving).all()):
         raise ValueError("fixed and moving must be finite")
-    return fixed, moving, fixed_mask
+    return fixed, moving, masks
 
 
 @contextmanager

@@ -35,6 +35,7 @@ from scipy import ndimage
 from preprocessing.affine_registration import (
     AffineRegistrationConfig,
     AffineResult,
+    check_slice_inputs,
     implausibility,
 )
 from preprocessing.transforms import Affine2D
@@ -101,7 +102,8 @@ def register_affine_ngf(fixed: Sequence[np.ndarray] | np.ndarray,
     start = time.perf_counter()
     config = config or NGFAffineConfig()
     bounds = bounds or AffineRegistrationConfig()
-    fixed_np, moving_np, masks_np = _check_stack(fixed, moving, masks)
+    fixed_np, moving_np, masks_np = check_slice_inputs(fixed, moving, masks, stacked=True,
+                                                    mask_name="masks")
     count = len(fixed_np)
     spacing = bounds.pixel_spacing_mm
     usable = [int(m.sum()) >= bounds.min_mask_pixels for m in masks_np]
@@ -203,22 +205,6 @@ def _translation_search(fixed: np.ndarray, moving: np.ndarray, masks: np.ndarray
                                weights[i:i + 1].expand(len(shifts), -1, -1), window)
             best[i] = shifts[int(torch.argmax(score - prior))]
     return best
-
-
-def _check_stack(fixed, moving, masks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    fixed = np.asarray(fixed, dtype=np.float32)
-    moving = np.asarray(moving, dtype=np.float32)
-    masks = np.asarray(masks)
-    if fixed.ndim != 3 or fixed.shape != moving.shape or fixed.shape != masks.shape:
-        raise ValueError("fixed, moving and masks must be [N, H, W] on one grid, got "
-                         f"{fixed.shape}, {moving.shape}, {masks.shape}")
-    if min(fixed.shape[1:]) < 8:
-        raise ValueError(f"slices must be at least 8 x 8 pixels, got {fixed.shape[1:]}")
-    if masks.dtype != bool:
-        raise ValueError(f"masks must be boolean, got {masks.dtype}")
-    if not (np.isfinite(fixed).all() and np.isfinite(moving).all()):
-        raise ValueError("fixed and moving must be finite")
-    return fixed, moving, masks
 
 
 def _dof(model: str) -> int:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from networks.variants import network_record
-from utils import atomic_path
+from utils import atomic_path, read_checkpoint
 
 FORMAT_VERSION = 2
 #: Train-config entries a resumed run may change: they do not alter what is computed.
@@ -90,14 +90,7 @@ def load_training_checkpoint(path: Path, train_config: Mapping[str, Any]) -> dic
     variant, backbone, batch size or loss weight would silently produce a different model.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint to resume from")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises several types for truncated/corrupt files
-        raise ValueError(f"{path}: unreadable checkpoint ({error})") from error
-    if not isinstance(payload, dict):
-        raise ValueError(f"{path}: not a checkpoint of this framework")
+    payload = read_checkpoint(path, missing="no checkpoint to resume from")
     missing = [key for key in _REQUIRED if key not in payload]
     if missing:
         raise ValueError(f"{path}: cannot resume from it (missing {missing}; written by an "

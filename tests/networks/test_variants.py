@@ -17,19 +17,12 @@ from networks.variants import (
     network_from_record,
     network_record,
 )
-from prompts.bank import PriorBank, load_released_priors
-from prompts.texts import canonical_names
-
-
-def _bank(dim: int = 16, seed: int = 0) -> PriorBank:
-    generator = torch.Generator().manual_seed(seed)
-    rows = torch.nn.functional.normalize(torch.randn(len(canonical_names()), dim,
-                                                     generator=generator), dim=1)
-    return PriorBank("test/random", "0" * 64, dict(zip(canonical_names(), rows, strict=True)))
+from prompts.bank import load_released_priors
+from tests.helpers import random_bank
 
 
 def _build(variant: str, **kwargs) -> torch.nn.Module:
-    priors = _bank() if variant == "immseg" else None
+    priors = random_bank() if variant == "immseg" else None
     return create_network(variant, backbone="tiny", img_size=32, priors=priors, **kwargs)
 
 
@@ -56,7 +49,7 @@ def test_record_and_state_dict_rebuild_the_same_network(variant):
 
 
 def test_immseg_priors_are_stacked_by_name():
-    bank = _bank()
+    bank = random_bank()
     model = create_network("immseg", backbone="tiny", img_size=32, priors=bank)
     for row, sequence in enumerate(MODALITIES):
         assert torch.equal(model.modality_priors[row], bank.embeddings[f"modality/{sequence}"])
@@ -80,7 +73,7 @@ def test_priors_are_required_exactly_by_immseg():
         create_network("immseg", backbone="tiny", img_size=32)
     for variant in ("immseg_noprior", "transunet", "transunet_single"):
         with pytest.raises(ValueError, match="uses no text priors"):
-            create_network(variant, backbone="tiny", img_size=32, priors=_bank())
+            create_network(variant, backbone="tiny", img_size=32, priors=random_bank())
     with pytest.raises(ValueError, match="unknown model variant"):
         create_network("unet", backbone="tiny")
     with pytest.raises(ValueError, match="unknown backbone"):
