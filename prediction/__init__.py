@@ -1,0 +1,1 @@
+"""Prediction on new, unlabelled patients: native NIfTI in, native label map out."""

@@ -1,0 +1,230 @@
+"""Prediction for one new patient: native images in, a native label map and its record out.
+
+The steps mirror training's preprocessing with the label replaced by the network itself:
+
+1. slice matching, 1 mm plane grids and percentile windows (:mod:`prediction.resampling`);
+2. heart localisation by sliding windows over the crop grid (:mod:`prediction.localisation`);
+3. the ROI prediction on the crop training would have made, optionally after registering the
+   other sequences with the first-pass myocardium as the metric mask
+   (:mod:`prediction.registration`);
+4. probabilities mapped onto the reference sequence's native voxels (:mod:`prediction.native`).
+
+Everything needed to check or reproduce the result (heart centre, ROI box, grids, slices used,
+intensity windows, registration) goes into the JSON record written beside the label map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from datasets.labels import CLASS_NAMES, MODALITIES
+from datasets.raw import Volume, nifti_image
+from prediction.forward import window_probabilities
+from prediction.inputs import PatientImages
+from prediction.localisation import WEIGHTINGS, locate_heart, sliding_probabilities
+from prediction.native import labels_from_probabilities, probabilities_to_native
+from prediction.registration import register_roi
+from prediction.resampling import resample_patient
+from preprocessing.pipeline import PreprocessConfig
+from utils import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+#: PreprocessConfig fields that shape what the network sees (read from training manifests).
+GEOMETRY_FIELDS: tuple[str, ...] = ("pixel_spacing_mm", "crop_size", "roi_size",
+                                    "max_slice_distance_mm", "low_percentile",
+                                    "high_percentile", "affine_metric")
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """How a patient is predicted; ``preprocess`` must match the model's training data."""
+
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    stride: int = 48  # localisation window step (px): 3 x 3 windows of 128 on 224
+    weighting: str = "gaussian"
+    min_evidence: float = 0.5
+    register: bool = False
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.preprocess, PreprocessConfig):
+            raise ValueError("preprocess must be a PreprocessConfig")
+        if self.stride < 1:
+            raise ValueError(f"stride must be >= 1, got {self.stride}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if not self.min_evidence > 0:
+            raise ValueError(f"min_evidence must be > 0, got {self.min_evidence}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def to_dict(self) -> dict:
+        """Settings that shaped this prediction (training-only preprocessing flags left out)."""
+        record = dataclasses.asdict(self)
+        preprocess = record.pop("preprocess")
+        record["geometry"] = {name: preprocess[name] for name in GEOMETRY_FIELDS}
+        if self.register:
+            record["registration"] = {"affine": preprocess["affine"], "ngf": preprocess["ngf"]}
+        return record
+
+
+@dataclass
+class Prediction:
+    """Native labels ``[Z, Y, X]`` (uint8) and probabilities ``[Z, K, Y, X]`` on ``reference``."""
+
+    case_id: str
+    reference: Volume
+    labels: np.ndarray
+    probabilities: np.ndarray
+    record: dict[str, Any]
+
+
+def check_model_inputs(model: nn.Module, present: tuple[str, ...]) -> None:
+    """Refuse a single-sequence network whose one sequence is not given (it would read zeros)."""
+    sequence = getattr(model, "sequence", None)
+    if getattr(model, "variant", None) == "transunet_single" and sequence not in present:
+        raise ValueError(f"the model reads only {sequence}, which was not given "
+                         f"(given: {', '.join(present)})")
+
+
+def predict_patient(model: nn.Module, img_size: int, patient: PatientImages,
+                    config: PredictConfig, device: torch.device) -> Prediction:
+    """Localise the heart, predict its ROI and map the probabilities to native space."""
+    start = time.perf_counter()
+    check_model_inputs(model, patient.present)
+    model.eval()
+    geometry = config.preprocess
+    stacks = resample_patient(patient, geometry)
+    fused = sliding_probabilities(model, stacks.images, stacks.present, geometry.roi_size,
+                                  config.stride, img_size, device, weighting=config.weighting,
+                                  batch_size=config.batch_size)
+    location = locate_heart(fused, geometry.roi_size, config.min_evidence)
+    if not location.found:
+        log.warning("%s: the network found no myocardium anywhere on the %d mm grid; the ROI is "
+                    "the grid centre", patient.case_id, geometry.crop_size)
+    roi_images = stacks.roi(location.origin, geometry.roi_size)
+    probabilities = window_probabilities(model, roi_images, stacks.present, img_size, device,
+                                         config.batch_size)
+    registration: dict[str, list[dict]] = {}
+    if config.register and len(stacks.present) > 1 and location.found:
+        roi_images, registration = register_roi(
+            patient, stacks, probabilities.argmax(axis=1).astype(np.uint8), location.origin,
+            geometry)
+        probabilities = window_probabilities(model, roi_images, stacks.present, img_size,
+                                             device, config.batch_size)
+    reference = patient.volumes[stacks.reference]
+    native = probabilities_to_native(probabilities, reference, stacks.kept, stacks.grids,
+                                     location.origin)
+    labels = labels_from_probabilities(native)
+    middle = stacks.grids[len(stacks.grids) // 2]
+    row, col = location.centre
+    centre_world = middle.origin + geometry.pixel_spacing_mm * (row * middle.row_axis
+                                                                + col * middle.col_axis)
+    voxel_ml = float(np.prod(reference.spacing)) / 1000.0
+    record = {
+        "case_id": patient.case_id,
+        "sources": {name: str(patient.volumes[name].source) for name in patient.present},
+        "sequences_present": list(stacks.present),
+        "sequences_absent": [name for name in MODALITIES if name not in stacks.present],
+        "reference": stacks.reference,
+        "output_shape_xyz": list(labels.shape[::-1]),
+        "heart": location.to_dict() | {"centre_world_mm": centre_world.tolist()},
+        "roi": {"row0": location.origin[0], "col0": location.origin[1],
+                "size": geometry.roi_size, "grid_size": geometry.crop_size,
+                "pixel_spacing_mm": geometry.pixel_spacing_mm},
+        "reference_slices_used": list(stacks.kept),
+        "reference_slices_dropped": list(stacks.dropped),
+        "matched_slices": stacks.partners,
+        "match_distance_mm": stacks.distances_mm,
+        "grids": [grid.to_dict() for grid in stacks.grids],
+        "intensity_window": stacks.windows,
+        "registration": registration,
+        "volume_ml": {CLASS_NAMES[k]: float((labels == k).sum()) * voxel_ml
+                      for k in range(1, len(CLASS_NAMES))},
+        "config": config.to_dict(),
+        "seconds": time.perf_counter() - start,
+    }
+    return Prediction(patient.case_id, reference, labels, native, record)
+
+
+def output_paths(out: str | os.PathLike[str]) -> dict[str, Path]:
+    """The label map ``out`` (``.nii`` or ``.nii.gz``), its JSON record and probability map."""
+    out = Path(out)
+    stem = next((out.name[: -len(s)] for s in _NIFTI_SUFFIXES if out.name.endswith(s)), None)
+    if not stem:
+        raise ValueError(f"{out}: the output must be a .nii.gz or .nii file")
+    suffix = out.name[len(stem):]
+    return {"labels": out, "record": out.with_name(f"{stem}.json"),
+            "probabilities": out.with_name(f"{stem}_probabilities{suffix}")}
+
+
+def write_prediction(prediction: Prediction, out: str | os.PathLike[str],
+                     save_probabilities: bool = False) -> dict[str, Path]:
+    """Write the label map on the reference's native grid (same shape and affine), atomically.
+
+    The probability map (float32, ``[X, Y, Z, K]``) comes first when asked for and the JSON
+    record last, so a record's presence means the outputs beside it are complete.
+    """
+    paths = output_paths(out)
+    affine = prediction.reference.affine
+    written = {}
+    if save_probabilities:
+        _write_nifti(paths["probabilities"],
+                     prediction.probabilities.transpose(3, 2, 0, 1).astype(np.float32), affine)
+        written["probabilities"] = paths["probabilities"]
+    _write_nifti(paths["labels"], prediction.labels.transpose(2, 1, 0).astype(np.uint8), affine)
+    written["labels"] = paths["labels"]
+    write_json(paths["record"], prediction.record | {
+        "outputs": {key: str(path) for key, path in written.items()}})
+    written["record"] = paths["record"]
+    return written
+
+
+def preprocess_config_for(payload: dict, overrides: dict[str, Any] | None = None
+                          ) -> tuple[PreprocessConfig, str]:
+    """The preprocessing geometry a checkpoint's model was trained on, and where it came from.
+
+    Checkpoints do not carry it; the training data's manifests do (``<root_path>/manifests``),
+    when that folder is still there. Otherwise the defaults, which are the seed's. ``overrides``
+    (command-line values, ``None`` meaning unset) win over both.
+    """
+    values: dict[str, Any] = {}
+    source = "defaults"
+    root = (payload.get("train_config") or {}).get("root_path")
+    if root:
+        manifests = sorted(path for path in (Path(root) / "manifests").glob("*.json"))
+        for path in manifests:
+            try:
+                recorded = json.loads(path.read_text()).get("config", {})
+            except (OSError, ValueError, AttributeError):
+                continue
+            values = {name: recorded[name] for name in GEOMETRY_FIELDS if name in recorded}
+            source = str(path)
+            break
+    values |= {name: value for name, value in (overrides or {}).items() if value is not None}
+    unknown = sorted(set(values) - set(GEOMETRY_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown preprocessing setting(s) {unknown}")
+    default = PreprocessConfig()
+    if "pixel_spacing_mm" in values:
+        values["affine"] = dataclasses.replace(default.affine,
+                                               pixel_spacing_mm=values["pixel_spacing_mm"])
+    return dataclasses.replace(default, **values), source
+
+
+def _write_nifti(path: Path, xyz: np.ndarray, affine: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        nifti_image(xyz, affine).to_filename(str(tmp))
