@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no_amp", action="store_true",
                         help="no float16 autocast on CUDA (never used on the CPU)")
     parser.add_argument("--no_augment", action="store_true", help="disable augmentation")
+    parser.add_argument("--sequence_dropout", type=float, default=defaults.sequence_dropout,
+                        help="probability that a training slice loses 1 or 2 of its 3 sequences "
+                             "(zeroed; immseg variants also get the presence mask), so the model "
+                             "learns to segment with missing sequences; not for transunet_single")
     parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--resume", action="store_true",
                         help="continue <output_dir>/checkpoint_last.pth exactly")
@@ -106,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             contrastive_weight=args.contrastive_weight,
             contrastive_start_epoch=args.contrastive_start_epoch,
             temperature=args.temperature, augment=not args.no_augment,
+            sequence_dropout=args.sequence_dropout,
             class_weights=tuple(args.class_weights) if args.class_weights else None,
             vit_dropout=args.vit_dropout, val_every=args.val_every,
             val_fraction=args.val_fraction, patience=args.patience, amp=not args.no_amp,

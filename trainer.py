@@ -24,12 +24,13 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from datasets.augment import AugmentConfig
-from datasets.dataset import SliceDataset
+from datasets.dataset import EpochIndices, SliceDataset
 from datasets.labels import NUM_CLASSES
 from datasets.processed import ProcessedLayout
 from evaluation.inference import predict_volume
 from networks.factory import list_models
 from networks.objective import ObjectiveConfig, TrainingForward, TrainingObjective
+from networks.sequences import accepts_sequence_mask
 from networks.variants import VARIANTS, create_network, describe
 from prompts.bank import load_prior_bank
 from prompts.texts import canonical_names
@@ -108,6 +109,9 @@ class TrainConfig:
     patience: int | None = None  # validations without improvement before stopping early
     amp: bool = True  # float16 autocast + GradScaler, used on CUDA only
     augment: bool = True
+    # Probability that a training sample loses a random non-empty proper subset of its
+    # sequences (zeroed channels; the I_MMSeg variants also get the presence mask).
+    sequence_dropout: float = 0.0
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -149,6 +153,12 @@ class TrainConfig:
             raise ValueError(f"patience must be >= 1 or None, got {self.patience}")
         if self.vit_dropout is not None and not 0 <= self.vit_dropout < 1:
             raise ValueError(f"vit_dropout must lie in [0, 1), got {self.vit_dropout}")
+        if isinstance(self.sequence_dropout, bool) or not 0 <= self.sequence_dropout < 1:
+            raise ValueError(f"sequence_dropout must lie in [0, 1), got "
+                             f"{self.sequence_dropout!r}")
+        if self.sequence_dropout > 0 and self.model == "transunet_single":
+            raise ValueError("transunet_single reads one sequence: sequence_dropout would only "
+                             "blank its input; use it with a multi-sequence variant")
 
     def objective(self) -> ObjectiveConfig:
         return ObjectiveConfig(
@@ -159,6 +169,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def field_defaults(cls) -> dict[str, Any]:
+        """Every field's default: what a config written before a field existed meant by it."""
+        return {f.name: f.default for f in fields(cls)}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -204,7 +219,8 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
                          f"{context.world_size} processes")
     seed_everything(config.seed)
     run_dir = Path(config.output_dir)
-    payload = (load_training_checkpoint(run_dir / CHECKPOINT_LAST, config.to_dict())
+    payload = (load_training_checkpoint(run_dir / CHECKPOINT_LAST, config.to_dict(),
+                                        defaults=TrainConfig.field_defaults())
                if resume else None)
     if context.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -218,11 +234,16 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
     names = layout.names("train", create=False)
     train_names, val_names = split_validation_cases(
         names, config.val_fraction if config.val_every else 0.0)
+    # Dropout masks, like augmentation, are functions of (seed, epoch, sample index): the same
+    # samples lose the same sequences on 1 or N processes, and a resumed epoch replays them.
     dataset = SliceDataset(layout, train_names, config.img_size,
-                           AugmentConfig() if config.augment else None, seed=config.seed)
-    # The shuffle is a pure function of (seed, epoch): a resumed epoch replays its batches.
-    sampler = DistributedSampler(dataset, num_replicas=context.world_size, rank=context.rank,
-                                 shuffle=True, seed=config.seed, drop_last=False)
+                           AugmentConfig() if config.augment else None, seed=config.seed,
+                           sequence_dropout=config.sequence_dropout)
+    # The shuffle is a pure function of (seed, epoch): a resumed epoch replays its batches. The
+    # epoch travels with each index to the (persistent) workers.
+    sampler = EpochIndices(DistributedSampler(
+        dataset, num_replicas=context.world_size, rank=context.rank, shuffle=True,
+        seed=config.seed, drop_last=False))
     loader = DataLoader(dataset, batch_size=config.batch_size // context.world_size,
                         sampler=sampler, num_workers=config.num_workers,
                         # Its own generator keeps worker seeding off the global RNG (dropout).
@@ -237,6 +258,8 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
                            priors=priors, share_encoder=config.share_encoder,
                            pretrained=None if resume else config.pretrained_path,
                            dropout_rate=config.vit_dropout)
+    # Early-fusion TransUNet sees only the zeroed channels; the I_MMSeg variants get the mask.
+    pass_mask = config.sequence_dropout > 0 and accepts_sequence_mask(model)
     if context.distributed:
         model = convert_batchnorm(model, device)
     model.to(device)
@@ -290,7 +313,6 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
         for epoch in range(start_epoch, config.max_epochs):
             model.train()
             sampler.set_epoch(epoch)
-            dataset.set_epoch(epoch)
             epoch_losses = []
             progress = tqdm(loader, desc=f"epoch {epoch + 1}/{config.max_epochs}",
                             unit="batch", leave=False, disable=not context.is_main)
@@ -300,9 +322,10 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
                     group["lr"] = lr
                 images = batch["image"].to(device, non_blocking=True)
                 labels = batch["label"].to(device, non_blocking=True)
+                mask = batch["sequence_mask"].to(device) if pass_mask else None
                 with torch.autocast(device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
-                    outputs = step(images)
-                loss, parts = objective(outputs, labels, epoch)
+                    outputs = step(images, mask)
+                loss, parts = objective(outputs, labels, epoch, mask)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)

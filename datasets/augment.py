@@ -5,6 +5,9 @@ sample and applied to every sequence and the label, so the sequences stay regist
 stays true. Intensity transforms (brightness, gamma, noise) are drawn per sequence, since each
 sequence has its own scanner scaling, and keep values inside [0, 1]: gamma is only meaningful there,
 and clipping after noise keeps the input range the network saw in training.
+
+Sequence dropout (:func:`drop_sequences`) teaches the fusion networks to segment from any subset
+of the sequences, the situation test.py and predict.py meet when a sequence is missing.
 """
 
 from __future__ import annotations
@@ -93,3 +96,22 @@ def _random_affine(image: np.ndarray, label: np.ndarray, config: AugmentConfig,
     warped_label = ndimage.affine_transform(label, matrix, offset, order=0, mode="constant",
                                             cval=0)
     return warped, warped_label
+
+
+def drop_sequences(num_sequences: int, probability: float,
+                   rng: np.random.Generator) -> np.ndarray:
+    """``[S]`` bool presence mask: with ``probability`` a random non-empty proper subset is lost.
+
+    The number dropped is uniform over ``1..S-1`` and the dropped ones uniform among subsets of
+    that size, so every 1-sequence input (LGE alone included) is as likely as every 2-sequence
+    one; a sample never loses all sequences.
+    """
+    if isinstance(num_sequences, bool) or not isinstance(num_sequences, int) or num_sequences < 1:
+        raise ValueError(f"num_sequences must be an int >= 1, got {num_sequences!r}")
+    if not 0.0 <= probability < 1.0:
+        raise ValueError(f"probability must lie in [0, 1), got {probability}")
+    present = np.ones(num_sequences, dtype=bool)
+    if rng.random() < probability and num_sequences > 1:
+        count = int(rng.integers(1, num_sequences))
+        present[rng.choice(num_sequences, size=count, replace=False)] = False
+    return present

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy import ndimage
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
-from datasets.augment import AugmentConfig, augment
+from datasets.augment import AugmentConfig, augment, drop_sequences
 from datasets.processed import ProcessedLayout
 
 
@@ -27,25 +28,67 @@ def resize_slice(image: np.ndarray, label: np.ndarray | None,
     return image.astype(np.float32), label
 
 
+#: Extra seed word of the sequence-dropout stream: enabling dropout leaves augmentation as it was.
+_DROPOUT_STREAM = 1
+
+
+class EpochIndices(Sampler):
+    """Yields ``(epoch, index)`` for each index of ``sampler``: the epoch travels with the index.
+
+    Loader workers hold the copy of the dataset made when they started, so with persistent
+    workers a :meth:`SliceDataset.set_epoch` in the main process never reaches them and every
+    epoch would replay the first one's augmentation (and a resumed run would replay the epoch it
+    resumed at). Here the epoch is part of the key the workers receive. ``set_epoch`` also
+    reaches the wrapped sampler (DistributedSampler's shuffle).
+    """
+
+    def __init__(self, sampler: Sampler) -> None:
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return ((epoch, int(index)) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 class SliceDataset(Dataset):
     """The three sequences of one training slice, stacked as ``[S, H, W]``, with its label.
 
-    Augmentation randomness is a pure function of ``(seed, epoch, index)``: results do not depend
-    on the number of loader workers or on which worker serves an index, which makes runs
-    reproducible and resumable. Call :meth:`set_epoch` before each epoch.
+    Items also carry ``sequence_mask`` ``[S]`` (bool, True = present), drawn with
+    ``sequence_dropout`` by :func:`datasets.augment.drop_sequences`; dropped channels are zeroed
+    after augmentation (whose noise would otherwise refill them), the absent-sequence convention
+    of :mod:`networks.sequences`.
+
+    Augmentation and dropout randomness are pure functions of ``(seed, epoch, index)``: results
+    depend neither on the number of loader workers nor on which worker or rank serves an index,
+    which makes runs reproducible, resumable and the same on 1 or N processes. Index it with
+    ``(epoch, index)`` (:class:`EpochIndices` does so for a loader), or with ``index`` after
+    :meth:`set_epoch`.
     """
 
     def __init__(self, layout: ProcessedLayout, names: list[str], img_size: int,
-                 augment_config: AugmentConfig | None = None, seed: int = 0) -> None:
+                 augment_config: AugmentConfig | None = None, seed: int = 0,
+                 sequence_dropout: float = 0.0) -> None:
         if img_size < 1:
             raise ValueError(f"img_size must be >= 1, got {img_size}")
         if not names:
             raise ValueError(f"{layout.root}: empty list of training slices")
+        if not 0.0 <= sequence_dropout < 1.0:
+            raise ValueError(f"sequence_dropout must lie in [0, 1), got {sequence_dropout}")
         self.layout = layout
         self.names = list(names)
         self.img_size = img_size
         self.augment_config = augment_config
         self.seed = seed
+        self.sequence_dropout = float(sequence_dropout)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -54,15 +97,22 @@ class SliceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.names)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         name = self.names[index]
         image, label = self.layout.read_slice(name)
         image, label = resize_slice(image, label, self.img_size)
         if self.augment_config is not None:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
+            rng = np.random.default_rng([self.seed, epoch, index])
             image, label = augment(image, label, self.augment_config, rng)
+        present = np.ones(len(image), dtype=bool)
+        if self.sequence_dropout > 0:
+            rng = np.random.default_rng([self.seed, epoch, index, _DROPOUT_STREAM])
+            present = drop_sequences(len(image), self.sequence_dropout, rng)
+            image = image * present[:, None, None].astype(image.dtype)
         return {"image": torch.from_numpy(np.ascontiguousarray(image)),
                 "label": torch.from_numpy(np.ascontiguousarray(label).astype(np.int64)),
+                "sequence_mask": torch.from_numpy(present),
                 "name": name}
 
 

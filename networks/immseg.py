@@ -329,16 +329,24 @@ class IMMSeg(nn.Module):
         """Main logits plus, per sequence, aux logits and pixel embeddings at H/4.
 
         Aux outputs of absent sequences are still computed (from whatever their channel holds);
-        the loss should skip them.
+        the loss should give them zero weight. Their inputs are detached per sample: the aux
+        branch's BatchNorm mixes samples, so an absent sample would otherwise still pass
+        gradient back into its encoder, where GroupNorm over a constant (zeroed) image
+        amplifies it by up to ``1 / sqrt(eps)``.
         """
         logits, classes, enhanced, skips = self._main(x, sequence_mask)
+        mask = self._check_input(x, sequence_mask)
         aux_logits: list[Tensor] = []
         embeddings: list[Tensor] = []
         for i, seq in enumerate(self.config.sequences):
-            own = self.cfm(self.class_priors, enhanced[i].mean(dim=(2, 3)),
+            feature, skip = enhanced[i], skips[i][AUX_SKIP]
+            if mask is not None:
+                present = mask[:, i, None, None, None]
+                feature = torch.where(present, feature, feature.detach())
+                skip = torch.where(present, skip, skip.detach())
+            own = self.cfm(self.class_priors, feature.mean(dim=(2, 3)),
                            self.modality_priors[i:i + 1])
-            aux, embedding = self.aux[seq](enhanced[i], skips[i][AUX_SKIP], own.classes,
-                                           own.context)
+            aux, embedding = self.aux[seq](feature, skip, own.classes, own.context)
             aux_logits.append(aux)
             embeddings.append(embedding)
         return IMMSegOutput(logits, tuple(aux_logits), tuple(embeddings), classes)

@@ -21,11 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from networks.contrastive import PixelTextContrastiveLoss
+from networks.contrastive import PixelTextContrastiveLoss, downsample_labels
 from networks.immseg import IMMSegOutput
-from networks.losses import SegmentationLoss
+from networks.losses import SegmentationLoss, global_sum
+from networks.prior_attention import check_sequence_mask
 
 Outputs = Tensor | IMMSegOutput
+#: Floor of a denominator that is zero only when its numerator is (no present sample).
+_TINY = 1e-12
 
 
 @dataclass(frozen=True)
@@ -87,8 +90,16 @@ class TrainingObjective(nn.Module):
     """``forward(outputs, labels, epoch, sequence_mask=None) -> (loss, parts)``.
 
     ``parts`` holds floats for logging: ``seg`` (main), ``ce`` and ``dice`` (main), ``aux`` and
-    ``contrastive`` (means over sequences, when the network has them) and ``total``. Auxiliary
-    and contrastive terms of a sequence are computed only on the samples where it is present.
+    ``contrastive`` (means over sequences, when the network has them) and ``total``.
+
+    Auxiliary and contrastive terms of a sequence count only the samples where it is present, and
+    over the global batch: their sums are all-reduced (:func:`networks.losses.global_sum`) before
+    the ratios, as the main Dice's are. Absent rows enter every sum with weight zero instead of
+    being cut out, so each rank runs the same operations and collectives whatever its own samples
+    lack (a rank skipping a sequence would call one all-reduce fewer and hang the others, and
+    would leave that sequence's branch out of its backward), and N processes compute what one
+    computes on the whole batch. A sequence absent from the whole global batch is left out of the
+    mean over sequences.
     """
 
     def __init__(self, num_classes: int, config: ObjectiveConfig | None = None) -> None:
@@ -119,21 +130,14 @@ class TrainingObjective(nn.Module):
         present = _presence(sequence_mask, labels, len(outputs.aux_logits))
 
         if self.config.aux_weight > 0 and outputs.aux_logits:
-            aux = _mean_over_sequences([
-                self.segmentation(_upsample(logits[rows], labels.shape[-2:]), labels[rows])[0]
-                for logits, rows in zip(outputs.aux_logits, present, strict=True)
-                if rows.any()])
+            aux = self._auxiliary(outputs.aux_logits, labels, present)
             total = total + self.config.aux_weight * aux
             parts["aux"] = float(aux.detach())
 
         weight = self.contrastive_weight(epoch)
         if weight > 0 and outputs.pixel_embeddings:
-            classes = outputs.class_embeddings
-            term = _mean_over_sequences([
-                self.contrastive(pixels[rows], classes[rows] if classes.ndim == 3 else classes,
-                                 labels[rows])[0]
-                for pixels, rows in zip(outputs.pixel_embeddings, present, strict=True)
-                if rows.any()])
+            term = self._pixel_text(outputs.pixel_embeddings, outputs.class_embeddings, labels,
+                                    present)
             total = total + weight * term
             parts["contrastive"] = float(term.detach())
 
@@ -142,16 +146,69 @@ class TrainingObjective(nn.Module):
             raise FloatingPointError(f"non-finite loss: {parts}")
         return total, parts
 
+    def _auxiliary(self, aux_logits: Sequence[Tensor], labels: Tensor,
+                   present: Tensor) -> Tensor:
+        """Mean over sequences of :class:`SegmentationLoss` on each one's present rows.
 
-def _presence(sequence_mask: Tensor | None, labels: Tensor, sequences: int) -> list[Tensor]:
-    """Per sequence, a boolean row selector of the samples where it is present."""
+        The same CE (class-weighted mean) and soft Dice, from sums taken over the global batch.
+        """
+        seg = self.segmentation
+        labels = labels.long()
+        classes = seg.num_classes
+        one_hot = F.one_hot(labels, classes).movedim(-1, 1).float()
+        pixel_weight = (torch.ones_like(labels, dtype=torch.float32)
+                        if seg.class_weights is None else seg.class_weights[labels])
+        sums = []
+        for logits, rows in zip(aux_logits, present, strict=True):
+            logits = _upsample(logits, labels.shape[-2:]).float()
+            keep = rows[:, None, None]
+            nll = F.cross_entropy(logits, labels, weight=seg.class_weights, reduction="none")
+            probs = torch.where(keep[:, None], logits.softmax(dim=1), 0.0)
+            target = one_hot * keep[:, None]
+            sums.append(torch.cat([
+                torch.stack([rows.sum().float(), torch.where(keep, nll, 0.0).sum(),
+                             torch.where(keep, pixel_weight, 0.0).sum()]),
+                (probs * target).sum(dim=(0, 2, 3)),
+                probs.sum(dim=(0, 2, 3)) + target.sum(dim=(0, 2, 3))]))
+        totals = global_sum(torch.stack(sums))
+        count, ce_sum, ce_mass = totals[:, :3].unbind(1)
+        intersection, sizes = totals[:, 3:3 + classes], totals[:, 3 + classes:]
+        smooth = seg.dice.smooth
+        dice = (2.0 * intersection + smooth) / (sizes + smooth)
+        if not seg.dice.include_background:
+            dice = dice[:, 1:]
+        loss = seg.ce_weight * ce_sum / ce_mass.clamp_min(_TINY) + seg.dice_weight * (
+            1.0 - dice.mean(dim=1))
+        return _mean_over_present(loss, count)
+
+    def _pixel_text(self, pixel_embeddings: Sequence[Tensor], class_embeddings: Tensor,
+                    labels: Tensor, present: Tensor) -> Tensor:
+        """Mean over sequences of :class:`PixelTextContrastiveLoss` on each one's present rows.
+
+        Its soft-target cross-entropy weighted by labelled area, from global-batch sums.
+        """
+        sums = []
+        targets: Tensor | None = None
+        for pixels, rows in zip(pixel_embeddings, present, strict=True):
+            logits = self.contrastive.logits(pixels, class_embeddings)
+            if targets is None or targets.shape[-2:] != logits.shape[-2:]:
+                targets = downsample_labels(labels, tuple(logits.shape[-2:]), logits.shape[1],
+                                            self.contrastive.ignore_index)
+            keep = rows[:, None, None, None]
+            weighted = torch.where(keep, -(targets * F.log_softmax(logits, dim=1)), 0.0)
+            sums.append(torch.stack([rows.sum().float(), weighted.sum(),
+                                     torch.where(keep, targets, 0.0).sum()]))
+        count, loss_sum, mass = global_sum(torch.stack(sums)).unbind(1)
+        return _mean_over_present(loss_sum / mass.clamp_min(_TINY), count)
+
+
+def _presence(sequence_mask: Tensor | None, labels: Tensor, sequences: int) -> Tensor:
+    """``[S, B]`` bool: per sequence, the samples where it is present."""
     batch = labels.shape[0]
     if sequence_mask is None:
-        return [torch.ones(batch, dtype=torch.bool, device=labels.device)] * sequences
-    if sequence_mask.shape != (batch, sequences) or sequence_mask.dtype != torch.bool:
-        raise ValueError(f"sequence_mask must be bool [{batch}, {sequences}], got "
-                         f"{sequence_mask.dtype} {tuple(sequence_mask.shape)}")
-    return list(sequence_mask.to(labels.device).T)
+        return torch.ones(sequences, batch, dtype=torch.bool, device=labels.device)
+    check_sequence_mask(sequence_mask, batch, sequences)
+    return sequence_mask.to(labels.device).T
 
 
 def _upsample(logits: Tensor, size: Sequence[int]) -> Tensor:
@@ -160,7 +217,7 @@ def _upsample(logits: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def _mean_over_sequences(terms: list[Tensor]) -> Tensor:
-    if not terms:
-        raise ValueError("no sequence is present in any sample of the batch")
-    return torch.stack(terms).mean()
+def _mean_over_present(terms: Tensor, count: Tensor) -> Tensor:
+    """Mean of ``terms [S]`` over the sequences with ``count [S]`` > 0 (global sample counts)."""
+    present = count > 0
+    return torch.where(present, terms, 0.0).sum() / present.sum().clamp_min(1)

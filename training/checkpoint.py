@@ -7,8 +7,9 @@ written to a temporary name and renamed, so a run killed at any moment leaves th
 checkpoint intact.
 
 Exactness: everything random in an epoch is either a pure function of (seed, epoch, index)
-(augmentation, the sampler's shuffle) or drawn from the generators saved here (dropout), so a
-resumed run replays the interrupted epoch bit for bit on the same machine and thread count.
+(augmentation, sequence dropout, the sampler's shuffle) or drawn from the generators saved here
+(network dropout), so a resumed run replays the interrupted epoch bit for bit on the same
+machine and thread count.
 """
 
 from __future__ import annotations
@@ -83,11 +84,14 @@ def save_training_checkpoint(
         torch.save(payload, tmp)
 
 
-def load_training_checkpoint(path: Path, train_config: Mapping[str, Any]) -> dict[str, Any]:
+def load_training_checkpoint(path: Path, train_config: Mapping[str, Any],
+                             defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Read a checkpoint to resume ``train_config``'s run; refuse one of a different run.
 
     The configs must agree on everything but :data:`RESUMABLE_CHANGES`: resuming with another
-    variant, backbone, batch size or loss weight would silently produce a different model.
+    variant, backbone, batch size or loss weight would silently produce a different model. An
+    entry missing from the saved config (written before the field existed) counts as its value
+    in ``defaults``, the behaviour that run had.
     """
     path = Path(path)
     payload = read_checkpoint(path, missing="no checkpoint to resume from")
@@ -95,7 +99,7 @@ def load_training_checkpoint(path: Path, train_config: Mapping[str, Any]) -> dic
     if missing:
         raise ValueError(f"{path}: cannot resume from it (missing {missing}; written by an "
                          "older version or not by train.py)")
-    saved = payload["train_config"]
+    saved = {**(defaults or {}), **payload["train_config"]}
     differing = sorted(key for key in set(saved) | set(train_config)
                        if key not in RESUMABLE_CHANGES
                        and _plain(saved.get(key)) != _plain(train_config.get(key)))

@@ -186,6 +186,22 @@ def test_sequence_mask() -> None:
         model(x, torch.ones(2, 3))
 
 
+def test_absent_sequences_get_no_gradient_in_training() -> None:
+    """Present rows' losses (main and aux) must not reach an absent sample's input channel."""
+    model = _model().train()
+    x = torch.randn(3, 3, 32, 32, requires_grad=True)
+    mask = torch.tensor([[True, False, True], [True, True, True], [False, True, True]])
+    out = model.forward_train(x, mask)
+    loss = out.logits.square().mean()
+    for i, aux in enumerate(out.aux_logits):
+        loss = loss + aux[mask[:, i]].square().mean()
+    loss.backward()
+    absent = x.grad[~mask]
+    present = x.grad[mask]
+    assert torch.count_nonzero(absent) == 0
+    assert bool(present.abs().amax(dim=(1, 2)).gt(0).all())
+
+
 def test_load_google_npz_into_every_encoder(tmp_path: Path) -> None:
     config = _config()
     torch.manual_seed(123)

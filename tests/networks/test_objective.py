@@ -79,6 +79,53 @@ def test_absent_sequences_do_not_count():
         objective(outputs, labels, 0, mask.int())
 
 
+@pytest.mark.parametrize("class_weights", [None, (0.5, 1.0, 3.0, 2.0)])
+def test_absent_rows_give_the_loss_of_the_present_rows_alone(class_weights):
+    """Known value: each sequence's terms equal the plain losses on its present samples only,
+    and a sequence absent from the whole batch (T2w here) is left out of the mean."""
+    outputs, labels = _outputs(seed=3, batch=4)
+    config = ObjectiveConfig(contrastive_start_epoch=0, class_weights=class_weights)
+    objective = TrainingObjective(4, config)
+    mask = torch.tensor([[True, False, False], [True, True, False], [False, True, False],
+                         [True, True, False]])
+    seg = SegmentationLoss(4, 0.2, 0.8, class_weights)
+    contrastive = PixelTextContrastiveLoss(0.07)
+    aux, pixel_text = [], []
+    for s in range(2):
+        rows = mask[:, s]
+        upsampled = F.interpolate(outputs.aux_logits[s][rows], size=(16, 16), mode="bilinear")
+        aux.append(seg(upsampled, labels[rows])[0])
+        pixel_text.append(contrastive(outputs.pixel_embeddings[s][rows],
+                                      outputs.class_embeddings[rows], labels[rows])[0])
+    expected = (seg(outputs.logits, labels)[0] + 0.4 * torch.stack(aux).mean()
+                + 0.1 * torch.stack(pixel_text).mean())
+    loss, parts = objective(outputs, labels, 0, mask)
+    torch.testing.assert_close(loss, expected)
+    assert parts["aux"] == pytest.approx(float(torch.stack(aux).mean()), rel=1e-5)
+    assert parts["contrastive"] == pytest.approx(float(torch.stack(pixel_text).mean()), rel=1e-5)
+
+
+def test_absent_sequences_stay_in_the_graph_with_zero_gradient():
+    """Every rank must back-propagate through the same tensors (DDP), whatever it lacks."""
+    outputs, labels = _outputs()
+    leaves = IMMSegOutput(
+        outputs.logits.requires_grad_(),
+        tuple(a.clone().requires_grad_() for a in outputs.aux_logits),
+        tuple(p.clone().requires_grad_() for p in outputs.pixel_embeddings),
+        outputs.class_embeddings.requires_grad_())
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    loss, _ = TrainingObjective(4, ObjectiveConfig(contrastive_start_epoch=0))(
+        leaves, labels, 0, mask)
+    loss.backward()
+    for tensors in (leaves.aux_logits, leaves.pixel_embeddings):
+        assert all(t.grad is not None for t in tensors)
+        assert not tensors[0].grad.eq(0).all()
+        assert tensors[2].grad.eq(0).all()  # T2w absent everywhere
+        assert tensors[1].grad[1].eq(0).all() and not tensors[1].grad[0].eq(0).all()
+    with pytest.raises(ValueError, match="without any sequence"):
+        TrainingObjective(4)(outputs, labels, 0, torch.tensor([[True] * 3, [False] * 3]))
+
+
 def test_non_finite_outputs_raise_and_bad_settings_are_refused():
     outputs, labels = _outputs()
     nan = torch.full((2, 8, 4, 4), math.nan)

@@ -1,0 +1,237 @@
+"""Training throughput: can the data loader keep the network fed?
+
+    python -m bench.bench_training --model immseg --vit_name R26-ViT-S_16 --batch_size 8 \
+        --img_size 128 --workers 2 [--data_root data/phantom/Processed_data]
+
+Measures, one after the other so that they do not share the cores:
+
+* the train step (forward, the full objective with the contrastive term on, backward, AdamW;
+  float16 autocast on CUDA as in ``train.py``) on random initial weights: s/step and images/s;
+* the real :class:`datasets.dataset.SliceDataset` with augmentation (and sequence dropout when
+  asked) behind a ``DataLoader`` with ``--workers`` processes: images/s. Without
+  ``--data_root`` it reads a temporary processed layout of synthetic 128x128 slices written with
+  the layout's own writers;
+* the ratio loader / model images per second (target >= 10: the loader then costs the training
+  loop at most a tenth of a step even with no overlap), peak resident memory of this process and
+  of the largest loader worker, and on CUDA the peak allocated GPU memory.
+
+The immseg priors are a random bank of BiomedCLIP's width: the timing needs shapes, not meaning.
+Prints one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch.utils.data import DataLoader, RandomSampler
+
+from datasets.augment import AugmentConfig, drop_sequences
+from datasets.dataset import EpochIndices, SliceDataset
+from datasets.labels import MODALITIES, NUM_CLASSES
+from datasets.processed import ProcessedLayout, write_training_slice
+from networks.factory import list_models
+from networks.objective import ObjectiveConfig, TrainingForward, TrainingObjective
+from networks.sequences import accepts_sequence_mask, zero_absent
+from networks.variants import VARIANTS, count_parameters, create_network
+from prompts.bank import PriorBank
+from prompts.texts import canonical_names
+from utils import resolve_device
+
+#: Loader images/s over model images/s that leaves the loader out of the critical path.
+TARGET_RATIO = 10.0
+PRIOR_DIM = 512  # BiomedCLIP's embedding width
+
+
+def _random_bank(dim: int = PRIOR_DIM) -> PriorBank:
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.nn.functional.normalize(
+        torch.randn(len(canonical_names()), dim, generator=generator), dim=1)
+    return PriorBank("bench/random", "0" * 64, dict(zip(canonical_names(), rows, strict=True)))
+
+
+def write_synthetic_layout(root: Path, slices: int, size: int, seed: int = 0) -> ProcessedLayout:
+    """``slices`` training slices of smooth noise in [0, 255] with a ring label, per sequence."""
+    layout = ProcessedLayout(root)
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[:size, :size] - (size - 1) / 2
+    radius = np.hypot(rows, cols) / size
+    # Rings of myocardium (1), scar (2) and edema (3) around a background blood pool.
+    label = np.digitize(radius, [0.12, 0.16, 0.18, 0.2]).astype(np.uint8)
+    label[label == 4] = 0
+    for index in range(slices):
+        for modality in MODALITIES:
+            image = ndimage.gaussian_filter(rng.random((size, size)), 3.0)
+            image = 255 * (image - image.min()) / max(float(np.ptp(image)), 1e-6)
+            write_training_slice(layout.item_path(modality, "train", f"case0001_slice{index:03d}"),
+                                 image, label)
+    return layout
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_mb(who: int) -> float:
+    # ru_maxrss is in KiB on Linux; for RUSAGE_CHILDREN it is the largest waited-for child.
+    return resource.getrusage(who).ru_maxrss / 1024
+
+
+def bench_model(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Median seconds of ``args.steps`` train steps after ``args.warmup`` untimed ones."""
+    torch.manual_seed(0)
+    model = create_network(args.model, backbone=args.vit_name, img_size=args.img_size,
+                           num_classes=NUM_CLASSES,
+                           priors=_random_bank() if args.model == "immseg" else None).to(device)
+    model.train()
+    step = TrainingForward(model)
+    config = ObjectiveConfig()
+    objective = TrainingObjective(NUM_CLASSES, config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    images = torch.rand(args.batch_size, len(MODALITIES), args.img_size, args.img_size,
+                        device=device)
+    labels = torch.randint(0, NUM_CLASSES, (args.batch_size, args.img_size, args.img_size),
+                           device=device)
+    mask = None
+    if args.sequence_dropout > 0:
+        rng = np.random.default_rng(0)
+        mask = torch.from_numpy(np.stack([
+            drop_sequences(len(MODALITIES), args.sequence_dropout, rng)
+            for _ in range(args.batch_size)])).to(device)
+        images = zero_absent(images, mask)
+        if not accepts_sequence_mask(model):
+            mask = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for index in range(args.warmup + args.steps):
+        _sync(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
+            outputs = step(images, mask)
+        # The contrastive epoch: the most expensive objective a run meets.
+        loss, _ = objective(outputs, labels, config.contrastive_start_epoch, mask)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        _sync(device)
+        if index >= args.warmup:
+            times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    result = {"parameters_m": round(count_parameters(model) / 1e6, 3),
+              "s_per_step": round(seconds, 4),
+              "images_per_s": round(args.batch_size / seconds, 2),
+              "steps_timed": len(times)}
+    if device.type == "cuda":
+        result["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return result
+
+
+def bench_loader(args: argparse.Namespace, layout: ProcessedLayout) -> dict[str, Any]:
+    """Images per second the augmenting loader delivers, worker start-up excluded."""
+    names = layout.names("train")
+    dataset = SliceDataset(layout, names, args.img_size, AugmentConfig(), seed=0,
+                           sequence_dropout=args.sequence_dropout)
+    # As train.py feeds it: the epoch travels with each index to the persistent workers.
+    sampler = EpochIndices(RandomSampler(dataset, generator=torch.Generator().manual_seed(0)))
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
+                        num_workers=args.workers, drop_last=True,
+                        persistent_workers=args.workers > 0)
+    if len(loader) == 0:
+        raise ValueError(f"{layout.root}: {len(names)} slices make no batch of "
+                         f"{args.batch_size}")
+    delivered, epoch, start = 0, 0, None
+    while delivered < args.loader_batches:
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            if start is None:  # the first batch waits for the workers to start
+                start = time.perf_counter()
+                continue
+            delivered += 1
+            if delivered >= args.loader_batches:
+                break
+            del batch
+        epoch += 1
+    seconds = time.perf_counter() - start
+    del loader  # shuts the workers down, so that their peak RSS is counted below
+    images = delivered * args.batch_size
+    return {"workers": args.workers, "slices": len(names), "batches_timed": delivered,
+            "images_per_s": round(images / seconds, 2),
+            "s_per_batch": round(seconds / delivered, 4)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="immseg", choices=sorted(VARIANTS))
+    parser.add_argument("--vit_name", default="R26-ViT-S_16", choices=list_models())
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--img_size", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    parser.add_argument("--data_root", default=None,
+                        help="processed layout to read (default: temporary synthetic slices)")
+    parser.add_argument("--synthetic_slices", type=int, default=64)
+    parser.add_argument("--sequence_dropout", type=float, default=0.0)
+    parser.add_argument("--steps", type=int, default=5, help="timed train steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed train steps first")
+    parser.add_argument("--loader_batches", type=int, default=40, help="timed loader batches")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("batch_size", "steps", "loader_batches", "synthetic_slices"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.workers < 0 or args.warmup < 0:
+        raise ValueError("--workers and --warmup must be >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    with tempfile.TemporaryDirectory(prefix="bench_training_") as scratch:
+        if args.data_root is None:
+            layout = write_synthetic_layout(Path(scratch), args.synthetic_slices, 128)
+            source = f"synthetic: {args.synthetic_slices} slices of 128x128"
+        else:
+            layout, source = ProcessedLayout(Path(args.data_root)), args.data_root
+        loader = bench_loader(args, layout)
+    model = bench_model(args, device)
+    ratio = loader["images_per_s"] / model["images_per_s"]
+    report = {
+        "model": args.model, "vit_name": args.vit_name, "batch_size": args.batch_size,
+        "img_size": args.img_size, "sequence_dropout": args.sequence_dropout,
+        "device": str(device),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or platform.machine()),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "data": source,
+        "train_step": model,
+        "loader": loader,
+        "loader_to_model_ratio": round(ratio, 2),
+        "target_ratio": TARGET_RATIO,
+        "meets_target": ratio >= TARGET_RATIO,
+        "peak_rss_mb": round(_rss_mb(resource.RUSAGE_SELF), 1),
+        "peak_worker_rss_mb": round(_rss_mb(resource.RUSAGE_CHILDREN), 1),
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
