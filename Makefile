@@ -19,7 +19,17 @@ DEMO_VOXELMORPH_ITERATIONS ?= 500
 DEMO_PRIORS ?= priors/minilm.pt
 PRIOR_FLAGS = $(if $(filter immseg,$(DEMO_MODEL)),--priors_path $(DEMO_PRIORS))
 
-.PHONY: demo test install
+# Results on the real MyoPS 2020 cases (README "Results"): pre-aligned data, so no registration;
+# every 5th case is held out for testing; the three variants get the same epochs and seed.
+MYOPS_RAW ?= ../shared/data/myops2020
+MYOPS_DATA ?= data/myops2020
+MYOPS_RUNS ?= runs/myops2020
+MYOPS_BACKBONE ?= R50-ViT-B_16
+MYOPS_EPOCHS ?= 25
+MYOPS_MODELS ?= immseg immseg_noprior transunet
+MYOPS_FLAGS ?=
+
+.PHONY: demo test install myops
 
 install: $(STAMP)
 
@@ -42,3 +52,17 @@ demo: $(STAMP)
 		--root_path $(DEMO_DATA)/Processed_data $(PRIOR_FLAGS) --max_epochs $(DEMO_EPOCHS) \
 		--contrastive_start_epoch $(DEMO_CONTRASTIVE_START) --batch_size 8 --output_dir $(DEMO_RUN)
 	$(PY) test.py --run_dir $(DEMO_RUN) --root_path $(DEMO_DATA)/Processed_data
+
+myops: $(STAMP)
+	$(PY) preprocess_data.py --raw_root $(MYOPS_RAW) --out_root $(MYOPS_DATA) \
+		--no_affine --no_nonrigid --workers 2
+	$(PY) -m prompts.encode --model minilm --out $(DEMO_PRIORS)
+	set -e; for model in $(MYOPS_MODELS); do \
+		priors=""; if [ $$model = immseg ]; then priors="--priors_path $(DEMO_PRIORS)"; fi; \
+		$(PY) train.py --dataset Myops --model $$model --vit_name $(MYOPS_BACKBONE) \
+			--root_path $(MYOPS_DATA) $$priors --max_epochs $(MYOPS_EPOCHS) --batch_size 8 \
+			--seed 1234 --output_dir $(MYOPS_RUNS)/$$model $(MYOPS_FLAGS); \
+		$(PY) test.py --run_dir $(MYOPS_RUNS)/$$model --root_path $(MYOPS_DATA) \
+			--output_dir $(MYOPS_RUNS)/$$model/test; \
+	done
+	$(PY) -m bench.results_table $(foreach m,$(MYOPS_MODELS),$(m)=$(MYOPS_RUNS)/$(m)/test)

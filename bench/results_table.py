@@ -1,0 +1,81 @@
+"""Markdown comparison of test.py results: one row per run, Dice (and HD95) per group.
+
+    python -m bench.results_table immseg=runs/myops_immseg/test \
+        transunet=runs/myops_transunet/test immseg_noprior=runs/myops_immseg_noprior/test
+
+Each argument is ``label=folder`` (or just a folder, labelled by its parent's name) holding the
+``summary.json`` that test.py writes. Groups are the evaluation groups in their stored order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+METRICS = {"dice": ("Dice %", 100.0, 2), "hd95": ("HD95 mm", 1.0, 2)}
+
+
+def read_summary(folder: Path) -> dict:
+    """The ``summary`` mapping (group -> metric -> mean/std/n) of ``folder/summary.json``."""
+    path = folder / "summary.json"
+    try:
+        payload = json.loads(path.read_text())
+        return payload["summary"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a test.py summary ({error})") from error
+
+
+def markdown_table(runs: dict[str, dict], metric: str) -> str:
+    """One row per run, one column per group: ``mean ± std`` of ``metric``."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
+    if not runs:
+        raise ValueError("no runs to tabulate")
+    title, scale, digits = METRICS[metric]
+    groups = list(next(iter(runs.values())))
+    for label, summary in runs.items():
+        if list(summary) != groups:
+            raise ValueError(f"run {label!r} has groups {list(summary)}, expected {groups}")
+    lines = [f"| {title} | " + " | ".join(groups) + " |",
+             "|---|" + "---|" * len(groups)]
+    for label, summary in runs.items():
+        cells = []
+        for group in groups:
+            value = summary[group][metric]
+            cells.append(f"{scale * value['mean']:.{digits}f} ± {scale * value['std']:.{digits}f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _parse_run(text: str) -> tuple[str, Path]:
+    label, sep, folder = text.partition("=")
+    if not sep:
+        path = Path(text)
+        return path.resolve().parent.name, path
+    return label, Path(folder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="label=folder with summary.json")
+    args = parser.parse_args(argv)
+    try:
+        runs = {}
+        for text in args.runs:
+            label, folder = _parse_run(text)
+            if label in runs:
+                raise ValueError(f"label {label!r} given twice")
+            runs[label] = read_summary(folder)
+        tables = [markdown_table(runs, metric) for metric in METRICS]
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print("\n\n".join(tables))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

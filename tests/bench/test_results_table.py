@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from bench.results_table import main, markdown_table
+from evaluation.metrics import MetricAccumulator
+
+
+def _summary_dir(tmp_path, name, predictions):
+    """A folder with the summary.json test.py writes, from real metric accumulation."""
+    metrics = MetricAccumulator()
+    truth = np.zeros((1, 8, 8), np.uint8)
+    truth[0, 2:6, 2:6] = 1
+    for case, prediction in predictions.items():
+        metrics.update(case, prediction, truth, (1.0, 1.0, 1.0))
+    folder = tmp_path / name / "test"
+    folder.mkdir(parents=True)
+    metrics.write_json(folder / "summary.json")
+    return folder
+
+
+def test_table_holds_the_accumulated_means(tmp_path, capsys):
+    perfect = np.zeros((1, 8, 8), np.uint8)
+    perfect[0, 2:6, 2:6] = 1
+    half = np.zeros((1, 8, 8), np.uint8)
+    half[0, 2:6, 2:4] = 1  # 8 of 16 pixels: Dice 2*8/(8+16) = 2/3
+    a = _summary_dir(tmp_path, "a", {"c1": perfect, "c2": half})
+    b = _summary_dir(tmp_path, "b", {"c1": perfect})
+    assert main([f"immseg={a}", str(b)]) == 0
+    out = capsys.readouterr().out
+    myocardium = 100 * (1 + 2 / 3) / 2
+    spread = 100 * (1 - 2 / 3) / 2
+    row = next(line for line in out.splitlines() if line.startswith("| immseg |"))
+    assert f"{myocardium:.2f} ± {spread:.2f}" in row
+    assert any(line.startswith("| b |") and "100.00 ± 0.00" in line for line in out.splitlines())
+    assert "| HD95 mm |" in out
+
+
+def test_bad_inputs(tmp_path, capsys):
+    (tmp_path / "summary.json").write_text(json.dumps({"nothing": 1}))
+    assert main([str(tmp_path)]) == 1
+    assert "summary.json" in capsys.readouterr().err
+    assert main([str(tmp_path / "absent")]) == 1
+    try:
+        markdown_table({}, "dice")
+    except ValueError as error:
+        assert "no runs" in str(error)
+    else:
+        raise AssertionError("an empty table must raise")
