@@ -113,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
                                weighting=args.weighting, register=args.register,
                                batch_size=args.batch_size)
         log.info("%s; preprocessing geometry from %s", describe(loaded.model), source)
+        if source == "defaults":
+            log.warning("the training data's manifests were not found: using the default "
+                        "geometry (%s mm, crop %d, ROI %d); pass --pixel_spacing_mm, "
+                        "--crop_size, --roi_size if the model was trained on another",
+                        preprocess.pixel_spacing_mm, preprocess.crop_size, preprocess.roi_size)
         prediction = predict_patient(loaded.model, loaded.img_size, patient, config, device)
         written = write_prediction(prediction, args.out, args.save_probabilities)
     except (ValueError, OSError) as error:

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -173,7 +173,8 @@ class TrainConfig:
     @classmethod
     def field_defaults(cls) -> dict[str, Any]:
         """Every field's default: what a config written before a field existed meant by it."""
-        return {f.name: f.default for f in fields(cls)}
+        return {f.name: f.default if f.default is not MISSING else f.default_factory()
+                for f in fields(cls)}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

@@ -4,7 +4,7 @@
         transunet=runs/myops_transunet/test immseg_noprior=runs/myops_immseg_noprior/test
 
 Each argument is ``label=folder`` (or just a folder, labelled by its parent's name) holding the
-``summary.json`` that test.py writes. Groups are the evaluation groups in their stored order.
+``summary.json`` that test.py writes. Columns follow the evaluation groups' order.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from datasets.labels import EVAL_GROUPS
+
 METRICS = {"dice": ("Dice %", 100.0, 2), "hd95": ("HD95 mm", 1.0, 2)}
 
 
@@ -21,10 +23,14 @@ def read_summary(folder: Path) -> dict:
     """The ``summary`` mapping (group -> metric -> mean/std/n) of ``folder/summary.json``."""
     path = folder / "summary.json"
     try:
-        payload = json.loads(path.read_text())
-        return payload["summary"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path}: not a test.py summary ({error})") from error
+        summary = json.loads(path.read_text())["summary"]
+        for metrics in summary.values():
+            for metric in METRICS:
+                float(metrics[metric]["mean"]), float(metrics[metric]["std"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path}: not a test.py summary ({error!r})") from error
+    order = {group: i for i, group in enumerate(EVAL_GROUPS)}
+    return dict(sorted(summary.items(), key=lambda item: order.get(item[0], len(order))))
 
 
 def markdown_table(runs: dict[str, dict], metric: str) -> str:
@@ -51,6 +57,8 @@ def markdown_table(runs: dict[str, dict], metric: str) -> str:
 
 def _parse_run(text: str) -> tuple[str, Path]:
     label, sep, folder = text.partition("=")
+    if sep and not label:
+        raise ValueError(f"{text!r}: empty label before '='")
     if not sep:
         path = Path(text)
         return path.resolve().parent.name, path

@@ -103,8 +103,8 @@ def drop_sequences(num_sequences: int, probability: float,
     """``[S]`` bool presence mask: with ``probability`` a random non-empty proper subset is lost.
 
     The number dropped is uniform over ``1..S-1`` and the dropped ones uniform among subsets of
-    that size, so every 1-sequence input (LGE alone included) is as likely as every 2-sequence
-    one; a sample never loses all sequences.
+    that size; with the three sequences every 1- and 2-sequence input (LGE alone included) is
+    then equally likely. A sample never loses all sequences.
     """
     if isinstance(num_sequences, bool) or not isinstance(num_sequences, int) or num_sequences < 1:
         raise ValueError(f"num_sequences must be an int >= 1, got {num_sequences!r}")

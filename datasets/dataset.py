@@ -29,6 +29,8 @@ def resize_slice(image: np.ndarray, label: np.ndarray | None,
 
 
 #: Extra seed word of the sequence-dropout stream: enabling dropout leaves augmentation as it was.
+#: Never 0: numpy's SeedSequence ignores trailing zeros, so 0 would replay the augmentation
+#: stream keyed by (seed, epoch, index).
 _DROPOUT_STREAM = 1
 
 

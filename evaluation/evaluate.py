@@ -1,4 +1,4 @@
-"""Checkpoint loading and held-out evaluation shared by test.py (and later by validation).
+"""Checkpoint loading and held-out evaluation for test.py: scores, subsets, files, box plots.
 
 Besides the full input, a network can be scored on any subset of the sequences (the others
 zeroed and masked as :mod:`networks.sequences` defines): :func:`evaluate_subsets` reads each
@@ -28,7 +28,7 @@ from datasets.raw import nifti_image
 from evaluation.inference import predict_volume
 from evaluation.metrics import MetricAccumulator
 from evaluation.plots import dice_boxplot, dice_by_group
-from networks.sequences import parse_sequences
+from networks.sequences import check_model_inputs, parse_sequences
 from networks.variants import input_size, network_from_record
 from utils import atomic_path, read_checkpoint, write_json
 
@@ -94,6 +94,8 @@ def evaluate_subsets(model: nn.Module, layout: ProcessedLayout, names: list[str]
         raise ValueError("at least one sequence subset is required")
     if len(set(checked)) != len(checked):
         raise ValueError(f"a sequence subset is listed twice in {checked}")
+    for subset in checked:
+        check_model_inputs(model, subset)
     results = {subset: MetricAccumulator() for subset in checked}
     model.eval()
     for volume in tqdm(iter_test_volumes(layout, names), total=len(names), desc="test",

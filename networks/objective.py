@@ -99,7 +99,9 @@ class TrainingObjective(nn.Module):
     lack (a rank skipping a sequence would call one all-reduce fewer and hang the others, and
     would leave that sequence's branch out of its backward), and N processes compute what one
     computes on the whole batch. A sequence absent from the whole global batch is left out of the
-    mean over sequences.
+    mean over sequences. (The main term's cross-entropy stays a per-rank mean, which DDP's
+    gradient averaging turns into the global mean for equal rank batches without class weights;
+    with ``class_weights`` under DDP it is the mean of per-rank weighted means.)
     """
 
     def __init__(self, num_classes: int, config: ObjectiveConfig | None = None) -> None:

@@ -73,3 +73,11 @@ def forward_with_sequences(model: nn.Module, images: Tensor, mask: Tensor | None
     if accepts_sequence_mask(model):
         return model(images, sequence_mask=mask)
     return model(images)
+
+
+def check_model_inputs(model: nn.Module, present: Sequence[str]) -> None:
+    """Refuse a single-sequence network whose one sequence is absent (it would read zeros)."""
+    sequence = getattr(model, "sequence", None)
+    if getattr(model, "variant", None) == "transunet_single" and sequence not in present:
+        raise ValueError(f"the model reads only {sequence}, which was not given "
+                         f"(given: {', '.join(present)})")

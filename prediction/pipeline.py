@@ -30,6 +30,7 @@ from torch import nn
 
 from datasets.labels import CLASS_NAMES, MODALITIES
 from datasets.raw import Volume, nifti_image
+from networks.sequences import check_model_inputs
 from prediction.forward import window_probabilities
 from prediction.inputs import PatientImages
 from prediction.localisation import WEIGHTINGS, locate_heart, sliding_probabilities
@@ -90,14 +91,6 @@ class Prediction:
     labels: np.ndarray
     probabilities: np.ndarray
     record: dict[str, Any]
-
-
-def check_model_inputs(model: nn.Module, present: tuple[str, ...]) -> None:
-    """Refuse a single-sequence network whose one sequence is not given (it would read zeros)."""
-    sequence = getattr(model, "sequence", None)
-    if getattr(model, "variant", None) == "transunet_single" and sequence not in present:
-        raise ValueError(f"the model reads only {sequence}, which was not given "
-                         f"(given: {', '.join(present)})")
 
 
 def predict_patient(model: nn.Module, img_size: int, patient: PatientImages,
@@ -179,6 +172,8 @@ def write_prediction(prediction: Prediction, out: str | os.PathLike[str],
     record last, so a record's presence means the outputs beside it are complete.
     """
     paths = output_paths(out)
+    # An old record beside half-replaced outputs would vouch for them; it goes first.
+    paths["record"].unlink(missing_ok=True)
     affine = prediction.reference.affine
     written = {}
     if save_probabilities:

@@ -3,8 +3,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from bench.results_table import main, markdown_table
+from datasets.labels import EVAL_GROUPS
 from evaluation.metrics import MetricAccumulator
 
 
@@ -43,9 +45,16 @@ def test_bad_inputs(tmp_path, capsys):
     assert main([str(tmp_path)]) == 1
     assert "summary.json" in capsys.readouterr().err
     assert main([str(tmp_path / "absent")]) == 1
-    try:
+    assert main([f"={tmp_path}"]) == 1
+    assert "empty label" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no runs"):
         markdown_table({}, "dice")
-    except ValueError as error:
-        assert "no runs" in str(error)
-    else:
-        raise AssertionError("an empty table must raise")
+
+
+def test_columns_follow_the_evaluation_groups(tmp_path, capsys):
+    truth = np.zeros((1, 8, 8), np.uint8)
+    folder = _summary_dir(tmp_path, "a", {"c1": truth})
+    assert main([str(folder)]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    columns = [cell.strip() for cell in header.strip("|").split("|")][1:]
+    assert columns == list(EVAL_GROUPS)

@@ -51,3 +51,14 @@ def test_forward_with_sequences_routes_the_mask():
     assert forward_with_sequences(_Plain(), images, mask).eq(2).all()
     assert forward_with_sequences(_Masked(), images, mask).eq(102).all()
     assert forward_with_sequences(_Plain(), images, None).eq(3).all()
+
+
+def test_single_sequence_model_needs_its_sequence():
+    from networks.sequences import check_model_inputs
+    from networks.variants import create_network
+
+    model = create_network("transunet_single", backbone="tiny", img_size=32, sequence="LGE")
+    check_model_inputs(model, ("LGE", "T2w"))
+    with pytest.raises(ValueError, match="reads only LGE"):
+        check_model_inputs(model, ("bSSFP", "T2w"))
+    check_model_inputs(create_network("transunet", backbone="tiny", img_size=32), ("T2w",))
