@@ -305,7 +305,8 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
         save_training_checkpoint(
             path, model=model, optimizer=optimizer, scaler=scaler, epoch=epoch,
             iteration=iteration, train_config=config.to_dict(), schedule=schedule,
-            tracker=tracker.state_dict(), priors=prior_record)
+            tracker=tracker.state_dict(), priors=prior_record,
+            preprocess=layout.recorded_preprocessing())
 
     loss_value, completed = math.nan, start_epoch
     final = run_dir / CHECKPOINT_FINAL

@@ -14,6 +14,7 @@ labelled reference) is the one returned. Our volumes carry an optional ``spacing
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,24 @@ class ProcessedLayout:
                         f"{path}: lists {name!r} but {self.item_path(modality, split, name)} "
                         "does not exist")
         return names
+
+    def manifest_dir(self) -> Path:
+        return self.root / "manifests"
+
+    def recorded_preprocessing(self) -> dict | None:
+        """The preprocessing config stored in the first readable case manifest, if any.
+
+        Every case of a root is written with one config; a checkpoint keeps it so that
+        prediction on new patients can rebuild the grid the network was trained on.
+        """
+        for path in sorted(self.manifest_dir().glob("*.json")):
+            try:
+                config = json.loads(path.read_text()).get("config")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if isinstance(config, dict):
+                return config
+        return None
 
     def read_slice(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """One training slice: image ``[S, H, W]`` in [0, 1] and label ``[H, W]`` (uint8)."""

@@ -16,7 +16,6 @@ intensity windows, registration) goes into the JSON record written beside the la
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from datasets.labels import CLASS_NAMES, MODALITIES
+from datasets.processed import ProcessedLayout
 from datasets.raw import Volume, nifti_image
 from networks.sequences import check_model_inputs
 from prediction.forward import window_probabilities
@@ -192,23 +192,19 @@ def preprocess_config_for(payload: dict, overrides: dict[str, Any] | None = None
                           ) -> tuple[PreprocessConfig, str]:
     """The preprocessing geometry a checkpoint's model was trained on, and where it came from.
 
-    Checkpoints do not carry it; the training data's manifests do (``<root_path>/manifests``),
-    when that folder is still there. Otherwise the defaults, which are the seed's. ``overrides``
-    (command-line values, ``None`` meaning unset) win over both.
+    Checkpoints carry it (``preprocess``); older ones do not, and then the training data's
+    manifests are read, when that folder is still there. Otherwise the defaults, which are the
+    seed's. ``overrides`` (command-line values, ``None`` meaning unset) win over all.
     """
-    values: dict[str, Any] = {}
-    source = "defaults"
+    recorded, source = payload.get("preprocess"), "checkpoint"
     root = (payload.get("train_config") or {}).get("root_path")
-    if root:
-        manifests = sorted(path for path in (Path(root) / "manifests").glob("*.json"))
-        for path in manifests:
-            try:
-                recorded = json.loads(path.read_text()).get("config", {})
-            except (OSError, ValueError, AttributeError):
-                continue
-            values = {name: recorded[name] for name in GEOMETRY_FIELDS if name in recorded}
-            source = str(path)
-            break
+    if not isinstance(recorded, dict) and root:
+        layout = ProcessedLayout(Path(root))
+        recorded, source = layout.recorded_preprocessing(), str(layout.manifest_dir())
+    if not isinstance(recorded, dict):
+        recorded, source = {}, "defaults"
+    values: dict[str, Any] = {name: recorded[name] for name in GEOMETRY_FIELDS
+                              if name in recorded}
     values |= {name: value for name, value in (overrides or {}).items() if value is not None}
     unknown = sorted(set(values) - set(GEOMETRY_FIELDS))
     if unknown:

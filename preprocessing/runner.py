@@ -77,7 +77,7 @@ def assign_splits(case_ids: list[str], test_every: int) -> dict[str, str]:
 
 
 def manifest_path(out_root: Path, case_id: str) -> Path:
-    return Path(out_root) / "manifests" / f"{case_id}.json"
+    return ProcessedLayout(Path(out_root)).manifest_dir() / f"{case_id}.json"
 
 
 def slice_name(case_id: str, index: int) -> str:

@@ -19,9 +19,14 @@ from trainer import CHECKPOINT_FINAL, CHECKPOINT_LAST, TrainConfig, poly_lr
 
 @pytest.fixture(scope="module")
 def processed_root(tmp_path_factory):
-    # 4 training cases of 3 slices, 2 test volumes of 3 slices, 32 x 32.
-    return write_ring_dataset(tmp_path_factory.mktemp("processed"), train_cases=4,
+    # 4 training cases of 3 slices, 2 test volumes of 3 slices, 32 x 32, with a case manifest
+    # holding the preprocessing config as preprocess_data.py writes it.
+    root = write_ring_dataset(tmp_path_factory.mktemp("processed"), train_cases=4,
                               slices_per_case=3, test_cases=("case0005", "case0010"))
+    (root / "manifests").mkdir()
+    (root / "manifests" / "case0001.json").write_text(json.dumps(
+        {"config": {"pixel_spacing_mm": 1.25, "crop_size": 64, "roi_size": 32}}))
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +74,8 @@ def test_train_then_test_round_trip(variant, processed_root, bank_path, tmp_path
     assert (run / CHECKPOINT_LAST).is_file() and (run / "tensorboard").is_dir()
 
     assert payload["network"]["variant"] == variant
+    # predict.py rebuilds the training grid from the checkpoint alone.
+    assert payload["preprocess"] == {"pixel_spacing_mm": 1.25, "crop_size": 64, "roi_size": 32}
     assert (payload["priors"] is not None) == (variant == "immseg")
 
     # The checkpoint alone rebuilds the same network (for immseg: priors included).

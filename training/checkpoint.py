@@ -61,10 +61,13 @@ def save_training_checkpoint(
     schedule: Mapping[str, Any],
     tracker: Mapping[str, Any] | None = None,
     priors: Mapping[str, Any] | None = None,
+    preprocess: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write everything a resumed run or ``test.py`` needs; atomic (temp file, then rename).
+    """Write everything a resumed run, ``test.py`` or ``predict.py`` needs; atomic.
 
     ``model`` is the bare network (not a DDP wrapper), so the keys carry no ``module.`` prefix.
+    ``preprocess`` is the training data's preprocessing config (its manifests'), from which
+    ``predict.py`` rebuilds the grid the network saw.
     """
     payload = {
         "format_version": FORMAT_VERSION,
@@ -79,6 +82,7 @@ def save_training_checkpoint(
         "tracker": None if tracker is None else dict(tracker),
         "rng": capture_rng_state(),
         "train_config": dict(train_config),
+        "preprocess": None if preprocess is None else dict(preprocess),
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)

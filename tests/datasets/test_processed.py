@@ -64,3 +64,14 @@ def test_corrupt_slice_names_file(tmp_path):
     layout.item_path("T2w", "train", "case0001_slice000").write_bytes(b"junk")
     with pytest.raises(ProcessedDataError, match=r"T2w/train_npz/case0001_slice000.npz"):
         layout.read_slice("case0001_slice000")
+
+
+def test_recorded_preprocessing_reads_the_first_readable_manifest(tmp_path):
+    from datasets.processed import ProcessedLayout
+
+    layout = ProcessedLayout(tmp_path)
+    assert layout.recorded_preprocessing() is None
+    layout.manifest_dir().mkdir()
+    (layout.manifest_dir() / "a.json").write_text("{broken")
+    (layout.manifest_dir() / "b.json").write_text('{"config": {"roi_size": 96}}')
+    assert layout.recorded_preprocessing() == {"roi_size": 96}

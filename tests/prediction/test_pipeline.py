@@ -195,7 +195,7 @@ def test_preprocess_config_from_training_manifests(tmp_path):
     (manifests / "case0001.json").write_text(json.dumps({"config": recorded.to_dict()}))
     payload = {"train_config": {"root_path": str(tmp_path / "data")}}
     config, source = preprocess_config_for(payload)
-    assert source.endswith("case0001.json")
+    assert source.endswith("manifests")
     assert (config.roi_size, config.low_percentile, config.pixel_spacing_mm) == (96, 1.0, 1.25)
     assert config.affine.pixel_spacing_mm == 1.25
     config, _ = preprocess_config_for(payload, {"roi_size": 112, "crop_size": None})
@@ -203,3 +203,7 @@ def test_preprocess_config_from_training_manifests(tmp_path):
     assert preprocess_config_for({})[1] == "defaults"
     with pytest.raises(ValueError, match="roi_size"):
         preprocess_config_for({}, {"roi_size": 300})
+    # The checkpoint's own record wins over the manifests (which may have moved or changed).
+    stored = PreprocessConfig(roi_size=112).to_dict()
+    config, source = preprocess_config_for(payload | {"preprocess": stored})
+    assert (source, config.roi_size, config.pixel_spacing_mm) == ("checkpoint", 112, 1.0)
