@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from datasets.labels import MODALITIES
-from evaluation.evaluate import load_checkpoint
+from evaluation.evaluate import add_checkpoint_arguments, checkpoint_path, load_checkpoint
 from networks.sequences import parse_sequences
 from networks.variants import describe
 from prediction.inputs import case_dir_files, load_patient
@@ -31,7 +31,6 @@ from prediction.pipeline import (
     preprocess_config_for,
     write_prediction,
 )
-from trainer import CHECKPOINT_FINAL
 from utils import resolve_device, setup_logging
 
 log = logging.getLogger("predict")
@@ -42,9 +41,7 @@ _FILE_FLAGS = {"bSSFP": "bssfp", "LGE": "lge", "T2w": "t2w"}
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", help="checkpoint file written by train.py")
-    model.add_argument("--run_dir", help=f"run folder of train.py (uses {CHECKPOINT_FINAL})")
+    add_checkpoint_arguments(parser)
     for name, flag in _FILE_FLAGS.items():
         parser.add_argument(f"--{flag}", default=None, help=f"{name} NIfTI volume")
     parser.add_argument("--case_dir", default=None,
@@ -98,7 +95,7 @@ def _input_files(args: argparse.Namespace) -> tuple[str | None, dict[str, str | 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    checkpoint = Path(args.checkpoint or Path(args.run_dir) / CHECKPOINT_FINAL)
+    checkpoint = checkpoint_path(args)
     setup_logging()
     try:
         output_paths(args.out)  # a bad name fails before any work

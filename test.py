@@ -17,7 +17,9 @@ from pathlib import Path
 from datasets.labels import MODALITIES
 from datasets.processed import ProcessedLayout
 from evaluation.evaluate import (
+    add_checkpoint_arguments,
     all_subsets,
+    checkpoint_path,
     evaluate_subsets,
     format_subset_table,
     load_checkpoint,
@@ -27,7 +29,6 @@ from evaluation.evaluate import (
 )
 from networks.sequences import parse_sequences
 from networks.variants import describe
-from trainer import CHECKPOINT_FINAL
 from utils import resolve_device, setup_logging
 
 log = logging.getLogger("test")
@@ -36,9 +37,7 @@ log = logging.getLogger("test")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--checkpoint", help="checkpoint file written by train.py")
-    where.add_argument("--run_dir", help=f"run folder of train.py (uses {CHECKPOINT_FINAL})")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--root_path", default=None,
                         help="processed data root (default: the one the model was trained on)")
     parser.add_argument("--list_dir", default=None, help="lists folder (default: <root>/lists)")
@@ -64,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    checkpoint = Path(args.checkpoint or Path(args.run_dir) / CHECKPOINT_FINAL)
+    checkpoint = checkpoint_path(args)
     output_dir = Path(args.output_dir or checkpoint.parent / "test")
     setup_logging()
     try:

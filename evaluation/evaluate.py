@@ -8,6 +8,7 @@ reported.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import itertools
 import logging
@@ -30,6 +31,7 @@ from evaluation.metrics import MetricAccumulator
 from evaluation.plots import dice_boxplot, dice_by_group
 from networks.sequences import check_model_inputs, parse_sequences
 from networks.variants import input_size, network_from_record
+from trainer import CHECKPOINT_FINAL
 from utils import atomic_path, read_checkpoint, write_json
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,18 @@ class LoadedCheckpoint:
     @property
     def img_size(self) -> int:
         return input_size(self.model)
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint FILE`` or ``--run_dir DIR`` (one required), for test.py and predict.py."""
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--checkpoint", help="checkpoint file written by train.py")
+    where.add_argument("--run_dir", help=f"run folder of train.py (uses {CHECKPOINT_FINAL})")
+
+
+def checkpoint_path(args: argparse.Namespace) -> Path:
+    """The checkpoint named by :func:`add_checkpoint_arguments`' flags."""
+    return Path(args.checkpoint or Path(args.run_dir) / CHECKPOINT_FINAL)
 
 
 def load_checkpoint(path: str | Path, device: torch.device) -> LoadedCheckpoint:
