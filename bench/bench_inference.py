@@ -31,19 +31,10 @@ from datasets.labels import MODALITIES
 from evaluation.inference import predict_volume, predict_volume_slicewise
 from networks.factory import list_models
 from networks.variants import VARIANTS, count_parameters, create_network
-from prompts.bank import PriorBank
-from prompts.texts import canonical_names
+from prompts.bank import random_prior_bank
 
 TARGET_RATIO = 3.0
 _TTA_MODES = {"off": (False,), "on": (True,), "both": (False, True)}
-
-
-def _random_bank(dim: int = 512) -> PriorBank:
-    """Unit rows under every canonical prior name, seeded."""
-    generator = torch.Generator().manual_seed(0)
-    rows = torch.nn.functional.normalize(
-        torch.randn(len(canonical_names()), dim, generator=generator), dim=1)
-    return PriorBank("bench/random", "0" * 64, dict(zip(canonical_names(), rows, strict=True)))
 
 
 def _peak_rss_mb() -> float:
@@ -122,8 +113,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     torch.manual_seed(0)
     rss_before = _peak_rss_mb()
+    priors = random_prior_bank(model_id="bench/random") if args.model == "immseg" else None
     model = create_network(args.model, backbone=args.vit_name, img_size=args.img_size,
-                           priors=_random_bank() if args.model == "immseg" else None)
+                           priors=priors)
     model = model.to(device).eval()
     size = args.volume_size or args.img_size
     image = np.random.default_rng(0).random((args.slices, len(MODALITIES), size, size),

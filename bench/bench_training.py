@@ -45,20 +45,11 @@ from networks.factory import list_models
 from networks.objective import ObjectiveConfig, TrainingForward, TrainingObjective
 from networks.sequences import accepts_sequence_mask, zero_absent
 from networks.variants import VARIANTS, count_parameters, create_network
-from prompts.bank import PriorBank
-from prompts.texts import canonical_names
+from prompts.bank import random_prior_bank
 from utils import resolve_device
 
 #: Loader images/s over model images/s that leaves the loader out of the critical path.
 TARGET_RATIO = 10.0
-PRIOR_DIM = 512  # BiomedCLIP's embedding width
-
-
-def _random_bank(dim: int = PRIOR_DIM) -> PriorBank:
-    generator = torch.Generator().manual_seed(0)
-    rows = torch.nn.functional.normalize(
-        torch.randn(len(canonical_names()), dim, generator=generator), dim=1)
-    return PriorBank("bench/random", "0" * 64, dict(zip(canonical_names(), rows, strict=True)))
 
 
 def write_synthetic_layout(root: Path, slices: int, size: int, seed: int = 0) -> ProcessedLayout:
@@ -92,9 +83,9 @@ def _rss_mb(who: int) -> float:
 def bench_model(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Median seconds of ``args.steps`` train steps after ``args.warmup`` untimed ones."""
     torch.manual_seed(0)
+    priors = random_prior_bank(model_id="bench/random") if args.model == "immseg" else None
     model = create_network(args.model, backbone=args.vit_name, img_size=args.img_size,
-                           num_classes=NUM_CLASSES,
-                           priors=_random_bank() if args.model == "immseg" else None).to(device)
+                           num_classes=NUM_CLASSES, priors=priors).to(device)
     model.train()
     step = TrainingForward(model)
     config = ObjectiveConfig()

@@ -33,8 +33,7 @@ from networks.immseg import SkipFusion
 from networks.objective import ObjectiveConfig, TrainingObjective, forward_outputs
 from networks.transunet import SegmentationHead, TransUNetDecoder, TransUNetEncoder
 from networks.variants import VARIANTS, count_parameters, create_network
-from prompts.bank import PriorBank
-from prompts.texts import canonical_names
+from prompts.bank import random_prior_bank
 
 REFERENCE = "three_encoders"
 
@@ -61,20 +60,12 @@ class ThreeEncoders(nn.Module):
         return self.head(self.decoder(fused, skips))
 
 
-def _bank(dim: int = 512) -> PriorBank:
-    """Random unit rows of BiomedCLIP's width: timing needs the shapes, not the meaning."""
-    generator = torch.Generator().manual_seed(0)
-    rows = torch.nn.functional.normalize(torch.randn(len(canonical_names()), dim,
-                                                     generator=generator), dim=1)
-    return PriorBank("bench/random", "0" * 64, dict(zip(canonical_names(), rows, strict=True)))
-
-
 def _build(variant: str, backbone: str, img_size: int, num_classes: int) -> nn.Module:
     if variant == REFERENCE:
         return ThreeEncoders(backbone, img_size, num_classes)
+    priors = random_prior_bank(model_id="bench/random") if variant == "immseg" else None
     return create_network(variant, backbone=backbone, img_size=img_size,
-                          num_classes=num_classes,
-                          priors=_bank() if variant == "immseg" else None)
+                          num_classes=num_classes, priors=priors)
 
 
 def _sync(device: torch.device) -> None:

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 LossOutput = Tensor | tuple[Tensor, dict[str, float]]
+#: Floor of a denominator that can be zero (a class weighted 0 everywhere, an all-absent batch).
+_TINY = 1e-12
 
 
 def _check_logits_target(logits: Tensor, target: Tensor, num_classes: int) -> None:
@@ -85,14 +87,22 @@ class DiceLoss(nn.Module):
         _check_logits_target(logits, target, self.num_classes)
         probs = torch.softmax(logits.float(), dim=1)
         one_hot = F.one_hot(target.long(), self.num_classes).movedim(-1, 1).to(probs.dtype)
-        reduce_dims = [0, *range(2, logits.ndim)]
-        statistics = global_sum(torch.stack([
-            (probs * one_hot).sum(reduce_dims), probs.sum(reduce_dims) + one_hot.sum(reduce_dims)]))
-        intersection, sizes = statistics.unbind(0)
+        return self.from_statistics(global_sum(dice_statistics(probs, one_hot)))
+
+    def from_statistics(self, statistics: Tensor) -> Tensor:
+        """The loss from :func:`dice_statistics` sums ``[..., 2C]`` (leading dims are kept)."""
+        intersection, sizes = statistics.split(self.num_classes, dim=-1)
         per_class = (2.0 * intersection + self.smooth) / (sizes + self.smooth)
         if not self.include_background:
-            per_class = per_class[1:]
-        return 1.0 - per_class.mean()
+            per_class = per_class[..., 1:]
+        return 1.0 - per_class.mean(dim=-1)
+
+
+def dice_statistics(probs: Tensor, one_hot: Tensor) -> Tensor:
+    """Soft-Dice sums ``[2C]``: per class the intersection, then per class the two sizes added."""
+    reduce_dims = [0, *range(2, probs.ndim)]
+    return torch.cat([(probs * one_hot).sum(reduce_dims),
+                      probs.sum(reduce_dims) + one_hot.sum(reduce_dims)])
 
 
 def _check_finite(parts: dict[str, float]) -> None:
@@ -134,15 +144,46 @@ class SegmentationLoss(nn.Module):
         self.dice = DiceLoss(num_classes)
 
     def forward(self, logits: Tensor, target: Tensor) -> tuple[Tensor, dict[str, float]]:
-        _check_logits_target(logits, target, self.num_classes)
-        ce = F.cross_entropy(logits.float(), target.long(), weight=self.class_weights)
-        dice = self.dice(logits, target)
-        total = self.ce_weight * ce + self.dice_weight * dice
+        total, ce, dice = self.from_statistics(global_sum(self.statistics(logits, target)))
         # One host transfer gives both the finiteness check and the logged values.
         ce_value, dice_value, total_value = torch.stack([ce, dice, total]).detach().cpu().tolist()
         parts = {"ce": ce_value, "dice": dice_value, "total": total_value}
         _check_finite(parts)
         return total, parts
+
+    def statistics(self, logits: Tensor, target: Tensor, rows: Tensor | None = None) -> Tensor:
+        """This process's sums behind the loss, ``[2 + 2C]``.
+
+        The class-weighted NLL and its weight mass, then :func:`dice_statistics`. ``rows`` (bool
+        ``[B]``) keeps only those samples; the others enter every sum with weight zero, so all
+        ranks run the same operations whatever they drop. Sums add across samples and ranks,
+        which is what makes the loss of a global batch (``from_statistics(global_sum(...))``)
+        exactly the single-process loss, class weights included.
+        """
+        _check_logits_target(logits, target, self.num_classes)
+        logits, target = logits.float(), target.long()
+        pixel_weight = (torch.ones_like(target, dtype=logits.dtype)
+                        if self.class_weights is None else self.class_weights[target])
+        nll = F.cross_entropy(logits, target, reduction="none")
+        probs = torch.softmax(logits, dim=1)
+        one_hot = F.one_hot(target, self.num_classes).movedim(-1, 1).to(probs.dtype)
+        if rows is not None:
+            if rows.shape != target.shape[:1] or rows.dtype != torch.bool:
+                raise ValueError(f"rows must be a bool tensor of shape {tuple(target.shape[:1])}, "
+                                 f"got {rows.dtype} {tuple(rows.shape)}")
+            keep = rows.to(target.device).view(-1, *[1] * (target.ndim - 1))
+            pixel_weight = torch.where(keep, pixel_weight, 0.0)
+            probs = torch.where(keep[:, None], probs, 0.0)
+            one_hot = torch.where(keep[:, None], one_hot, 0.0)
+        ce_sums = torch.stack([torch.where(pixel_weight > 0, pixel_weight * nll, 0.0).sum(),
+                               pixel_weight.sum()])
+        return torch.cat([ce_sums, dice_statistics(probs, one_hot)])
+
+    def from_statistics(self, statistics: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(total, ce, dice)`` from :meth:`statistics` sums ``[..., 2 + 2C]``."""
+        ce = statistics[..., 0] / statistics[..., 1].clamp_min(_TINY)
+        dice = self.dice.from_statistics(statistics[..., 2:])
+        return self.ce_weight * ce + self.dice_weight * dice, ce, dice
 
 
 def _level_weights(count: int, weights: Sequence[float] | None) -> list[float]:

@@ -92,16 +92,14 @@ class TrainingObjective(nn.Module):
     ``parts`` holds floats for logging: ``seg`` (main), ``ce`` and ``dice`` (main), ``aux`` and
     ``contrastive`` (means over sequences, when the network has them) and ``total``.
 
-    Auxiliary and contrastive terms of a sequence count only the samples where it is present, and
-    over the global batch: their sums are all-reduced (:func:`networks.losses.global_sum`) before
-    the ratios, as the main Dice's are. Absent rows enter every sum with weight zero instead of
-    being cut out, so each rank runs the same operations and collectives whatever its own samples
-    lack (a rank skipping a sequence would call one all-reduce fewer and hang the others, and
-    would leave that sequence's branch out of its backward), and N processes compute what one
-    computes on the whole batch. A sequence absent from the whole global batch is left out of the
-    mean over sequences. (The main term's cross-entropy stays a per-rank mean, which DDP's
-    gradient averaging turns into the global mean for equal rank batches without class weights;
-    with ``class_weights`` under DDP it is the mean of per-rank weighted means.)
+    Every term is computed over the global batch: its sums are all-reduced
+    (:func:`networks.losses.global_sum`) before the ratios, so N processes compute what one
+    computes on the whole batch, class weights included. Auxiliary and contrastive terms of a
+    sequence count only the samples where it is present. Absent rows enter every sum with weight
+    zero instead of being cut out, so each rank runs the same operations and collectives whatever
+    its own samples lack (a rank skipping a sequence would call one all-reduce fewer and hang the
+    others, and would leave that sequence's branch out of its backward). A sequence absent from
+    the whole global batch is left out of the mean over sequences.
     """
 
     def __init__(self, num_classes: int, config: ObjectiveConfig | None = None) -> None:
@@ -152,36 +150,16 @@ class TrainingObjective(nn.Module):
                    present: Tensor) -> Tensor:
         """Mean over sequences of :class:`SegmentationLoss` on each one's present rows.
 
-        The same CE (class-weighted mean) and soft Dice, from sums taken over the global batch.
+        Each sequence's loss comes from its global-batch sums (``SegmentationLoss.statistics``).
         """
         seg = self.segmentation
-        labels = labels.long()
-        classes = seg.num_classes
-        one_hot = F.one_hot(labels, classes).movedim(-1, 1).float()
-        pixel_weight = (torch.ones_like(labels, dtype=torch.float32)
-                        if seg.class_weights is None else seg.class_weights[labels])
-        sums = []
-        for logits, rows in zip(aux_logits, present, strict=True):
-            logits = _upsample(logits, labels.shape[-2:]).float()
-            keep = rows[:, None, None]
-            nll = F.cross_entropy(logits, labels, weight=seg.class_weights, reduction="none")
-            probs = torch.where(keep[:, None], logits.softmax(dim=1), 0.0)
-            target = one_hot * keep[:, None]
-            sums.append(torch.cat([
-                torch.stack([rows.sum().float(), torch.where(keep, nll, 0.0).sum(),
-                             torch.where(keep, pixel_weight, 0.0).sum()]),
-                (probs * target).sum(dim=(0, 2, 3)),
-                probs.sum(dim=(0, 2, 3)) + target.sum(dim=(0, 2, 3))]))
-        totals = global_sum(torch.stack(sums))
-        count, ce_sum, ce_mass = totals[:, :3].unbind(1)
-        intersection, sizes = totals[:, 3:3 + classes], totals[:, 3 + classes:]
-        smooth = seg.dice.smooth
-        dice = (2.0 * intersection + smooth) / (sizes + smooth)
-        if not seg.dice.include_background:
-            dice = dice[:, 1:]
-        loss = seg.ce_weight * ce_sum / ce_mass.clamp_min(_TINY) + seg.dice_weight * (
-            1.0 - dice.mean(dim=1))
-        return _mean_over_present(loss, count)
+        sums = torch.stack([
+            torch.cat([rows.sum().float()[None],
+                       seg.statistics(_upsample(logits, labels.shape[-2:]), labels, rows)])
+            for logits, rows in zip(aux_logits, present, strict=True)])
+        totals = global_sum(sums)
+        loss, _, _ = seg.from_statistics(totals[:, 1:])
+        return _mean_over_present(loss, totals[:, 0])
 
     def _pixel_text(self, pixel_embeddings: Sequence[Tensor], class_embeddings: Tensor,
                     labels: Tensor, present: Tensor) -> Tensor:

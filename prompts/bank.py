@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from datasets.labels import CLASS_NAMES, MODALITIES
-from prompts.texts import class_key, modality_key
+from prompts.texts import canonical_names, class_key, modality_key
 from utils import atomic_path
 
 FORMAT_VERSION = 1
@@ -126,6 +126,18 @@ def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
     return type(value).__name__
+
+
+def random_prior_bank(dim: int = 512, seed: int = 0,
+                      model_id: str = "random") -> PriorBank:
+    """Seeded random unit rows under every canonical prior name (default: BiomedCLIP's width).
+
+    For timing and plumbing, where a model needs the shapes of a bank but not its meaning.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    names = canonical_names()
+    rows = F.normalize(torch.randn(len(names), dim, generator=generator), dim=1)
+    return PriorBank(model_id, "0" * 64, dict(zip(names, rows, strict=True)))
 
 
 def save_prior_bank(bank: PriorBank, path: str | os.PathLike[str]) -> Path:

@@ -6,12 +6,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
 
 from datasets.labels import MODALITIES
 from datasets.processed import ProcessedLayout, write_test_volume, write_training_slice
-from prompts.bank import PriorBank
-from prompts.texts import canonical_names
+from prompts.bank import PriorBank, random_prior_bank
 
 
 def write_nifti(path: Path, zyx: np.ndarray, affine: np.ndarray) -> Path:
@@ -67,8 +65,5 @@ def write_ring_dataset(root: Path, *, train_cases: int, slices_per_case: int,
 
 
 def random_bank(dim: int = 16, seed: int = 0) -> PriorBank:
-    """A prior bank with random unit rows under every canonical name (plumbing tests)."""
-    generator = torch.Generator().manual_seed(seed)
-    rows = torch.nn.functional.normalize(
-        torch.randn(len(canonical_names()), dim, generator=generator), dim=1)
-    return PriorBank("test/random", "0" * 64, dict(zip(canonical_names(), rows, strict=True)))
+    """A small random prior bank for plumbing tests."""
+    return random_prior_bank(dim, seed, model_id="test/random")

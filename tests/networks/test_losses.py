@@ -96,6 +96,22 @@ def test_segmentation_loss_class_weights() -> None:
     assert doubled.item() == pytest.approx(2 * plain.item())
 
 
+def test_segmentation_statistics_are_additive_and_rows_select_samples() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 4, 6, 6, generator=generator)
+    target = torch.randint(0, 4, (4, 6, 6), generator=generator)
+    loss = SegmentationLoss(4, class_weights=[0.5, 1.0, 3.0, 2.0])
+    whole, _ = loss(logits, target)
+    halves = loss.statistics(logits[:2], target[:2]) + loss.statistics(logits[2:], target[2:])
+    torch.testing.assert_close(loss.from_statistics(halves)[0], whole)
+    rows = torch.tensor([True, False, True, False])
+    kept, _ = loss(logits[rows], target[rows])
+    torch.testing.assert_close(loss.from_statistics(loss.statistics(logits, target, rows))[0],
+                               kept)
+    with pytest.raises(ValueError, match="rows must be a bool tensor"):
+        loss.statistics(logits, target, rows[:3])
+
+
 def test_segmentation_loss_rejects_bad_arguments() -> None:
     for kwargs in ({"ce_weight": -0.1}, {"ce_weight": 0.0, "dice_weight": 0.0},
                    {"dice_weight": float("inf")}, {"class_weights": [1.0, 1.0]},

@@ -15,6 +15,7 @@ from prompts.bank import (
     bank_from_released_tensors,
     load_prior_bank,
     load_released_priors,
+    random_prior_bank,
     save_prior_bank,
 )
 from prompts.texts import canonical_names, text_hash
@@ -80,6 +81,15 @@ def test_modality_and_class_matrix_follow_requested_order():
 def test_matrix_bad_names(names, message):
     with pytest.raises(ValueError, match=message):
         _bank().matrix(names)
+
+
+def test_random_prior_bank_is_seeded_unit_rows_under_every_name():
+    bank = random_prior_bank(dim=32, seed=3)
+    assert bank.names == canonical_names() and bank.dim == 32
+    rows = bank.matrix(bank.names)
+    torch.testing.assert_close(rows.norm(dim=1), torch.ones(len(bank.names)))
+    torch.testing.assert_close(random_prior_bank(dim=32, seed=3).matrix(bank.names), rows)
+    assert not torch.allclose(random_prior_bank(dim=32, seed=4).matrix(bank.names), rows)
 
 
 def test_bank_validation():

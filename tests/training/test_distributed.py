@@ -58,7 +58,10 @@ def _spawn(config: dict, timeout: float = 300.0) -> None:
     # Ranks lack different sequences; the contrastive term starts in the second epoch. Masks
     # drawn per rank instead of per sample give differences of order 1.
     ("immseg_noprior", {"sequence_dropout": 0.5, "contrastive_start_epoch": 1}, 1e-6),
-], ids=["transunet", "immseg_noprior", "immseg_noprior-sequence_dropout"])
+    # A weighted CE is a ratio of sums; a mean of per-rank weighted means would differ.
+    ("transunet", {"class_weights": (0.5, 1.0, 3.0, 2.0)}, 1e-6),
+], ids=["transunet", "immseg_noprior", "immseg_noprior-sequence_dropout",
+        "transunet-class_weights"])
 def test_two_processes_equal_one_on_the_same_global_batch(tmp_path, model, changes, atol):
     root = write_ring_dataset(tmp_path / "data", train_cases=4, slices_per_case=2)
     single = _config(root, tmp_path / "single", model, **changes)
