@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
             loaded.model, layout, names, loaded.img_size, device, subsets,
             batch_size=args.batch_size, tta=args.tta,
             prediction_dirs={s: f / "predictions" for s, f in folders.items()}
-            if args.save_nifti else None)
+            if args.save_nifti else None,
+            reference_dir=output_dir / "reference" if args.save_nifti and args.all_subsets
+            else None)
     except (ValueError, OSError) as error:
         log.error("%s", error)
         return 1

@@ -97,11 +97,14 @@ def evaluate_subsets(model: nn.Module, layout: ProcessedLayout, names: list[str]
                      device: torch.device, subsets: Sequence[Sequence[str]], *,
                      batch_size: int = 32, tta: bool = False,
                      prediction_dirs: Mapping[tuple[str, ...], Path] | None = None,
+                     reference_dir: Path | None = None,
                      ) -> dict[tuple[str, ...], MetricAccumulator]:
     """Score every listed test volume once per sequence subset (each volume is read once).
 
-    ``prediction_dirs`` maps a subset to the folder that receives its NIfTI files
-    (:func:`write_volume_nifti`); subsets missing from it write none.
+    ``prediction_dirs`` maps a subset to the folder that receives its ``<name>_pred`` NIfTI
+    files; subsets missing from it write none. The label and the inputs, the same for every
+    subset, go once per volume to ``reference_dir`` (:func:`write_reference_nifti`); without it,
+    beside each subset's predictions.
     """
     checked = [parse_sequences(subset) for subset in subsets]
     if not checked:
@@ -110,16 +113,22 @@ def evaluate_subsets(model: nn.Module, layout: ProcessedLayout, names: list[str]
         raise ValueError(f"a sequence subset is listed twice in {checked}")
     for subset in checked:
         check_model_inputs(model, subset)
+    prediction_dirs = {parse_sequences(subset): Path(folder)
+                       for subset, folder in (prediction_dirs or {}).items()}
+    reference_dirs = ([Path(reference_dir)] if reference_dir is not None
+                      else sorted(set(prediction_dirs.values())))
     results = {subset: MetricAccumulator() for subset in checked}
     model.eval()
     for volume in tqdm(iter_test_volumes(layout, names), total=len(names), desc="test",
                        unit="volume"):
+        for directory in reference_dirs:
+            write_reference_nifti(directory, volume)
         for subset in checked:
             prediction = predict_volume(model, volume.image, img_size, device, batch_size,
                                         tta=tta, sequences=subset)
             results[subset].update(volume.name, prediction, volume.label, volume.spacing)
-            if prediction_dirs is not None and subset in prediction_dirs:
-                write_volume_nifti(prediction_dirs[subset], volume, prediction)
+            if subset in prediction_dirs:
+                write_prediction_nifti(prediction_dirs[subset], volume, prediction)
     return results
 
 
@@ -156,19 +165,26 @@ def write_nifti(path: Path, volume: np.ndarray, spacing: Sequence[float]) -> Non
         image.to_filename(str(tmp))
 
 
-def write_volume_nifti(directory: Path, volume: TestVolume, prediction: np.ndarray) -> list[Path]:
-    """Write ``<name>_pred``, ``<name>_gt`` and ``<name>_<sequence>`` (each input) as NIfTI.
-
-    The inputs are written as stored (in [0, 1]), absent ones included, so that a prediction made
-    without a sequence can still be checked against it. Returns the written paths.
-    """
+def write_prediction_nifti(directory: Path, volume: TestVolume, prediction: np.ndarray) -> Path:
+    """Write ``<name>_pred.nii.gz`` on the geometry of :func:`write_reference_nifti`."""
     if prediction.shape != volume.label.shape:
         raise ValueError(f"{volume.name}: prediction shape {prediction.shape} != label shape "
                          f"{volume.label.shape}")
+    path = Path(directory) / f"{volume.name}_pred.nii.gz"
+    write_nifti(path, prediction.astype(np.uint8), volume.spacing)
+    return path
+
+
+def write_reference_nifti(directory: Path, volume: TestVolume) -> list[Path]:
+    """Write ``<name>_gt`` and ``<name>_<sequence>`` (each input) as NIfTI.
+
+    The inputs are written as stored (in [0, 1]), all three, so that a prediction made without a
+    sequence can still be checked against it. Returns the written paths.
+    """
     if volume.image.shape[1] != len(MODALITIES):
         raise ValueError(f"{volume.name}: expected {len(MODALITIES)} sequences, got image "
                          f"{volume.image.shape}")
-    arrays = {"pred": prediction.astype(np.uint8), "gt": volume.label.astype(np.uint8)}
+    arrays = {"gt": volume.label.astype(np.uint8)}
     for index, sequence in enumerate(MODALITIES):
         arrays[sequence] = volume.image[:, index].astype(np.float32)
     paths = []

@@ -66,7 +66,7 @@ def test_all_subsets_writes_one_folder_per_subset_and_a_table(root, tmp_path, ca
     _, checkpoint = _checkpoint("immseg", root, tmp_path)
     out = tmp_path / "subsets"
     assert test_script.main(["--checkpoint", checkpoint, "--device", "cpu", "--all_subsets",
-                             "--output_dir", str(out)]) == 0
+                             "--save_nifti", "--output_dir", str(out)]) == 0
     printed = capsys.readouterr().out
     labels = [subset_label(subset) for subset in all_subsets()]
     for label in labels:
@@ -74,6 +74,12 @@ def test_all_subsets_writes_one_folder_per_subset_and_a_table(root, tmp_path, ca
         summary = json.loads((out / label / "summary.json").read_text())
         assert summary["settings"]["sequences"] == label.split("+")
         assert (out / label / "dice_boxplot.png").is_file()
+        # Each subset writes its predictions; the label and inputs are written once.
+        assert {p.name for p in (out / label / "predictions").iterdir()} == {
+            "case0005_pred.nii.gz", "case0010_pred.nii.gz"}
+    assert {p.name for p in (out / "reference").iterdir()} == {
+        f"{case}_{suffix}.nii.gz" for case in ("case0005", "case0010")
+        for suffix in ("gt", *MODALITIES)}
     with open(out / "subsets.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["subset"] for row in rows] == labels
