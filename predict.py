@@ -76,7 +76,7 @@ def _input_files(args: argparse.Namespace) -> tuple[str | None, dict[str, str | 
     if args.case_dir is not None:
         if any(path is not None for path in given.values()):
             raise ValueError("give either --case_dir or the sequence files, not both")
-        wanted = parse_sequences(args.sequences) if args.sequences else MODALITIES
+        wanted = parse_sequences(args.sequences) if args.sequences else None
         case_id, files = case_dir_files(args.case_dir, args.case_id, wanted)
         return case_id, dict(files)
     if args.case_id is not None:

@@ -13,6 +13,7 @@ cheap and errors about the folder structure come before any heavy work.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,7 +147,8 @@ def detect_layout(root: str | Path) -> str:
         raise RawDataError(f"{root}: raw data folder not found")
     if _myops380_dir(root) is not None:
         return "myops380"
-    if any(root.glob("*/*_C0.nii*")) or any(root.glob("*_C0.nii*")):
+    if any(next(root.glob(f"{folder}*_{sequence}.nii*"), None) is not None
+           for folder in ("*/", "") for sequence in ("C0", "LGE", "T2")):
         return "myops2020"
     raise RawDataError(
         f"{root}: neither the MyoPS380 layout (Raw_data/{{bSSFP,LGE,T2w,label}}) nor the "
@@ -154,19 +156,20 @@ def detect_layout(root: str | Path) -> str:
     )
 
 
-def discover_cases(root: str | Path, layout: str | None = None,
-                   require_label: bool = True) -> list[CaseFiles]:
+def discover_cases(root: str | Path, layout: str | None = None, require_label: bool = True,
+                   required: Sequence[str] = MODALITIES) -> list[CaseFiles]:
     """List every case under ``root`` with its files, sorted by case id.
 
-    Raises :class:`RawDataError` for a sequence missing from a case or a label without images, so
-    that a broken export is caught before hours of processing.
+    Raises :class:`RawDataError` for a ``required`` sequence missing from a case or a label
+    without images, so that a broken export is caught before hours of processing. Sequences not
+    required are listed when present (prediction reads any subset).
     """
     root = Path(root)
     layout = layout or detect_layout(root)
     if layout == "myops380":
-        cases = _discover_myops380(root)
+        cases = _discover_myops380(root, required)
     elif layout == "myops2020":
-        cases = _discover_myops2020(root)
+        cases = _discover_myops2020(root, required)
     else:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     if not cases:
@@ -220,7 +223,7 @@ def _nifti_files(folder: Path) -> dict[str, Path]:
     return found
 
 
-def _discover_myops380(root: Path) -> list[CaseFiles]:
+def _discover_myops380(root: Path, required: Sequence[str]) -> list[CaseFiles]:
     base = _myops380_dir(root)
     assert base is not None
     per_modality = {name: _nifti_files(base / name) for name in MODALITIES}
@@ -231,7 +234,7 @@ def _discover_myops380(root: Path) -> list[CaseFiles]:
     }
     case_ids = sorted(set().union(*per_modality.values()))
     for case_id in case_ids:
-        missing = [name for name in MODALITIES if case_id not in per_modality[name]]
+        missing = [name for name in required if case_id not in per_modality[name]]
         if missing:
             raise RawDataError(
                 f"{base}: case {case_id} lacks {', '.join(missing)} "
@@ -241,13 +244,13 @@ def _discover_myops380(root: Path) -> list[CaseFiles]:
     if orphans:
         raise RawDataError(f"{base / 'label'}: labels without images: {', '.join(orphans)}")
     return [
-        CaseFiles(case_id, {name: per_modality[name][case_id] for name in MODALITIES},
-                  labels.get(case_id))
+        CaseFiles(case_id, {name: per_modality[name][case_id] for name in MODALITIES
+                            if case_id in per_modality[name]}, labels.get(case_id))
         for case_id in case_ids
     ]
 
 
-def _discover_myops2020(root: Path) -> list[CaseFiles]:
+def _discover_myops2020(root: Path, required: Sequence[str]) -> list[CaseFiles]:
     pattern = re.compile(r"^(?P<case>.+)_(?P<seq>C0|LGE|T2|gd)$")
     grouped: dict[str, dict[str, Path]] = {}
     for path in sorted([*root.glob("*.nii*"), *root.glob("*/*.nii*")]):
@@ -257,11 +260,13 @@ def _discover_myops2020(root: Path) -> list[CaseFiles]:
             grouped.setdefault(match["case"], {})[match["seq"]] = path
     cases = []
     for case_id, found in sorted(grouped.items()):
-        missing = [s for s in ("C0", "LGE", "T2") if s not in found]
+        missing = [_MYOPS2020_SUFFIX[name] for name in required
+                   if _MYOPS2020_SUFFIX[name] not in found]
         if missing:
             where = found[next(iter(found))].parent
             names = ", ".join(f"{case_id}_{s}.nii.gz" for s in missing)
             raise RawDataError(f"{where}: case {case_id} lacks {names}")
-        images = {name: found[_MYOPS2020_SUFFIX[name]] for name in MODALITIES}
+        images = {name: found[_MYOPS2020_SUFFIX[name]] for name in MODALITIES
+                  if _MYOPS2020_SUFFIX[name] in found}
         cases.append(CaseFiles(case_id, images, found.get("gd")))
     return cases

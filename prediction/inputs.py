@@ -72,15 +72,17 @@ def load_patient(paths: Mapping[str, str | os.PathLike[str] | None],
 
 
 def case_dir_files(case_dir: str | os.PathLike[str], case_id: str | None = None,
-                   sequences: Sequence[str] = MODALITIES) -> tuple[str, dict[str, Path]]:
+                   sequences: Sequence[str] | None = None) -> tuple[str, dict[str, Path]]:
     """Files of one case in a raw folder laid out as :mod:`datasets.raw` discovers.
 
     ``case_dir`` is a MyoPS 2020 case folder (``CaseXXXX_{C0,LGE,T2}.nii.gz``) or a dataset root
     of either layout; a root holding several cases needs ``case_id``. A label file, if present,
-    is ignored. Returns the case id and the files of ``sequences``.
+    is ignored. Returns the case id and the files of ``sequences``, each of which must be there;
+    ``None`` takes every sequence the case has.
     """
     case_dir = Path(case_dir)
-    cases = discover_cases(case_dir, require_label=False)
+    cases = discover_cases(case_dir, require_label=False,
+                           required=() if sequences is None else sequences)
     if case_id is not None:
         chosen = [case for case in cases if case.case_id == case_id]
         if not chosen:
@@ -92,7 +94,11 @@ def case_dir_files(case_dir: str | os.PathLike[str], case_id: str | None = None,
     else:
         chosen = cases
     files = chosen[0]
-    return files.case_id, {name: files.images[name] for name in sequences}
+    if not files.images:
+        raise RawDataError(f"{case_dir}: case {files.case_id} has no image of "
+                           f"{list(MODALITIES)}")
+    wanted = files.images if sequences is None else sequences
+    return files.case_id, {name: files.images[name] for name in MODALITIES if name in wanted}
 
 
 def _strip_nifti_suffix(name: str) -> str:

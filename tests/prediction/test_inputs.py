@@ -53,3 +53,16 @@ def test_case_dir_in_either_layout(phantom_root, phantom_files, tmp_path):
         case_dir_files(tmp_path, "Case0009")
     with pytest.raises(RawDataError, match="not found"):
         case_dir_files(tmp_path / "nothing")
+
+
+def test_case_dir_with_a_sequence_missing(phantom_files, tmp_path):
+    # A MyoPS 2020 folder without its bSSFP (C0): the sequences present are used.
+    case = tmp_path / "Case0011"
+    case.mkdir()
+    for name, suffix in (("LGE", "LGE"), ("T2w", "T2")):
+        shutil.copy(phantom_files[name], case / f"Case0011_{suffix}.nii.gz")
+    case_id, files = case_dir_files(case)
+    assert case_id == "Case0011" and list(files) == ["LGE", "T2w"]
+    assert list(case_dir_files(case, sequences=("T2w",))[1]) == ["T2w"]
+    with pytest.raises(RawDataError, match=r"Case0011 lacks Case0011_C0\.nii\.gz"):
+        case_dir_files(case, sequences=("bSSFP", "LGE"))
