@@ -25,11 +25,12 @@ MYOPS_RAW ?= ../shared/data/myops2020
 MYOPS_DATA ?= data/myops2020
 MYOPS_RUNS ?= runs/myops2020
 MYOPS_BACKBONE ?= R50-ViT-B_16
-MYOPS_EPOCHS ?= 25
+MYOPS_EPOCHS ?= 30
 MYOPS_MODELS ?= immseg immseg_noprior transunet
 MYOPS_FLAGS ?=
+MYOPS_DROPOUT ?= 0.5
 
-.PHONY: demo test install myops
+.PHONY: demo test install myops myops_subsets
 
 install: $(STAMP)
 
@@ -66,3 +67,15 @@ myops: $(STAMP)
 			--output_dir $(MYOPS_RUNS)/$$model/test; \
 	done
 	$(PY) -m bench.results_table $(foreach m,$(MYOPS_MODELS),$(m)=$(MYOPS_RUNS)/$(m)/test)
+
+# Dice per sequence subset (README "Results"): immseg trained again with sequence dropout, then
+# both immseg runs scored on all 7 subsets. Needs the data and priors of `make myops`.
+myops_subsets: $(STAMP)
+	$(PY) train.py --dataset Myops --model immseg --vit_name $(MYOPS_BACKBONE) \
+		--root_path $(MYOPS_DATA) --priors_path $(DEMO_PRIORS) --max_epochs $(MYOPS_EPOCHS) \
+		--batch_size 8 --seed 1234 --sequence_dropout $(MYOPS_DROPOUT) \
+		--output_dir $(MYOPS_RUNS)/immseg_dropout $(MYOPS_FLAGS)
+	set -e; for run in immseg immseg_dropout; do \
+		$(PY) test.py --run_dir $(MYOPS_RUNS)/$$run --root_path $(MYOPS_DATA) --all_subsets \
+			--output_dir $(MYOPS_RUNS)/$$run/test_subsets; \
+	done

@@ -294,7 +294,7 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
              "volumes, device %s) -> %s", describe(model), len(dataset), context.world_size,
              max_iterations, iteration, len(validation), device, run_dir)
 
-    def save(path: Path, epoch: int) -> None:
+    def save(path: Path, epoch: int, resumable: bool = False) -> None:
         # A finite last loss does not make the step after it finite: never save broken weights
         # over the last good checkpoint.
         bad = [name for name, value in model.state_dict().items()
@@ -306,7 +306,7 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
             path, model=model, optimizer=optimizer, scaler=scaler, epoch=epoch,
             iteration=iteration, train_config=config.to_dict(), schedule=schedule,
             tracker=tracker.state_dict(), priors=prior_record,
-            preprocess=layout.recorded_preprocessing())
+            preprocess=layout.recorded_preprocessing(), resumable=resumable)
 
     loss_value, completed = math.nan, start_epoch
     final = run_dir / CHECKPOINT_FINAL
@@ -348,7 +348,7 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
                                  functools.partial(save, run_dir / CHECKPOINT_BEST, epoch + 1))
             completed = epoch + 1
             if context.is_main:
-                save(run_dir / CHECKPOINT_LAST, completed)
+                save(run_dir / CHECKPOINT_LAST, completed, resumable=True)
             if broadcast_flag(stop, context):
                 log.info("early stop after epoch %d: no gain for %d validations", epoch + 1,
                          config.patience)

@@ -72,6 +72,13 @@ def test_train_then_test_round_trip(variant, processed_root, bank_path, tmp_path
     assert payload["tracker"]["best_epoch"] in (1, 2)
     assert payload["train_config"] == config
     assert (run / CHECKPOINT_LAST).is_file() and (run / "tensorboard").is_dir()
+    # Best and final are model-only; the last one carries what --resume needs.
+    best = torch.load(run / "checkpoint_best.pth", weights_only=False)
+    last = torch.load(run / CHECKPOINT_LAST, weights_only=False)
+    for key in ("optimizer", "scaler", "rng"):
+        assert key not in payload and key not in best and key in last
+    for key, value in last["model"].items():
+        assert torch.equal(payload["model"][key], value)
 
     assert payload["network"]["variant"] == variant
     # predict.py rebuilds the training grid from the checkpoint alone.

@@ -69,6 +69,10 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert actual["tracker"] == expected["tracker"]
     for key, value in expected["model"].items():
         assert torch.equal(actual["model"][key], value), key
+    assert "optimizer" not in actual  # model-only; the resumable state is in the last one
+    expected = torch.load(tmp_path / "reference" / CHECKPOINT_LAST, weights_only=False)
+    actual = torch.load(run / CHECKPOINT_LAST, weights_only=False)
+    assert actual["epoch"] == expected["epoch"] == 4
     for group, state in expected["optimizer"]["state"].items():
         assert torch.equal(actual["optimizer"]["state"][group]["exp_avg"], state["exp_avg"])
 
