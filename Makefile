@@ -66,7 +66,8 @@ myops: $(STAMP)
 		$(PY) test.py --run_dir $(MYOPS_RUNS)/$$model --root_path $(MYOPS_DATA) \
 			--output_dir $(MYOPS_RUNS)/$$model/test; \
 	done
-	$(PY) -m bench.results_table $(foreach m,$(MYOPS_MODELS),$(m)=$(MYOPS_RUNS)/$(m)/test)
+	$(PY) -m bench.results_table $(foreach m,$(MYOPS_MODELS),$(m)=$(MYOPS_RUNS)/$(m)/test) \
+		$(if $(filter immseg,$(MYOPS_MODELS)),--paired immseg)
 
 # Dice per sequence subset (README "Results"): immseg trained again with sequence dropout, then
 # both immseg runs scored on all 7 subsets. Needs the data and priors of `make myops`.

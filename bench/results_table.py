@@ -5,6 +5,10 @@
 
 Each argument is ``label=folder`` (or just a folder, labelled by its parent's name) holding the
 ``summary.json`` that test.py writes. Columns follow the evaluation groups' order.
+
+``--paired LABEL`` adds a case-by-case count: in how many test cases the run ``LABEL`` has a
+higher Dice than each other run, per group. With few test volumes a mean can rest on one or two
+cases; the count shows whether a difference is consistent.
 """
 
 from __future__ import annotations
@@ -31,6 +35,43 @@ def read_summary(folder: Path) -> dict:
         raise ValueError(f"{path}: not a test.py summary ({error!r})") from error
     order = {group: i for i, group in enumerate(EVAL_GROUPS)}
     return dict(sorted(summary.items(), key=lambda item: order.get(item[0], len(order))))
+
+
+def read_case_dice(folder: Path) -> dict[str, dict[str, float]]:
+    """Per-case Dice, ``case -> group -> value``, from ``folder/summary.json``."""
+    path = folder / "summary.json"
+    try:
+        rows = json.loads(path.read_text())["cases"]
+        return {str(row["case"]): {group: float(row[f"{group}_dice"]) for group in EVAL_GROUPS}
+                for row in rows}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path}: no per-case Dice of every group ({error!r})") from error
+
+
+def paired_table(reference: str, cases: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Per group, the cases where ``reference`` has a higher Dice than each other run (k/n).
+
+    Ties are cases where neither is higher (for example both 1 on an empty mask), shown as
+    ``k/n (t tied)``. Every run must hold the same cases.
+    """
+    if reference not in cases:
+        raise ValueError(f"--paired {reference!r} is not one of the runs {list(cases)}")
+    ours = cases[reference]
+    lines = [f"| {reference} Dice higher in | " + " | ".join(EVAL_GROUPS) + " |",
+             "|---|" + "---|" * len(EVAL_GROUPS)]
+    for label, theirs in cases.items():
+        if label == reference:
+            continue
+        if set(theirs) != set(ours):
+            raise ValueError(f"runs {reference!r} and {label!r} hold different cases: "
+                             f"{sorted(set(ours) ^ set(theirs))}")
+        cells = []
+        for group in EVAL_GROUPS:
+            higher = sum(ours[case][group] > theirs[case][group] for case in ours)
+            tied = sum(ours[case][group] == theirs[case][group] for case in ours)
+            cells.append(f"{higher}/{len(ours)}" + (f" ({tied} tied)" if tied else ""))
+        lines.append(f"| vs {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown_table(runs: dict[str, dict], metric: str) -> str:
@@ -69,15 +110,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="label=folder with summary.json")
+    parser.add_argument("--paired", metavar="LABEL", default=None,
+                        help="count the cases where this run's Dice beats each other run's")
     args = parser.parse_args(argv)
     try:
-        runs = {}
+        runs, folders = {}, {}
         for text in args.runs:
             label, folder = _parse_run(text)
             if label in runs:
                 raise ValueError(f"label {label!r} given twice")
-            runs[label] = read_summary(folder)
+            runs[label], folders[label] = read_summary(folder), folder
         tables = [markdown_table(runs, metric) for metric in METRICS]
+        if args.paired is not None:
+            tables.append(paired_table(args.paired, {label: read_case_dice(folder)
+                                                     for label, folder in folders.items()}))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from bench.results_table import main, markdown_table
+from bench.results_table import main, markdown_table, paired_table
 from datasets.labels import EVAL_GROUPS
 from evaluation.metrics import MetricAccumulator
 
@@ -58,3 +58,23 @@ def test_columns_follow_the_evaluation_groups(tmp_path, capsys):
     header = capsys.readouterr().out.splitlines()[0]
     columns = [cell.strip() for cell in header.strip("|").split("|")][1:]
     assert columns == list(EVAL_GROUPS)
+
+
+def test_paired_counts_cases_case_by_case(tmp_path, capsys):
+    perfect = np.zeros((1, 8, 8), np.uint8)
+    perfect[0, 2:6, 2:6] = 1
+    half = np.zeros((1, 8, 8), np.uint8)
+    half[0, 2:6, 2:4] = 1
+    a = _summary_dir(tmp_path, "a", {"c1": perfect, "c2": half, "c3": perfect})
+    b = _summary_dir(tmp_path, "b", {"c1": half, "c2": perfect, "c3": half})
+    assert main([f"a={a}", f"b={b}", "--paired", "a"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("| vs b |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")][1:]
+    # Myocardium: a higher in c1 and c3; scar and edema are empty everywhere: all tied.
+    assert cells[list(EVAL_GROUPS).index("myocardium")] == "2/3"
+    assert cells[list(EVAL_GROUPS).index("scar")] == "0/3 (3 tied)"
+    assert main([f"a={a}", f"b={b}", "--paired", "c"]) == 1
+    assert "not one of the runs" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="different cases"):
+        paired_table("a", {"a": {"c1": {}, "c2": {}}, "d": {"c1": {}}})
