@@ -107,13 +107,13 @@ def register_affine_ngf(fixed: Sequence[np.ndarray] | np.ndarray,
     count = len(fixed_np)
     spacing = bounds.pixel_spacing_mm
     usable = [int(m.sum()) >= bounds.min_mask_pixels for m in masks_np]
-    centres, radii = _mask_geometry(masks_np, spacing)
+    centres, radii = mask_geometry(masks_np, spacing)
     window = _window(masks_np, config.pad_mm / spacing)
     weights = torch.from_numpy(np.stack([ndimage.gaussian_filter(m.astype(np.float32), 1.0)
                                          for m in masks_np]))[:, window[0], window[1]]
     centre_t = torch.from_numpy(centres).float()
     radius_t = torch.from_numpy(radii).float()
-    theta = torch.zeros(count, _dof(config.model), dtype=torch.float32)
+    theta = torch.zeros(count, model_dof(config.model), dtype=torch.float32)
     theta[:, -2:] = _translation_search(fixed_np, moving_np, masks_np, weights, window, config,
                                         spacing)
     theta.requires_grad_(True)
@@ -127,9 +127,10 @@ def register_affine_ngf(fixed: Sequence[np.ndarray] | np.ndarray,
                                       config.smoothing_sigmas_mm[-1] / spacing, config, window)
     with torch.no_grad():
         eye = torch.zeros_like(theta)
-        before = _ngf_score(fixed_n, moving_n, *_affine(eye, config.model, centre_t, radius_t),
+        before = _ngf_score(fixed_n, moving_n,
+                            *params_to_affine(eye, config.model, centre_t, radius_t),
                             weights, window)
-        matrix, offset = _affine(theta, config.model, centre_t, radius_t)
+        matrix, offset = params_to_affine(theta, config.model, centre_t, radius_t)
         after = _ngf_score(fixed_n, moving_n, matrix, offset, weights, window)
     seconds = (time.perf_counter() - start) / max(count, 1)
     results = []
@@ -170,7 +171,7 @@ def _fit_level(theta: torch.Tensor, fixed_n: torch.Tensor, moving_n: torch.Tenso
 
     def closure() -> torch.Tensor:
         optimiser.zero_grad()
-        matrix, offset = _affine(theta, config.model, centre, radius)
+        matrix, offset = params_to_affine(theta, config.model, centre, radius)
         score = _ngf_score(fixed_n, moving_n, matrix, offset, weights, window)
         prior = (theta / (config.prior_mm / spacing)).pow(2).sum(dim=1)
         loss = (-score + config.prior_weight * prior).sum()
@@ -207,11 +208,12 @@ def _translation_search(fixed: np.ndarray, moving: np.ndarray, masks: np.ndarray
     return best
 
 
-def _dof(model: str) -> int:
+def model_dof(model: str) -> int:
+    """Parameters of a transform model (see :func:`params_to_affine`)."""
     return {"affine": 6, "similarity": 4, "rigid": 3}[model]
 
 
-def _mask_geometry(masks: np.ndarray, spacing: float) -> tuple[np.ndarray, np.ndarray]:
+def mask_geometry(masks: np.ndarray, spacing: float) -> tuple[np.ndarray, np.ndarray]:
     """Centre ``(row, col)`` and RMS radius (pixels) of each mask; image centre when empty."""
     centres, radii = [], []
     for mask in masks:
@@ -227,7 +229,7 @@ def _mask_geometry(masks: np.ndarray, spacing: float) -> tuple[np.ndarray, np.nd
     return np.asarray(centres, dtype=np.float64), np.asarray(radii, dtype=np.float64)
 
 
-def _affine(theta: torch.Tensor, model: str, centre: torch.Tensor,
+def params_to_affine(theta: torch.Tensor, model: str, centre: torch.Tensor,
             radius: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Parameters (all in pixels of heart motion) -> ``p_moving = M p + offset`` per slice.
 
@@ -247,6 +249,23 @@ def _affine(theta: torch.Tensor, model: str, centre: torch.Tensor,
         shift = theta[:, -2:]
     offset = centre + shift - torch.einsum("nij,nj->ni", matrix, centre)
     return matrix, offset
+
+
+def sampling_grid(matrix: torch.Tensor, offset: torch.Tensor, shape: tuple[int, int],
+                  window: tuple[slice, slice]) -> torch.Tensor:
+    """``grid_sample`` grid ``[N, h, w, 2]`` of the moving positions ``M p + offset`` of the fixed
+    pixels ``p`` in ``window``, for moving images of ``shape`` (``align_corners=True``)."""
+    count = matrix.shape[0]
+    height, width = shape
+    row_range, col_range = range(height)[window[0]], range(width)[window[1]]
+    rows, cols = torch.meshgrid(
+        torch.arange(row_range.start, row_range.stop, dtype=matrix.dtype),
+        torch.arange(col_range.start, col_range.stop, dtype=matrix.dtype), indexing="ij")
+    points = torch.stack([rows, cols], dim=-1).view(1, -1, 2)
+    mapped = torch.einsum("nij,npj->npi", matrix, points.expand(count, -1, -1))
+    mapped = mapped + offset[:, None, :]
+    grid = torch.stack([mapped[..., 1] / (width - 1), mapped[..., 0] / (height - 1)], dim=-1)
+    return (2 * grid - 1).view(count, len(row_range), len(col_range), 2)
 
 
 def _gradients(images: torch.Tensor) -> torch.Tensor:
@@ -306,16 +325,7 @@ def _ngf_score(fixed_n: torch.Tensor, moving_n: torch.Tensor, matrix: torch.Tens
     local optimum; so the interpolated vectors give only the *direction*, and the edge strength
     comes from the interpolated magnitudes, which interpolation does not bias.
     """
-    count, _, height, width = moving_n.shape
-    row_range, col_range = range(height)[window[0]], range(width)[window[1]]
-    rows, cols = torch.meshgrid(
-        torch.arange(row_range.start, row_range.stop, dtype=matrix.dtype),
-        torch.arange(col_range.start, col_range.stop, dtype=matrix.dtype), indexing="ij")
-    points = torch.stack([rows, cols], dim=-1).view(1, -1, 2)
-    mapped = torch.einsum("nij,npj->npi", matrix, points.expand(count, -1, -1))
-    mapped = mapped + offset[:, None, :]
-    grid = torch.stack([mapped[..., 1] / (width - 1), mapped[..., 0] / (height - 1)], dim=-1)
-    grid = (2 * grid - 1).view(count, len(row_range), len(col_range), 2)
+    grid = sampling_grid(matrix, offset, tuple(moving_n.shape[-2:]), window)
     warped = F.grid_sample(moving_n, grid, mode="bilinear", padding_mode="border",
                            align_corners=True)
     pulled = torch.einsum("nji,njhw->nihw", matrix, warped[:, :2])
