@@ -42,7 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--affine_metric", choices=AFFINE_METRICS,
                         default=PreprocessConfig().affine_metric,
                         help="ngf: edge directions (robust to the sequences' contrasts, default); "
-                             "mattes: mutual information (closer on simple contrasts)")
+                             "mattes: mutual information (closer on simple contrasts); "
+                             "segmentation: each sequence's myocardium as predicted by "
+                             "--segmenter, laid onto the label's")
+    parser.add_argument("--segmenter", type=Path, default=None,
+                        help="checkpoint of a network that segments one sequence alone (trained "
+                             "with --sequence_dropout) for --affine_metric segmentation")
     parser.add_argument("--no_nonrigid", action="store_true",
                         help="skip VoxelMorph-style non-rigid registration")
     parser.add_argument("--voxelmorph_checkpoint", type=Path, default=None,
@@ -61,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     out_root = args.out_root or f"{args.raw_root.rstrip('/')}/Processed_data"
+    if (args.segmenter is not None) != (args.affine_metric == "segmentation"):
+        log.error("--segmenter and --affine_metric segmentation go together")
+        return 1
     try:
         config = PreprocessConfig(crop_size=args.crop_size, roi_size=args.roi_size,
                                   max_slice_distance_mm=args.max_slice_distance,
@@ -72,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             layout=args.layout, qa=not args.no_qa,
             voxelmorph=dataclasses.replace(VoxelMorphConfig(),
                                            iterations=args.voxelmorph_iterations),
-            voxelmorph_checkpoint=args.voxelmorph_checkpoint, device=args.device)
+            voxelmorph_checkpoint=args.voxelmorph_checkpoint,
+            segmenter_checkpoint=args.segmenter, device=args.device)
         results = run_preprocessing(args.raw_root, out_root, config, options)
     except (ValueError, RuntimeError, OSError, FloatingPointError) as error:
         log.error("%s", error)

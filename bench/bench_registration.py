@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -63,11 +64,23 @@ def _phantom_source(root: Path, cases: int, seed: int):
 
 
 def _real_source(source: Path, root: Path, cases: int, seed: int,
-                 misalignment: MisalignmentConfig):
-    """Copy real cases with bSSFP and T2 slices warped by known maps; returns the truth."""
+                 misalignment: MisalignmentConfig, case_ids: Sequence[str] | None = None):
+    """Copy real cases with bSSFP and T2 slices warped by known maps; returns the truth.
+
+    ``case_ids`` picks the cases (e.g. ones a segmenter never trained on), else the first
+    ``cases``.
+    """
     rng = np.random.default_rng(seed)
     records: dict[str, dict[str, list]] = {}
-    for files in discover_cases(source)[:cases]:
+    available = discover_cases(source)
+    if case_ids:
+        unknown = sorted(set(case_ids) - {files.case_id for files in available})
+        if unknown:
+            raise ValueError(f"{source}: no case(s) {unknown}")
+        chosen = [files for files in available if files.case_id in case_ids]
+    else:
+        chosen = available[:cases]
+    for files in chosen:
         case_dir = root / files.case_id
         case_dir.mkdir(parents=True)
         label_image = nib.load(str(files.label))
@@ -122,12 +135,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--affine_metric", choices=AFFINE_METRICS,
                         default=PreprocessConfig().affine_metric)
+    parser.add_argument("--segmenter", type=Path, default=None,
+                        help="checkpoint for --affine_metric segmentation")
+    parser.add_argument("--case_ids", default=None,
+                        help="comma-separated real cases (default: the first --cases)")
     parser.add_argument("--warp_scale", type=float, default=1.0,
                         help="scale of the known warp applied to real cases (0: none, which "
                              "shows how far registration moves already aligned slices)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     config = PreprocessConfig(affine_metric=args.affine_metric)
+    segmenter = None
+    if args.affine_metric == "segmentation":
+        if args.segmenter is None:
+            parser.error("--affine_metric segmentation needs --segmenter")
+        from preprocessing.segmenter import CheckpointSegmenter
+
+        segmenter = CheckpointSegmenter(args.segmenter, torch.device("cpu"))
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw"
         if args.source == "phantom":
@@ -139,12 +163,13 @@ def main(argv: list[str] | None = None) -> int:
                 max_translation_mm=base.max_translation_mm * args.warp_scale,
                 max_scale=base.max_scale * args.warp_scale,
                 nonrigid_mm=base.nonrigid_mm * args.warp_scale)
-            root, factory = _real_source(args.real_root, raw, args.cases, args.seed, warp)
+            root, factory = _real_source(args.real_root, raw, args.cases, args.seed, warp,
+                                         args.case_ids.split(",") if args.case_ids else None)
         loaded, aligned, align_seconds = {}, {}, []
         for files in discover_cases(root):
             case = load_case(files)
             start = time.perf_counter()
-            aligned[files.case_id] = align_case(case, config)
+            aligned[files.case_id] = align_case(case, config, segmenter)
             align_seconds.append(time.perf_counter() - start)
             loaded[files.case_id] = case
         start = time.perf_counter()
@@ -178,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         "voxelmorph_iterations": args.voxelmorph_iterations,
         "threads": args.threads,
         "affine_metric": args.affine_metric,
+        "segmenter": None if segmenter is None else segmenter.describe(),
         "warp_scale": args.warp_scale if args.source == "real" else None,
     }
     print(json.dumps(report, indent=2))

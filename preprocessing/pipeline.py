@@ -16,7 +16,8 @@ map predictions back to the native images goes into the manifest and the fields 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,10 +30,11 @@ from preprocessing.affine_registration import (
     register_affine,
 )
 from preprocessing.intensity import apply_window, normalise_to_255
+from preprocessing.mask_affine import MaskAffineConfig, register_masks
 from preprocessing.ngf_affine import NGFAffineConfig, register_affine_ngf
 from preprocessing.resample import PlaneGrid, sample_slice
 from preprocessing.slice_matching import SliceMatch, choose_reference, match_slices
-from preprocessing.transforms import compose_fields, identity_field
+from preprocessing.transforms import Affine2D, compose_fields, identity_field
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +42,9 @@ if TYPE_CHECKING:
     from preprocessing.voxelmorph import VoxelMorph2D
 
 
-AFFINE_METRICS: tuple[str, ...] = ("ngf", "mattes")
+AFFINE_METRICS: tuple[str, ...] = ("ngf", "mattes", "segmentation")
+#: ``segmenter(stack [D, H, W] in [0, 255], sequence) -> myocardium probability [D, H, W]``
+Segmenter = Callable[[np.ndarray, str], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -55,10 +59,12 @@ class PreprocessConfig:
     high_percentile: float = 99.5
     affine_registration: bool = True
     nonrigid_registration: bool = True
-    #: "ngf" (edge directions, see preprocessing.ngf_affine) or "mattes" (mutual information)
+    #: "ngf" (edge directions, see preprocessing.ngf_affine), "mattes" (mutual information) or
+    #: "segmentation" (a network's myocardium of each sequence, see preprocessing.mask_affine)
     affine_metric: str = "ngf"
     affine: AffineRegistrationConfig = field(default_factory=AffineRegistrationConfig)
     ngf: NGFAffineConfig = field(default_factory=NGFAffineConfig)
+    mask_fit: MaskAffineConfig = field(default_factory=MaskAffineConfig)
 
     def __post_init__(self) -> None:
         if self.affine_metric not in AFFINE_METRICS:
@@ -129,10 +135,18 @@ class ProcessedCase:
     unregistered: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def align_case(case: RawCase, config: PreprocessConfig) -> AlignedCase:
-    """Steps 1-3 and the ROI placement for one loaded, labelled case."""
+def align_case(case: RawCase, config: PreprocessConfig,
+               segmenter: Segmenter | None = None) -> AlignedCase:
+    """Steps 1-3 and the ROI placement for one loaded, labelled case.
+
+    ``segmenter`` is required by, and only used with, ``affine_metric="segmentation"``.
+    """
     if case.label is None or case.label_modality is None:
         raise ValueError(f"{case.case_id}: preprocessing for training needs a label")
+    if (config.affine_registration and config.affine_metric == "segmentation"
+            and segmenter is None):
+        raise ValueError("affine_metric 'segmentation' needs a segmenter network "
+                         "(preprocess_data.py --segmenter CHECKPOINT)")
     volumes = dict(case.images)
     reference = choose_reference(volumes, prefer=case.label_modality)
     ref_volume = volumes[reference]
@@ -182,6 +196,9 @@ def align_case(case: RawCase, config: PreprocessConfig) -> AlignedCase:
             if config.affine_metric == "ngf":
                 results = register_affine_ngf(full[fixed], full[name], np.stack(masks),
                                               config.ngf, config.affine)
+            elif config.affine_metric == "segmentation":
+                results = _segmentation_fit(full[name][roi], label_full[roi], name, (row0, col0),
+                                            segmenter, config)
             else:
                 results = [register_affine(full[fixed][i], full[name][i], masks[i],
                                            config.affine) for i in range(len(kept))]
@@ -212,6 +229,8 @@ def align_case(case: RawCase, config: PreprocessConfig) -> AlignedCase:
         "roi": {"row0": row0, "col0": col0, "size": config.roi_size},
         "intensity_window": windows,
         "affine_registration": registrations,
+        "affine_segmenter": (_describe(segmenter) if config.affine_registration
+                             and config.affine_metric == "segmentation" else None),
         "output_spacing": (ref_volume.spacing[0], config.pixel_spacing_mm,
                            config.pixel_spacing_mm),
         "num_slices": len(kept),
@@ -220,6 +239,29 @@ def align_case(case: RawCase, config: PreprocessConfig) -> AlignedCase:
                        np.ascontiguousarray(label_full[roi]), windows, affine_fields, images,
                        {name: np.ascontiguousarray(full[name][roi]) for name in MODALITIES},
                        manifest)
+
+
+def _describe(segmenter: Segmenter) -> dict | str:
+    describe = getattr(segmenter, "describe", None)
+    return describe() if callable(describe) else repr(segmenter)
+
+
+def _segmentation_fit(moving_roi: np.ndarray, label_roi: np.ndarray, name: str,
+                      origin: tuple[int, int], segmenter: Segmenter, config: PreprocessConfig):
+    """Register ``name``'s own predicted myocardium (ROI) onto the label's; full-grid results.
+
+    The fit runs on the ROI; a transform ``q -> M q + b`` of ROI pixels is, on the full grid,
+    ``q -> M (q - o) + b + o`` with ``o`` the ROI origin.
+    """
+    myocardium = segmenter(moving_roi, name)
+    if myocardium.shape != label_roi.shape:
+        raise ValueError(f"segmenter returned {myocardium.shape} for {name}'s "
+                         f"{label_roi.shape} ROI stack")
+    o = np.asarray(origin, dtype=np.float64)
+    results = register_masks(label_roi, myocardium, config.mask_fit, config.affine)
+    return [replace(result, transform=Affine2D(
+        result.transform.matrix, result.transform.offset + o - result.transform.matrix @ o))
+        for result in results]
 
 
 def finish_case(case: RawCase, aligned: AlignedCase, config: PreprocessConfig,
@@ -259,10 +301,11 @@ def finish_case(case: RawCase, aligned: AlignedCase, config: PreprocessConfig,
 
 def preprocess_case(case: RawCase, config: PreprocessConfig | None = None,
                     voxelmorph: VoxelMorph2D | None = None,
-                    device: torch.device | None = None) -> ProcessedCase:
+                    device: torch.device | None = None,
+                    segmenter: Segmenter | None = None) -> ProcessedCase:
     """All steps for one case (non-rigid only when a trained model is given)."""
     config = config or PreprocessConfig()
-    return finish_case(case, align_case(case, config), config, voxelmorph, device)
+    return finish_case(case, align_case(case, config, segmenter), config, voxelmorph, device)
 
 
 def roi_origin(label: np.ndarray, size: int, case_id: str) -> tuple[int, int]:

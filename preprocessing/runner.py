@@ -62,6 +62,8 @@ class RunOptions:
     qa: bool = True
     voxelmorph: VoxelMorphConfig = field(default_factory=VoxelMorphConfig)
     voxelmorph_checkpoint: Path | None = None
+    #: network for ``affine_metric="segmentation"`` (see preprocessing.segmenter)
+    segmenter_checkpoint: Path | None = None
     device: str = "cpu"
     # The registration networks are small: one thread per process is fastest on CPU, and
     # several threads per process stall each other when processes share the cores.
@@ -139,8 +141,18 @@ def _run(raw_root: str | Path, out_root: Path, config: PreprocessConfig,
         else:
             todo.append(files)
 
+    segmenter = None
+    if config.affine_registration and config.affine_metric == "segmentation":
+        if options.segmenter_checkpoint is None:
+            raise ValueError("affine_metric 'segmentation' needs a segmenter checkpoint "
+                             "(--segmenter)")
+        from preprocessing.segmenter import cached_segmenter
+
+        segmenter = str(options.segmenter_checkpoint)
+        cached_segmenter(segmenter, options.device)  # a bad checkpoint fails before any case
     align_seconds = _parallel("align", _align_to_disk,
-                              {f.case_id: (f, config, work) for f in todo},
+                              {f.case_id: (f, config, work, segmenter, options.device)
+                               for f in todo},
                               options.workers, errors)
 
     model = None
@@ -209,10 +221,19 @@ def _work_path(work: Path, case_id: str) -> Path:
     return work / f"{case_id}.aligned.pkl"
 
 
-def _align_to_disk(files: CaseFiles, config: PreprocessConfig, work: Path) -> tuple[float, int]:
-    """Stage 1 for one case; the aligned case is parked on disk (keeps memory flat)."""
+def _align_to_disk(files: CaseFiles, config: PreprocessConfig, work: Path,
+                   segmenter: str | None = None, device: str = "cpu") -> tuple[float, int]:
+    """Stage 1 for one case; the aligned case is parked on disk (keeps memory flat).
+
+    ``segmenter`` is a checkpoint path: each process loads the network once.
+    """
     start = time.perf_counter()
-    aligned = align_case(load_case(files), config)
+    network = None
+    if segmenter is not None:
+        from preprocessing.segmenter import cached_segmenter
+
+        network = cached_segmenter(segmenter, device)
+    aligned = align_case(load_case(files), config, network)
     with atomic_path(_work_path(work, files.case_id)) as tmp:
         tmp.write_bytes(pickle.dumps(aligned, protocol=pickle.HIGHEST_PROTOCOL))
     return time.perf_counter() - start, len(aligned.grids)
