@@ -56,8 +56,10 @@ def _spawn(config: dict, timeout: float = 300.0) -> None:
     ("transunet", {}, 1e-6),
     ("immseg_noprior", {}, 1e-6),
     # Ranks lack different sequences; the contrastive term starts in the second epoch. Masks
-    # drawn per rank instead of per sample give differences of order 1.
-    ("immseg_noprior", {"sequence_dropout": 0.5, "contrastive_start_epoch": 1}, 1e-6),
+    # drawn per rank instead of per sample give differences of order 1. Rounding is amplified
+    # here: two single-process runs whose objectives differ only in summation order (gradients
+    # equal to 1.5e-8) end 1e-5 apart after these 4 steps, hence the looser bound.
+    ("immseg_noprior", {"sequence_dropout": 0.5, "contrastive_start_epoch": 1}, 3e-5),
     # A weighted CE is a ratio of sums; a mean of per-rank weighted means would differ.
     ("transunet", {"class_weights": (0.5, 1.0, 3.0, 2.0)}, 1e-6),
 ], ids=["transunet", "immseg_noprior", "immseg_noprior-sequence_dropout",
