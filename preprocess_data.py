@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                         default=VoxelMorphConfig().iterations)
     parser.add_argument("--no_qa", action="store_true", help="skip the QA pictures")
     parser.add_argument("--workers", type=int, default=1, help="parallel processes")
-    parser.add_argument("--device", default="cpu", help="device for the non-rigid network")
+    parser.add_argument("--device", default="cpu",
+                        help="device for the non-rigid and segmenter networks")
     parser.add_argument("--overwrite", action="store_true", help="redo finished cases")
     return parser
 
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     out_root = args.out_root or f"{args.raw_root.rstrip('/')}/Processed_data"
-    if (args.segmenter is not None) != (args.affine_metric == "segmentation"):
+    if (args.segmenter is not None) != (args.affine_metric == "segmentation"
+                                        and not args.no_affine):
         log.error("--segmenter and --affine_metric segmentation go together")
         return 1
     try:

@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="images per forward pass (with --tta each slice counts 4 times)")
     parser.add_argument("--save_nifti", action="store_true",
                         help="write <name>_pred, _gt and the input sequences as NIfTI files "
-                             "sharing one geometry (they overlay in ITK-SNAP)")
+                             "sharing one geometry (they overlay in ITK-SNAP); with "
+                             "--all_subsets the label and inputs go once to reference/")
     parser.add_argument("--tta", action="store_true",
                         help="flip test-time augmentation: average probabilities over 4 flips")
     subsets = parser.add_mutually_exclusive_group()

@@ -146,9 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     config = PreprocessConfig(affine_metric=args.affine_metric)
     segmenter = None
+    if (args.segmenter is not None) != (args.affine_metric == "segmentation"):
+        parser.error("--segmenter and --affine_metric segmentation go together")
+    if args.case_ids and args.source != "real":
+        parser.error("--case_ids picks real cases (--source real)")
     if args.affine_metric == "segmentation":
-        if args.segmenter is None:
-            parser.error("--affine_metric segmentation needs --segmenter")
         from preprocessing.segmenter import CheckpointSegmenter
 
         segmenter = CheckpointSegmenter(args.segmenter, torch.device("cpu"))
@@ -164,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                 max_scale=base.max_scale * args.warp_scale,
                 nonrigid_mm=base.nonrigid_mm * args.warp_scale)
             root, factory = _real_source(args.real_root, raw, args.cases, args.seed, warp,
-                                         args.case_ids.split(",") if args.case_ids else None)
+                                         [case.strip() for case in args.case_ids.split(",")]
+                                         if args.case_ids else None)
         loaded, aligned, align_seconds = {}, {}, []
         for files in discover_cases(root):
             case = load_case(files)

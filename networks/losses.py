@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 LossOutput = Tensor | tuple[Tensor, dict[str, float]]
 #: Floor of a denominator that can be zero (a class weighted 0 everywhere, an all-absent batch).
-_TINY = 1e-12
+TINY = 1e-12
 
 
 def _check_logits_target(logits: Tensor, target: Tensor, num_classes: int) -> None:
@@ -181,7 +181,7 @@ class SegmentationLoss(nn.Module):
 
     def from_statistics(self, statistics: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(total, ce, dice)`` from :meth:`statistics` sums ``[..., 2 + 2C]``."""
-        ce = statistics[..., 0] / statistics[..., 1].clamp_min(_TINY)
+        ce = statistics[..., 0] / statistics[..., 1].clamp_min(TINY)
         dice = self.dice.from_statistics(statistics[..., 2:])
         return self.ce_weight * ce + self.dice_weight * dice, ce, dice
 

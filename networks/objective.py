@@ -23,12 +23,10 @@ from torch import Tensor, nn
 
 from networks.contrastive import PixelTextContrastiveLoss, downsample_labels
 from networks.immseg import IMMSegOutput
-from networks.losses import SegmentationLoss, global_sum
+from networks.losses import TINY, SegmentationLoss, global_sum
 from networks.prior_attention import check_sequence_mask
 
 Outputs = Tensor | IMMSegOutput
-#: Floor of a denominator that is zero only when its numerator is (no present sample).
-_TINY = 1e-12
 
 
 @dataclass(frozen=True)
@@ -179,7 +177,7 @@ class TrainingObjective(nn.Module):
             sums.append(torch.stack([rows.sum().float(), weighted.sum(),
                                      torch.where(keep, targets, 0.0).sum()]))
         count, loss_sum, mass = global_sum(torch.stack(sums)).unbind(1)
-        return _mean_over_present(loss_sum / mass.clamp_min(_TINY), count)
+        return _mean_over_present(loss_sum / mass.clamp_min(TINY), count)
 
 
 def _presence(sequence_mask: Tensor | None, labels: Tensor, sequences: int) -> Tensor:

@@ -26,6 +26,7 @@ from datasets.labels import MODALITIES
 from datasets.raw import RawCase
 from preprocessing.affine_registration import (
     AffineRegistrationConfig,
+    AffineResult,
     myocardium_metric_mask,
     register_affine,
 )
@@ -243,11 +244,12 @@ def align_case(case: RawCase, config: PreprocessConfig,
 
 def _describe(segmenter: Segmenter) -> dict | str:
     describe = getattr(segmenter, "describe", None)
-    return describe() if callable(describe) else repr(segmenter)
+    return describe() if callable(describe) else type(segmenter).__qualname__
 
 
 def _segmentation_fit(moving_roi: np.ndarray, label_roi: np.ndarray, name: str,
-                      origin: tuple[int, int], segmenter: Segmenter, config: PreprocessConfig):
+                      origin: tuple[int, int], segmenter: Segmenter,
+                      config: PreprocessConfig) -> list[AffineResult]:
     """Register ``name``'s own predicted myocardium (ROI) onto the label's; full-grid results.
 
     The fit runs on the ROI; a transform ``q -> M q + b`` of ROI pixels is, on the full grid,

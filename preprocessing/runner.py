@@ -150,10 +150,12 @@ def _run(raw_root: str | Path, out_root: Path, config: PreprocessConfig,
 
         segmenter = str(options.segmenter_checkpoint)
         cached_segmenter(segmenter, options.device)  # a bad checkpoint fails before any case
+    # A CUDA segmenter cannot cross a fork: with a GPU the align stage runs in this process.
+    align_workers = options.workers if segmenter is None or options.device == "cpu" else 1
     align_seconds = _parallel("align", _align_to_disk,
                               {f.case_id: (f, config, work, segmenter, options.device)
                                for f in todo},
-                              options.workers, errors)
+                              align_workers, errors)
 
     model = None
     aligned_ids = sorted(align_seconds)

@@ -1,9 +1,10 @@
 """The network behind segmentation-guided registration: one sequence in, its myocardium out.
 
-Any checkpoint of this framework whose network reads a sequence on its own serves: an I_MMSeg
-variant trained with ``--sequence_dropout`` (the other channels zeroed and masked), or a
-``transunet_single`` model of that sequence. Its myocardium probability (normal + scar + edema)
-is what :mod:`preprocessing.mask_affine` registers onto the label.
+The network must segment each moving sequence on its own: an I_MMSeg variant (or an early-fusion
+TransUNet) trained with ``--sequence_dropout``, so that the other channels zeroed (and masked)
+are inputs it has seen. A ``transunet_single`` model reads one sequence only and cannot serve
+both moving sequences. Its myocardium probability (normal + scar + edema) is what
+:mod:`preprocessing.mask_affine` registers onto the label.
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ class CheckpointSegmenter:
         self.loaded = load_checkpoint(self.checkpoint, device)
         network = self.loaded.payload["network"]
         dropout = (self.loaded.payload.get("train_config") or {}).get("sequence_dropout", 0.0)
-        if network.get("variant") != "transunet_single" and not dropout:
+        if network.get("variant") == "transunet_single":
+            raise ValueError(f"{self.checkpoint}: a transunet_single network reads one "
+                             "sequence only; registration segments every moving sequence")
+        if not dropout:
             raise ValueError(f"{self.checkpoint}: a {network.get('variant')} network trained "
                              "without --sequence_dropout has never seen one sequence alone; "
-                             "train with --sequence_dropout (or use transunet_single)")
+                             "train with --sequence_dropout")
 
     def __call__(self, stack: np.ndarray, sequence: str) -> np.ndarray:
         from evaluation.inference import predict_probabilities

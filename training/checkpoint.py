@@ -31,7 +31,7 @@ from utils import atomic_path, read_checkpoint
 FORMAT_VERSION = 2
 #: Train-config entries a resumed run may change: they do not alter what is computed.
 RESUMABLE_CHANGES = frozenset({"device", "num_workers", "output_dir", "max_epochs"})
-_REQUIRED = ("format_version", "network", "model", "optimizer", "epoch", "iteration",
+_REQUIRED = ("format_version", "network", "model", "optimizer", "scaler", "epoch", "iteration",
              "train_config", "rng")
 
 

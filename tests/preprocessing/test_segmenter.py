@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,20 +43,23 @@ def test_one_sequence_gives_a_probability_map_of_the_stack(tmp_path):
 def test_networks_that_cannot_read_one_sequence_are_refused(tmp_path):
     with pytest.raises(ValueError, match="without --sequence_dropout"):
         CheckpointSegmenter(_checkpoint(tmp_path, "immseg_noprior", 0.0), CPU)
-    single = CheckpointSegmenter(_checkpoint(tmp_path, "transunet_single", 0.0, sequence="LGE"),
-                                 CPU)
+    with pytest.raises(ValueError, match="reads one sequence only"):
+        CheckpointSegmenter(_checkpoint(tmp_path, "transunet_single", 0.0, sequence="LGE"), CPU)
+    segmenter = CheckpointSegmenter(_checkpoint(tmp_path, "transunet", 0.5), CPU)
     stack = np.zeros((2, 32, 32), np.float32)
-    assert single(stack, "LGE").shape == (2, 32, 32)
-    with pytest.raises(ValueError, match="cannot segment bSSFP alone"):
-        single(stack, "bSSFP")
+    assert segmenter(stack, "T2w").shape == (2, 32, 32)
     with pytest.raises(ValueError, match="unknown sequence"):
-        single(stack, "T1")
+        segmenter(stack, "T1")
+    with pytest.raises(ValueError, match=r"\[D, H, W\] stack"):
+        segmenter(stack[0], "T2w")
 
 
 def test_preprocess_data_pairs_the_flags(tmp_path, capsys):
     base = ["--raw_root", str(tmp_path), "--out_root", str(tmp_path / "out")]
     assert preprocess_data.main([*base, "--affine_metric", "segmentation"]) == 1
     assert preprocess_data.main([*base, "--segmenter", str(tmp_path / "x.pth")]) == 1
+    assert preprocess_data.main([*base, "--segmenter", str(tmp_path / "x.pth"),
+                                 "--affine_metric", "segmentation", "--no_affine"]) == 1
     assert "go together" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -76,7 +80,7 @@ def test_runner_with_a_segmenter_in_worker_processes(tmp_path):
     checkpoint = _checkpoint(tmp_path, "immseg_noprior", 0.5)
     config = PreprocessConfig(affine_metric="segmentation", nonrigid_registration=False)
     results = run_preprocessing(tmp_path / "raw", tmp_path / "out", config,
-                                RunOptions(segmenter_checkpoint=tmp_path / checkpoint,
+                                RunOptions(segmenter_checkpoint=Path(checkpoint),
                                            workers=2, qa=False))
     assert len(results) == 2 and not any(result.skipped for result in results)
     manifests = sorted((tmp_path / "out" / "manifests").glob("case*.json"))
