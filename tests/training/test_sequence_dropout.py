@@ -91,8 +91,8 @@ def test_resume_accepts_a_checkpoint_older_than_the_field_but_not_another_rate(t
     saved = config.to_dict()
     del saved["sequence_dropout"]  # as written before sequence dropout existed
     path = tmp_path / CHECKPOINT_LAST
-    torch.save({"format_version": 2, "network": {}, "model": {}, "optimizer": {}, "epoch": 1,
-                "iteration": 4, "train_config": saved, "rng": {}}, path)
+    torch.save({"format_version": 2, "network": {}, "model": {}, "optimizer": {}, "scaler": {},
+                "epoch": 1, "iteration": 4, "train_config": saved, "rng": {}}, path)
     defaults = TrainConfig.field_defaults()
     assert load_training_checkpoint(path, config.to_dict(), defaults=defaults)["epoch"] == 1
     dropping = dataclasses.replace(config, sequence_dropout=0.5)
