@@ -56,6 +56,8 @@ def paired_table(reference: str, cases: dict[str, dict[str, dict[str, float]]]) 
     """
     if reference not in cases:
         raise ValueError(f"--paired {reference!r} is not one of the runs {list(cases)}")
+    if len(cases) < 2:
+        raise ValueError("--paired needs at least one other run to compare with")
     ours = cases[reference]
     lines = [f"| {reference} Dice higher in | " + " | ".join(EVAL_GROUPS) + " |",
              "|---|" + "---|" * len(EVAL_GROUPS)]

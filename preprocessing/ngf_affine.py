@@ -230,7 +230,7 @@ def mask_geometry(masks: np.ndarray, spacing: float) -> tuple[np.ndarray, np.nda
 
 
 def params_to_affine(theta: torch.Tensor, model: str, centre: torch.Tensor,
-            radius: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     radius: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Parameters (all in pixels of heart motion) -> ``p_moving = M p + offset`` per slice.
 
     Matrix terms are scaled by the heart radius so that a unit step of any parameter moves the

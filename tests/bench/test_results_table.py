@@ -76,5 +76,7 @@ def test_paired_counts_cases_case_by_case(tmp_path, capsys):
     assert cells[list(EVAL_GROUPS).index("scar")] == "0/3 (3 tied)"
     assert main([f"a={a}", f"b={b}", "--paired", "c"]) == 1
     assert "not one of the runs" in capsys.readouterr().err
+    assert main([f"a={a}", "--paired", "a"]) == 1
+    assert "at least one other run" in capsys.readouterr().err
     with pytest.raises(ValueError, match="different cases"):
         paired_table("a", {"a": {"c1": {}, "c2": {}}, "d": {"c1": {}}})
