@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_TINY = 1e-12
+from networks.losses import TINY
 
 
 def downsample_labels(
@@ -105,16 +105,33 @@ class PixelTextContrastiveLoss(nn.Module):
                              f"{tuple(labels.shape)}")
         targets = downsample_labels(labels, tuple(logits.shape[2:]), logits.shape[1],
                                     self.ignore_index)
-        # Soft-target CE weighted by labelled area: -sum(q * log p) / sum(q).
-        weighted = -(targets * F.log_softmax(logits, dim=1))
-        # Clamped denominators instead of branches: an all-ignored batch gives 0, no host sync.
-        if self.class_balanced:
-            mass = targets.sum(dim=(0, 2, 3))
-            per_class = weighted.sum(dim=(0, 2, 3)) / mass.clamp_min(_TINY)
-            loss = per_class.sum() / (mass > 0).sum().clamp_min(1)
-        else:
-            loss = weighted.sum() / targets.sum().clamp_min(_TINY)
+        loss = self.from_sums(self.sums(logits, targets))
         value = float(loss.detach())
         if not math.isfinite(value):
             raise FloatingPointError(f"non-finite contrastive loss: {value}")
         return loss, {"contrastive": value}
+
+    def sums(self, logits: Tensor, targets: Tensor, rows: Tensor | None = None) -> Tensor:
+        """This process's sums behind the loss, ``[2, K]``: per class the soft-target NLL
+        ``-sum(q * log p)`` and the label mass ``sum(q)``.
+
+        ``rows`` (bool ``[B]``) keeps only those samples; the others enter with weight zero, so
+        every rank runs the same operations. Sums add across samples and ranks.
+        """
+        weighted = -(targets * F.log_softmax(logits, dim=1))
+        if rows is not None:
+            keep = rows.to(targets.device)[:, None, None, None]
+            weighted = torch.where(keep, weighted, 0.0)
+            targets = torch.where(keep, targets, 0.0)
+        return torch.stack([weighted.sum(dim=(0, 2, 3)), targets.sum(dim=(0, 2, 3))])
+
+    def from_sums(self, sums: Tensor) -> Tensor:
+        """The loss from :meth:`sums` ``[..., 2, K]`` (leading dims are kept).
+
+        Clamped denominators instead of branches: an all-ignored batch gives 0, no host sync.
+        """
+        weighted, mass = sums.unbind(-2)
+        if self.class_balanced:
+            per_class = weighted / mass.clamp_min(TINY)
+            return per_class.sum(-1) / (mass > 0).sum(-1).clamp_min(1)
+        return weighted.sum(-1) / mass.sum(-1).clamp_min(TINY)

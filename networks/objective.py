@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from networks.contrastive import PixelTextContrastiveLoss, downsample_labels
 from networks.immseg import IMMSegOutput
-from networks.losses import TINY, SegmentationLoss, global_sum
+from networks.losses import SegmentationLoss, global_sum
 from networks.prior_attention import check_sequence_mask
 
 Outputs = Tensor | IMMSegOutput
@@ -163,21 +163,22 @@ class TrainingObjective(nn.Module):
                     labels: Tensor, present: Tensor) -> Tensor:
         """Mean over sequences of :class:`PixelTextContrastiveLoss` on each one's present rows.
 
-        Its soft-target cross-entropy weighted by labelled area, from global-batch sums.
+        Each sequence's loss comes from its global-batch sums
+        (``PixelTextContrastiveLoss.sums``); the area-reduced labels are shared by all.
         """
+        contrastive = self.contrastive
         sums = []
         targets: Tensor | None = None
         for pixels, rows in zip(pixel_embeddings, present, strict=True):
-            logits = self.contrastive.logits(pixels, class_embeddings)
+            logits = contrastive.logits(pixels, class_embeddings)
             if targets is None or targets.shape[-2:] != logits.shape[-2:]:
                 targets = downsample_labels(labels, tuple(logits.shape[-2:]), logits.shape[1],
-                                            self.contrastive.ignore_index)
-            keep = rows[:, None, None, None]
-            weighted = torch.where(keep, -(targets * F.log_softmax(logits, dim=1)), 0.0)
-            sums.append(torch.stack([rows.sum().float(), weighted.sum(),
-                                     torch.where(keep, targets, 0.0).sum()]))
-        count, loss_sum, mass = global_sum(torch.stack(sums)).unbind(1)
-        return _mean_over_present(loss_sum / mass.clamp_min(TINY), count)
+                                            contrastive.ignore_index)
+            sums.append(torch.cat([rows.sum().float()[None],
+                                   contrastive.sums(logits, targets, rows).flatten()]))
+        totals = global_sum(torch.stack(sums))
+        loss = contrastive.from_sums(totals[:, 1:].unflatten(1, (2, -1)))
+        return _mean_over_present(loss, totals[:, 0])
 
 
 def _presence(sequence_mask: Tensor | None, labels: Tensor, sequences: int) -> Tensor:
