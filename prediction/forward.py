@@ -24,18 +24,18 @@ INPUT_SCALE = 255.0
 
 def window_probabilities(model: nn.Module, windows: np.ndarray, present: Sequence[str],
                          img_size: int, device: torch.device,
-                         batch_size: int = 32) -> np.ndarray:
+                         batch_size: int = 32, *, tta: bool = False) -> np.ndarray:
     """Softmax ``[N, K, h, w]`` (float32) for ``windows [N, S, h, w]`` in [0, 255].
 
     ``present`` names the given sequences; the others are zeroed and, for networks that take
     one, masked (:func:`networks.sequences.forward_with_sequences`). With every sequence present
-    the plain forward is used, exactly as in training without sequence dropout. The caller puts
-    the model in eval mode.
+    the plain forward is used, exactly as in training without sequence dropout. ``tta`` averages
+    the four flips. The caller puts the model in eval mode.
     """
     if windows.ndim != 4 or windows.shape[1] != len(MODALITIES):
         raise ValueError(f"expected windows [N, {len(MODALITIES)}, h, w], got {windows.shape}")
     if img_size < 1:
         raise ValueError(f"img_size must be >= 1, got {img_size}")
     scaled = np.asarray(windows, dtype=np.float32) / np.float32(INPUT_SCALE)
-    return predict_probabilities(model, scaled, img_size, device, batch_size,
+    return predict_probabilities(model, scaled, img_size, device, batch_size, tta=tta,
                                  sequences=tuple(present))

@@ -44,8 +44,8 @@ class CheckpointSegmenter:
                              "train with --sequence_dropout")
 
     def __call__(self, stack: np.ndarray, sequence: str) -> np.ndarray:
-        from evaluation.inference import predict_probabilities
         from networks.sequences import check_model_inputs
+        from prediction.forward import window_probabilities
 
         stack = np.asarray(stack, dtype=np.float32)
         if stack.ndim != 3:
@@ -57,10 +57,10 @@ class CheckpointSegmenter:
         except ValueError as error:
             raise ValueError(f"{self.checkpoint}: cannot segment {sequence} alone ({error})"
                              ) from error
-        image = np.zeros((stack.shape[0], len(MODALITIES), *stack.shape[1:]), np.float32)
-        image[:, MODALITIES.index(sequence)] = stack / 255.0
-        probabilities = predict_probabilities(self.loaded.model, image, self.loaded.img_size,
-                                              self.device, tta=self.tta, sequences=(sequence,))
+        windows = np.zeros((stack.shape[0], len(MODALITIES), *stack.shape[1:]), np.float32)
+        windows[:, MODALITIES.index(sequence)] = stack
+        probabilities = window_probabilities(self.loaded.model, windows, (sequence,),
+                                             self.loaded.img_size, self.device, tta=self.tta)
         return np.clip(probabilities[:, 1:].sum(axis=1), 0.0, 1.0)
 
     def describe(self) -> dict:
