@@ -120,16 +120,16 @@ def register_masks(fixed_labels: np.ndarray, moving_myocardium: np.ndarray,
         return ((warped - fixed_s) ** 2 * weight).sum(dim=(1, 2)) / weight.sum(
             dim=(1, 2)).clamp_min(1.0)
 
+    levels = [level(sigma_mm) for sigma_mm in config.smoothing_sigmas_mm]
     theta = torch.zeros(count, model_dof(config.model))
-    theta[:, -2:] = _shift_search(config, spacing, level, mismatch, count)
+    theta[:, -2:] = _shift_search(config, spacing, *levels[0], mismatch)
     theta.requires_grad_(True)
     every = torch.arange(count)
-    for sigma_mm, iterations in zip(config.smoothing_sigmas_mm, config.iterations, strict=True):
-        fixed_s, moving_s = level(sigma_mm)
+    for (fixed_s, moving_s), iterations in zip(levels, config.iterations, strict=True):
         _refine(theta, iterations, lambda t, f=fixed_s, m=moving_s: mismatch(
             f, m, *params_to_affine(t, config.model, centre_t, radius_t), every).sum())
 
-    fixed_s, moving_s = level(config.smoothing_sigmas_mm[-1])
+    fixed_s, moving_s = levels[-1]
     with torch.no_grad():
         before = mismatch(fixed_s, moving_s,
                           *params_to_affine(torch.zeros_like(theta), config.model, centre_t,
@@ -181,13 +181,13 @@ def _heart_region(myocardium: np.ndarray, margin_px: float) -> np.ndarray:
     return ndimage.distance_transform_edt(~heart) <= margin_px
 
 
-def _shift_search(config: MaskAffineConfig, spacing: float, level, mismatch,
-                  count: int) -> torch.Tensor:
+def _shift_search(config: MaskAffineConfig, spacing: float, fixed_s: torch.Tensor,
+                  moving_s: torch.Tensor, mismatch) -> torch.Tensor:
     """Best whole-pixel shift ``[N, 2]`` per slice on the coarsest level, by brute force."""
     steps = torch.arange(-config.search_mm, config.search_mm + 1e-9, spacing) / spacing
     shifts = torch.cartesian_prod(steps, steps).float()
     eye = torch.eye(2).expand(len(shifts), 2, 2)
-    fixed_s, moving_s = level(config.smoothing_sigmas_mm[0])
+    count = len(fixed_s)
     best = torch.zeros(count, 2)
     with torch.no_grad():
         for i in range(count):

@@ -123,8 +123,7 @@ def register_affine_ngf(fixed: Sequence[np.ndarray] | np.ndarray,
         _fit_level(theta, fixed_n, moving_n, weights, window, centre_t, radius_t, config,
                    config.iterations[level], spacing)
 
-    fixed_n, moving_n = _level_inputs(fixed_np, moving_np, masks_np,
-                                      config.smoothing_sigmas_mm[-1] / spacing, config, window)
+    # Scored on the finest level, whose inputs the loop left in fixed_n, moving_n.
     with torch.no_grad():
         eye = torch.zeros_like(theta)
         before = _ngf_score(fixed_n, moving_n,
