@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bench.measure import peak_rss_mb, sync
 from datasets.labels import MODALITIES
 from evaluation.inference import predict_volume, predict_volume_slicewise
 from networks.factory import list_models
@@ -37,13 +37,6 @@ TARGET_RATIO = 3.0
 _TTA_MODES = {"off": (False,), "on": (True,), "both": (False, True)}
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _time(run: Callable[[], np.ndarray], device: torch.device, repeats: int,
@@ -54,10 +47,10 @@ def _time(run: Callable[[], np.ndarray], device: torch.device, repeats: int,
         result = run()
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         result = run()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     assert result is not None
     return times, result
@@ -112,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    rss_before = _peak_rss_mb()
+    rss_before = peak_rss_mb()
     priors = random_prior_bank(model_id="bench/random") if args.model == "immseg" else None
     model = create_network(args.model, backbone=args.vit_name, img_size=args.img_size,
                            priors=priors)
@@ -136,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "results": results,
         "target": f"ratio >= {TARGET_RATIO}",
         "meets_target": all(r["ratio"] >= TARGET_RATIO for r in results),
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
         "rss_before_model_mb": round(rss_before, 1),
     }
     if device.type == "cuda":

@@ -17,12 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bench.measure import sync
 from networks import create_model, list_models
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bench_variant(
@@ -47,13 +43,13 @@ def bench_variant(
     target = torch.randint(0, num_classes, (batch, img_size, img_size), device=device)
     times = []
     for step in range(warmup + iters):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         optimiser.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), target)
         loss.backward()
         optimiser.step()
-        _sync(device)
+        sync(device)
         if not torch.isfinite(loss):
             raise RuntimeError(f"{name}: non-finite loss {loss.item()} at step {step}")
         if step >= warmup:

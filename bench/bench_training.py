@@ -37,6 +37,7 @@ import torch
 from scipy import ndimage
 from torch.utils.data import DataLoader, RandomSampler
 
+from bench.measure import peak_rss_mb, sync
 from datasets.augment import AugmentConfig, drop_sequences
 from datasets.dataset import EpochIndices, SliceDataset
 from datasets.labels import MODALITIES, NUM_CLASSES
@@ -70,14 +71,6 @@ def write_synthetic_layout(root: Path, slices: int, size: int, seed: int = 0) ->
     return layout
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _rss_mb(who: int) -> float:
-    # ru_maxrss is in KiB on Linux; for RUSAGE_CHILDREN it is the largest waited-for child.
-    return resource.getrusage(who).ru_maxrss / 1024
 
 
 def bench_model(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -109,7 +102,7 @@ def bench_model(args: argparse.Namespace, device: torch.device) -> dict[str, Any
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for index in range(args.warmup + args.steps):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
             outputs = step(images, mask)
@@ -119,7 +112,7 @@ def bench_model(args: argparse.Namespace, device: torch.device) -> dict[str, Any
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        _sync(device)
+        sync(device)
         if index >= args.warmup:
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
@@ -217,8 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "loader_to_model_ratio": round(ratio, 2),
         "target_ratio": TARGET_RATIO,
         "meets_target": ratio >= TARGET_RATIO,
-        "peak_rss_mb": round(_rss_mb(resource.RUSAGE_SELF), 1),
-        "peak_worker_rss_mb": round(_rss_mb(resource.RUSAGE_CHILDREN), 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_worker_rss_mb": round(peak_rss_mb(resource.RUSAGE_CHILDREN), 1),
     }
     print(json.dumps(report, indent=2))
     return 0

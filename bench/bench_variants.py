@@ -18,7 +18,6 @@ import argparse
 import json
 import multiprocessing
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bench.measure import peak_rss_mb, sync
 from networks.factory import list_models, model_config
 from networks.immseg import SkipFusion
 from networks.objective import ObjectiveConfig, TrainingObjective, forward_outputs
@@ -68,14 +68,6 @@ def _build(variant: str, backbone: str, img_size: int, num_classes: int) -> nn.M
                           num_classes=num_classes, priors=priors)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _peak_rss_mb() -> float:
-    # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def bench_one(variant: str, backbone: str, batch: int, img_size: int, iters: int, warmup: int,
@@ -85,7 +77,7 @@ def bench_one(variant: str, backbone: str, batch: int, img_size: int, iters: int
         torch.set_num_threads(threads)
     device = torch.device(device_name)
     torch.manual_seed(0)
-    rss_before = _peak_rss_mb()
+    rss_before = peak_rss_mb()
     model = _build(variant, backbone, img_size, 4).to(device).train()
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-4)
     # Contrastive term on from the first step: the most expensive objective immseg runs.
@@ -96,17 +88,17 @@ def bench_one(variant: str, backbone: str, batch: int, img_size: int, iters: int
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for step in range(warmup + iters):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         optimiser.zero_grad(set_to_none=True)
         loss, _ = objective(forward_outputs(model, x), labels, epoch=0)
         loss.backward()
         optimiser.step()
-        _sync(device)
+        sync(device)
         if step >= warmup:
             times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-            else _peak_rss_mb())
+            else peak_rss_mb())
     return {
         "variant": variant,
         "parameters": count_parameters(model),
