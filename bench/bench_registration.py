@@ -9,9 +9,11 @@ Two sources of known misalignment:
 
 For every myocardium pixel ``q`` of the output (LGE label) and every stage (none, affine,
 affine+non-rigid), the pipeline's sampling position ``p`` in the moving slice is mapped through
-``W``; the residual is ``|W(p) - q|`` in mm, in-plane. ``recovered_fraction`` says how much of the
-known misalignment a stage undid (see :func:`preprocessing.alignment_error.recovered_fraction`).
-Also reports seconds per case.
+``W``; the residual is ``|W(p) - q|`` in mm, in-plane. Per stage also: ``recovered_fraction``
+(how much of the known misalignment it undid) and ``centre_error_mm`` (how far it leaves the heart
+as a whole); per sequence ``floor_mm``, the least residual a per-slice translation or affine map
+could leave (see :class:`preprocessing.alignment_error.MyocardialErrors`). Also reports seconds
+per case.
 
     python -m bench.bench_registration --source phantom --cases 10
     python -m bench.bench_registration --source real --cases 10
@@ -41,7 +43,7 @@ from datasets.misalignment import (
 )
 from datasets.phantom import misalignment_map, write_phantom_dataset
 from datasets.raw import discover_cases, load_case
-from preprocessing.alignment_error import myocardial_errors, plane_mm, recovered_fraction
+from preprocessing.alignment_error import MyocardialErrors, myocardial_errors, plane_mm
 from preprocessing.pipeline import AFFINE_METRICS, PreprocessConfig, align_case, finish_case
 from preprocessing.runner import registration_pairs
 from preprocessing.voxelmorph import VoxelMorphConfig, train_voxelmorph
@@ -124,15 +126,18 @@ def _real_source(source: Path, root: Path, cases: int, seed: int,
     return root, factory
 
 
-def _stage_summary(errors: dict[str, np.ndarray]) -> dict[str, dict]:
-    """Residual statistics per stage, and the share of the initial error each stage undid."""
-    summary = {}
-    for stage, vectors in errors.items():
-        residual = np.linalg.norm(vectors, axis=1)
+def _summary(errors: MyocardialErrors) -> dict[str, dict]:
+    """Residual statistics per stage, what each stage undid, and the model floors."""
+    summary: dict[str, dict] = {}
+    warped = bool(np.any(errors.stages["none"]))
+    for stage in errors.stages:
+        residual = errors.residuals(stage)
         summary[stage] = {"mean": float(residual.mean()), "median": float(np.median(residual)),
-                          "p95": float(np.percentile(residual, 95)), "pixels": len(residual)}
-        if stage != "none" and np.any(errors["none"]):
-            summary[stage]["recovered_fraction"] = recovered_fraction(errors["none"], vectors)
+                          "p95": float(np.percentile(residual, 95)), "pixels": len(residual),
+                          "centre_error_mm": errors.centre_error(stage)}
+        if stage != "none" and warped:
+            summary[stage]["recovered_fraction"] = errors.recovered_fraction(stage)
+    summary["floor_mm"] = errors.floors()
     return summary
 
 
@@ -195,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 iterations=args.voxelmorph_iterations),
                                  torch.device("cpu"), progress=False)
         train_seconds = time.perf_counter() - start
-        errors: dict[str, dict[str, list[np.ndarray]]] = {}
+        errors: dict[str, list[MyocardialErrors]] = {}
         finish_seconds = []
         for case_id, case_aligned in aligned.items():
             start = time.perf_counter()
@@ -203,15 +208,13 @@ def main(argv: list[str] | None = None) -> int:
                                     torch.device("cpu"))
             finish_seconds.append(time.perf_counter() - start)
             truth_map, frame = factory(case_id, loaded[case_id])
-            for name, stages in myocardial_errors(case_aligned, processed.fields,
-                                                  truth_map, frame).items():
-                for stage, values in stages.items():
-                    errors.setdefault(name, {}).setdefault(stage, []).append(values)
+            for name, case_errors in myocardial_errors(case_aligned, processed.fields,
+                                                       truth_map, frame).items():
+                errors.setdefault(name, []).append(case_errors)
     report = {
         "source": args.source, "cases": len(aligned), "pairs": len(pairs),
-        "residual_mm": {name: _stage_summary({stage: np.concatenate(v)
-                                              for stage, v in stages.items()})
-                        for name, stages in errors.items()},
+        "residual_mm": {name: _summary(MyocardialErrors.concatenate(parts))
+                        for name, parts in errors.items()},
         "seconds_per_case": {"align (steps 1-3)": float(np.mean(align_seconds)),
                              "non-rigid + final resampling": float(np.mean(finish_seconds))},
         "voxelmorph_training_seconds": train_seconds,

@@ -5,14 +5,16 @@ point -> the reference-frame point whose anatomy it shows. For a myocardium pixe
 output, a stage's sampling position ``p`` in the moving slice is correct when ``W(p) = q``; the
 in-plane residual ``|W(p) - q|`` in mm is the alignment error that stage leaves.
 
-The error *vectors* ``W(p) - q`` also say how much of the known misalignment a stage undid
-(:func:`recovered_fraction`): a metric whose optimum barely differs from where the slice started
-leaves the error pointing the way it did before registration.
+The error *vectors* ``W(p) - q`` say more (:class:`MyocardialErrors`): how much of the known
+misalignment a stage undid (a metric whose optimum barely differs from where the slice started
+leaves the error pointing the way it did before registration), how far it leaves the heart as a
+whole, and how small the residual of a translation-only or an affine stage could at best be.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -38,8 +40,8 @@ def plane_mm(volume: Volume, world: np.ndarray) -> np.ndarray:
 def myocardial_residuals(aligned: AlignedCase, final_fields: dict[str, np.ndarray],
                          truth_map: TruthMap, frame: Frame) -> dict[str, dict[str, np.ndarray]]:
     """Residual (mm) of every output myocardium pixel, per moving sequence and stage."""
-    return {name: {stage: np.linalg.norm(errors, axis=1) for stage, errors in stages.items()}
-            for name, stages in myocardial_errors(aligned, final_fields, truth_map,
+    return {name: {stage: errors.residuals(stage) for stage in errors.stages}
+            for name, errors in myocardial_errors(aligned, final_fields, truth_map,
                                                   frame).items()}
 
 
@@ -59,18 +61,77 @@ def recovered_fraction(before: np.ndarray, after: np.ndarray) -> float:
     return 1.0 - float((after * before).sum()) / energy
 
 
+@dataclass(frozen=True)
+class MyocardialErrors:
+    """Error vectors ``W(p) - q`` (mm) of one moving sequence's output myocardium pixels.
+
+    ``points [N, 2]``: the pixels ``q`` in the fixed frame (mm); ``slices [N]``: their output
+    slice; ``stages``: stage -> ``[N, 2]`` error vectors.
+    """
+
+    points: np.ndarray
+    slices: np.ndarray
+    stages: dict[str, np.ndarray]
+
+    @classmethod
+    def concatenate(cls, parts: list[MyocardialErrors]) -> MyocardialErrors:
+        """Several cases' errors as one, their slices numbered apart."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        offsets = np.cumsum([0] + [int(part.slices.max(initial=-1)) + 1 for part in parts])
+        return cls(np.concatenate([part.points for part in parts]),
+                   np.concatenate([part.slices + offset
+                                   for part, offset in zip(parts, offsets[:-1], strict=True)]),
+                   {stage: np.concatenate([part.stages[stage] for part in parts])
+                    for stage in parts[0].stages})
+
+    def residuals(self, stage: str) -> np.ndarray:
+        return np.linalg.norm(self.stages[stage], axis=1)
+
+    def recovered_fraction(self, stage: str) -> float:
+        return recovered_fraction(self.stages["none"], self.stages[stage])
+
+    def centre_error(self, stage: str) -> float:
+        """Mean over slices of the length of the slice's mean error vector: how far the stage
+        leaves the heart as a whole, whatever rotation or deformation remains."""
+        errors = self.stages[stage]
+        return float(np.mean([np.linalg.norm(errors[self.slices == k].mean(axis=0))
+                              for k in np.unique(self.slices)]))
+
+    def floors(self) -> dict[str, float]:
+        """Mean residual the best per-slice translation and the best per-slice affine map leave.
+
+        The best correction of each model is fitted to the initial errors by least squares:
+        exact when the known warp is affine, and first order in its non-rigid part (the errors
+        of a near-identity warp and of a small correction add). A registration of that model
+        cannot do better on these pixels.
+        """
+        initial = self.stages["none"]
+        left = {"translation": np.empty(len(initial)), "affine": np.empty(len(initial))}
+        for k in np.unique(self.slices):
+            rows = self.slices == k
+            errors = initial[rows]
+            left["translation"][rows] = np.linalg.norm(errors - errors.mean(axis=0), axis=1)
+            design = np.concatenate([self.points[rows], np.ones((rows.sum(), 1))], axis=1)
+            fit, *_ = np.linalg.lstsq(design, errors, rcond=None)
+            left["affine"][rows] = np.linalg.norm(errors - design @ fit, axis=1)
+        return {model: float(values.mean()) for model, values in left.items()}
+
+
 def myocardial_errors(aligned: AlignedCase, final_fields: dict[str, np.ndarray],
-                      truth_map: TruthMap, frame: Frame) -> dict[str, dict[str, np.ndarray]]:
-    """Error vectors ``W(p) - q`` (mm, ``[N, 2]``) of every output myocardium pixel, per moving
-    sequence and stage."""
+                      truth_map: TruthMap, frame: Frame) -> dict[str, MyocardialErrors]:
+    """Error vectors of every output myocardium pixel, per moving sequence and stage."""
     out: dict[str, dict[str, list[np.ndarray]]] = {
         name: {stage: [] for stage in STAGES} for name in aligned.moving}
+    points, slices = [], []
     row0, col0 = aligned.roi
     for i, grid in enumerate(aligned.grids):
         myocardium = aligned.label[i] > 0
         identity = np.stack(np.nonzero(myocardium)).astype(np.float64)
         identity += np.array([[row0], [col0]])
         fixed_xy = frame(aligned.fixed, grid.world_points(identity[:, :, None])[:, 0])
+        points.append(fixed_xy)
+        slices.append(np.full(len(fixed_xy), i))
         for name in aligned.moving:
             positions = {"none": identity,
                          "affine": aligned.affine_fields[name][i][:, myocardium],
@@ -79,5 +140,10 @@ def myocardial_errors(aligned: AlignedCase, final_fields: dict[str, np.ndarray],
                 world = grid.world_points(where.astype(np.float64)[:, :, None])[:, 0]
                 mapped = truth_map(name, aligned.partners[name][i], frame(name, world))
                 out[name][stage].append(mapped - fixed_xy)
-    return {name: {stage: np.concatenate(values) if values else np.empty((0, 2))
-                   for stage, values in stages.items()} for name, stages in out.items()}
+    def joined(parts: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.empty(shape)
+
+    return {name: MyocardialErrors(joined(points, (0, 2)), joined(slices, (0,)).astype(np.int64),
+                                   {stage: joined(values, (0, 2))
+                                    for stage, values in stages.items()})
+            for name, stages in out.items()}

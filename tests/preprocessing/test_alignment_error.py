@@ -1,11 +1,11 @@
-"""The recovered fraction: how much of a known misalignment a registration stage undid."""
+"""Error vectors against a known misalignment: what a stage undid, and what it could at best."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from preprocessing.alignment_error import recovered_fraction
+from preprocessing.alignment_error import MyocardialErrors, recovered_fraction
 
 
 @pytest.fixture
@@ -36,3 +36,43 @@ def test_bad_shapes_raise(first, second):
 def test_no_initial_misalignment_raises():
     with pytest.raises(ValueError, match="undefined"):
         recovered_fraction(np.zeros((3, 2)), np.ones((3, 2)))
+
+
+def _ring_errors(initial_of, stage_of=None):
+    """Two slices of ring points with initial errors ``initial_of(points, slice)``."""
+    angles = np.linspace(0, 2 * np.pi, 90, endpoint=False)
+    ring = np.stack([30 + 20 * np.cos(angles), 40 + 20 * np.sin(angles)], axis=1)
+    points = np.concatenate([ring, ring + 5.0])
+    slices = np.repeat([0, 1], len(ring))
+    initial = np.concatenate([initial_of(points[slices == k], k) for k in (0, 1)])
+    stages = {"none": initial}
+    if stage_of is not None:
+        stages["affine"] = np.concatenate([stage_of(points[slices == k], k) for k in (0, 1)])
+    return MyocardialErrors(points, slices, stages)
+
+
+def test_floors_of_a_translation_and_of_an_affine_warp():
+    shifted = _ring_errors(lambda p, k: np.tile([[2.0, -1.0 - k]], (len(p), 1)))
+    assert shifted.floors() == pytest.approx({"translation": 0.0, "affine": 0.0}, abs=1e-9)
+    angle = np.deg2rad(3.0)
+    turn = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    rotated = _ring_errors(lambda p, k: (p - p.mean(0)) @ (turn - np.eye(2)).T + [1.0, k])
+    floors = rotated.floors()
+    assert floors["affine"] == pytest.approx(0.0, abs=1e-9)
+    # What a rotation by 3 degrees moves a 20 mm ring's points: 2 * 20 * sin(1.5 degrees).
+    assert floors["translation"] == pytest.approx(40 * np.sin(angle / 2), rel=1e-9)
+
+
+def test_centre_error_recovered_fraction_and_concatenation():
+    errors = _ring_errors(lambda p, k: np.tile([[3.0, 4.0]], (len(p), 1)),
+                          lambda p, k: np.tile([[0.6, 0.8 * (k + 1)]], (len(p), 1)))
+    assert errors.centre_error("none") == pytest.approx(5.0)
+    assert errors.centre_error("affine") == pytest.approx(
+        (1.0 + np.hypot(0.6, 1.6)) / 2)
+    assert errors.residuals("none") == pytest.approx(np.full(180, 5.0))
+    both = MyocardialErrors.concatenate([errors, errors])
+    np.testing.assert_array_equal(np.unique(both.slices), [0, 1, 2, 3])
+    assert both.centre_error("affine") == pytest.approx(errors.centre_error("affine"))
+    assert both.recovered_fraction("affine") == pytest.approx(errors.recovered_fraction("affine"))
+    with pytest.raises(ValueError, match="nothing"):
+        MyocardialErrors.concatenate([])

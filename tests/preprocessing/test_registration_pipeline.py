@@ -11,11 +11,7 @@ from scipy import ndimage
 
 from datasets.phantom import PhantomConfig, generate_case, misalignment_map, write_case
 from datasets.raw import discover_cases, load_case
-from preprocessing.alignment_error import (
-    myocardial_errors,
-    myocardial_residuals,
-    recovered_fraction,
-)
+from preprocessing.alignment_error import myocardial_errors, myocardial_residuals
 from preprocessing.pipeline import PreprocessConfig, align_case, finish_case
 from preprocessing.runner import registration_pairs
 from preprocessing.voxelmorph import VoxelMorphConfig, train_voxelmorph
@@ -63,10 +59,14 @@ def test_recovered_fraction_of_the_phantom_misalignment(phantom_cases):
     errors = myocardial_errors(aligned, fields, lambda name, index, xy: misalignment_map(
         truth["sequences"][name], index, xy), lambda name, world: world[:, :2])
     for name in ("bSSFP", "T2w"):
-        np.testing.assert_allclose(np.linalg.norm(errors[name]["none"], axis=1),
+        np.testing.assert_allclose(errors[name].residuals("none"),
                                    _residuals(case, truth, aligned, fields)[name]["none"])
-        assert recovered_fraction(errors[name]["none"], errors[name]["none"]) == 0.0
-        assert recovered_fraction(errors[name]["none"], errors[name]["affine"]) > 0.8, name
+        assert errors[name].recovered_fraction("none") == 0.0
+        assert errors[name].recovered_fraction("affine") > 0.8, name
+        # MI nearly reaches what an affine map could at best; the warp is not a translation.
+        floors = errors[name].floors()
+        assert floors["affine"] < errors[name].residuals("affine").mean() < floors["translation"]
+        assert errors[name].centre_error("affine") < errors[name].centre_error("none") / 3
 
 
 def test_without_registration_fields_are_the_roi_identity(phantom_cases):
