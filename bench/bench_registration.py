@@ -11,9 +11,9 @@ For every myocardium pixel ``q`` of the output (LGE label) and every stage (none
 affine+non-rigid), the pipeline's sampling position ``p`` in the moving slice is mapped through
 ``W``; the residual is ``|W(p) - q|`` in mm, in-plane. Per stage also: ``recovered_fraction``
 (how much of the known misalignment it undid) and ``centre_error_mm`` (how far it leaves the heart
-as a whole); per sequence ``floor_mm``, the least residual a per-slice translation or affine map
-could leave (see :class:`preprocessing.alignment_error.MyocardialErrors`). Also reports seconds
-per case.
+as a whole); per sequence ``floor_mm``, about the least residual a per-slice translation or
+affine map could leave (see :class:`preprocessing.alignment_error.MyocardialErrors`). Also
+reports seconds per case.
 
     python -m bench.bench_registration --source phantom --cases 10
     python -m bench.bench_registration --source real --cases 10

@@ -8,7 +8,7 @@ in-plane residual ``|W(p) - q|`` in mm is the alignment error that stage leaves.
 The error *vectors* ``W(p) - q`` say more (:class:`MyocardialErrors`): how much of the known
 misalignment a stage undid (a metric whose optimum barely differs from where the slice started
 leaves the error pointing the way it did before registration), how far it leaves the heart as a
-whole, and how small the residual of a translation-only or an affine stage could at best be.
+whole, and about how small the residual of a translation-only or an affine stage could be.
 """
 
 from __future__ import annotations
@@ -99,12 +99,12 @@ class MyocardialErrors:
                               for k in np.unique(self.slices)]))
 
     def floors(self) -> dict[str, float]:
-        """Mean residual the best per-slice translation and the best per-slice affine map leave.
+        """Mean residual left by the per-slice translation and the per-slice affine map that best
+        undo the initial errors: about the least a registration of that model can achieve.
 
-        The best correction of each model is fitted to the initial errors by least squares:
-        exact when the known warp is affine, and first order in its non-rigid part (the errors
-        of a near-identity warp and of a small correction add). A registration of that model
-        cannot do better on these pixels.
+        Each model is fitted to the initial error vectors by least squares: exact when the known
+        warp is affine, first order in its non-rigid part (the errors of a near-identity warp
+        and of a small correction add).
         """
         initial = self.stages["none"]
         left = {"translation": np.empty(len(initial)), "affine": np.empty(len(initial))}
@@ -140,6 +140,7 @@ def myocardial_errors(aligned: AlignedCase, final_fields: dict[str, np.ndarray],
                 world = grid.world_points(where.astype(np.float64)[:, :, None])[:, 0]
                 mapped = truth_map(name, aligned.partners[name][i], frame(name, world))
                 out[name][stage].append(mapped - fixed_xy)
+
     def joined(parts: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
         return np.concatenate(parts) if parts else np.empty(shape)
 
