@@ -37,8 +37,6 @@ TARGET_RATIO = 3.0
 _TTA_MODES = {"off": (False,), "on": (True,), "both": (False, True)}
 
 
-
-
 def _time(run: Callable[[], np.ndarray], device: torch.device, repeats: int,
           warmup: int) -> tuple[list[float], np.ndarray]:
     """Wall seconds of ``repeats`` calls after ``warmup`` untimed ones, and the last result."""

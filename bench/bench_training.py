@@ -71,8 +71,6 @@ def write_synthetic_layout(root: Path, slices: int, size: int, seed: int = 0) ->
     return layout
 
 
-
-
 def bench_model(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Median seconds of ``args.steps`` train steps after ``args.warmup`` untimed ones."""
     torch.manual_seed(0)

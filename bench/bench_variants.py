@@ -68,8 +68,6 @@ def _build(variant: str, backbone: str, img_size: int, num_classes: int) -> nn.M
                           num_classes=num_classes, priors=priors)
 
 
-
-
 def bench_one(variant: str, backbone: str, batch: int, img_size: int, iters: int, warmup: int,
               device_name: str, threads: int | None) -> dict[str, Any]:
     """Median seconds of ``iters`` AdamW train steps after ``warmup``, and peak memory."""

@@ -28,11 +28,16 @@ def phantom_cases(tmp_path_factory):
     return [(load_case(files), truths[files.case_id]) for files in discover_cases(root)]
 
 
-def _residuals(case, truth, aligned, fields):
+def _truth(truth):
+    """The phantom's truth map and frame (its world x, y) for alignment_error."""
     def truth_map(name, index, xy):
         return misalignment_map(truth["sequences"][name], index, xy)
 
-    return myocardial_residuals(aligned, fields, truth_map, lambda name, world: world[:, :2])
+    return truth_map, lambda name, world: world[:, :2]
+
+
+def _residuals(case, truth, aligned, fields):
+    return myocardial_residuals(aligned, fields, *_truth(truth))
 
 
 # Mutual information fits the phantom's piecewise-constant contrasts closely (about 0.35 mm);
@@ -56,8 +61,7 @@ def test_recovered_fraction_of_the_phantom_misalignment(phantom_cases):
     case, truth = phantom_cases[0]
     aligned = align_case(case, PreprocessConfig(affine_metric="mattes"))
     fields = {name: np.stack(aligned.affine_fields[name]) for name in aligned.affine_fields}
-    errors = myocardial_errors(aligned, fields, lambda name, index, xy: misalignment_map(
-        truth["sequences"][name], index, xy), lambda name, world: world[:, :2])
+    errors = myocardial_errors(aligned, fields, *_truth(truth))
     for name in ("bSSFP", "T2w"):
         np.testing.assert_allclose(errors[name].residuals("none"),
                                    _residuals(case, truth, aligned, fields)[name]["none"])
