@@ -1,10 +1,13 @@
-"""Small helpers shared by the entry points: atomic file writes, seeding, device choice, logging."""
+"""Small helpers shared across the framework: atomic file writes, seeding, device choice, logging,
+checks of numeric settings."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import math
+import numbers
 import os
 import random
 import tempfile
@@ -65,6 +68,21 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
+
+
+def require_finite(*, positive: bool = False, **values: object) -> None:
+    """Raise ``ValueError`` naming the first of ``values`` that is not a finite real number >= 0
+    (> 0 with ``positive``). Bools are refused: ``True`` passed as a weight is a mistake."""
+    bound = "> 0" if positive else ">= 0"
+    for name, value in values.items():
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                or not math.isfinite(value) or value < 0 or (positive and value == 0)):
+            raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
+
+
+def require_finite_fields(owner: object, *names: str, positive: bool = False) -> None:
+    """:func:`require_finite` on attributes of ``owner`` (a config's ``__post_init__``)."""
+    require_finite(positive=positive, **{name: getattr(owner, name) for name in names})
 
 
 def seed_everything(seed: int) -> None:

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from utils import require_finite_fields
+
 
 @dataclass(frozen=True)
 class MisalignmentConfig:
@@ -35,9 +37,7 @@ class MisalignmentConfig:
     reach_mm: float = 90.0  # half-width of the square about the heart that carries the field
 
     def __post_init__(self) -> None:
-        for name in ("max_rotation_deg", "max_translation_mm", "nonrigid_mm"):
-            if not 0 <= getattr(self, name) < math.inf:
-                raise ValueError(f"{name} must be finite and >= 0, got {getattr(self, name)}")
+        require_finite_fields(self, "max_rotation_deg", "max_translation_mm", "nonrigid_mm")
         if not 0 <= self.max_scale < 0.5:
             raise ValueError(f"max_scale must be in [0, 0.5), got {self.max_scale}")
         if not self.nonrigid_grid_mm > 0 or not self.reach_mm > 0:

@@ -40,7 +40,7 @@ from datasets.misalignment import (
     spline_grid,
 )
 from datasets.raw import nifti_image
-from utils import atomic_path, write_json
+from utils import atomic_path, require_finite_fields, write_json
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +138,8 @@ class PhantomConfig:
             raise ValueError("LGE is the labelled reference and must have the fewest slices")
         if not self.fov_mm > 0 or not self.nonrigid_grid_mm > 0 or not self.snr > 0:
             raise ValueError("fov_mm, nonrigid_grid_mm and snr must be > 0")
-        for name in ("fov_offset_mm", "stack_offset_mm", "heart_offset_mm", "max_rotation_deg",
-                     "max_translation_mm", "nonrigid_mm"):
-            if not 0 <= getattr(self, name) < math.inf:
-                raise ValueError(f"{name} must be finite and >= 0, got {getattr(self, name)}")
+        require_finite_fields(self, "fov_offset_mm", "stack_offset_mm", "heart_offset_mm",
+                              "max_rotation_deg", "max_translation_mm", "nonrigid_mm")
         for name in ("max_scale", "contrast_jitter", "texture"):
             if not 0 <= getattr(self, name) < 0.5:
                 raise ValueError(f"{name} must be in [0, 0.5), got {getattr(self, name)}")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from networks.losses import TINY
+from utils import require_finite
 
 
 def downsample_labels(
@@ -66,10 +67,7 @@ class PixelTextContrastiveLoss(nn.Module):
         class_balanced: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not (
-            math.isfinite(temperature) and temperature > 0
-        ):
-            raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
+        require_finite(temperature=temperature, positive=True)
         if ignore_index is not None and (
             isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
         ):

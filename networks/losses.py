@@ -15,6 +15,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from utils import require_finite
+
 LossOutput = Tensor | tuple[Tensor, dict[str, float]]
 #: Floor of a denominator that can be zero (a class weighted 0 everywhere, an all-absent batch).
 TINY = 1e-12
@@ -74,8 +76,7 @@ class DiceLoss(nn.Module):
                  include_background: bool = True) -> None:
         super().__init__()
         _check_num_classes(num_classes)
-        if not (math.isfinite(smooth) and smooth > 0):
-            raise ValueError(f"smooth must be finite and positive, got {smooth!r}")
+        require_finite(smooth=smooth, positive=True)
         if not isinstance(include_background, bool):
             raise ValueError(f"include_background must be a bool, got {include_background!r}")
         self.num_classes = num_classes
@@ -122,9 +123,7 @@ class SegmentationLoss(nn.Module):
                  class_weights: Sequence[float] | None = None) -> None:
         super().__init__()
         _check_num_classes(num_classes)
-        for name, value in (("ce_weight", ce_weight), ("dice_weight", dice_weight)):
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+        require_finite(ce_weight=ce_weight, dice_weight=dice_weight)
         if ce_weight == 0 and dice_weight == 0:
             raise ValueError("ce_weight and dice_weight cannot both be 0")
         weight = None

@@ -25,6 +25,7 @@ from networks.contrastive import PixelTextContrastiveLoss, downsample_labels
 from networks.immseg import IMMSegOutput
 from networks.losses import SegmentationLoss, global_sum
 from networks.prior_attention import check_sequence_mask
+from utils import require_finite_fields
 
 Outputs = Tensor | IMMSegOutput
 
@@ -42,15 +43,11 @@ class ObjectiveConfig:
     class_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("ce_weight", "dice_weight", "aux_weight", "contrastive_weight"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+        require_finite_fields(self, "ce_weight", "dice_weight", "aux_weight", "contrastive_weight")
         if isinstance(self.contrastive_start_epoch, bool) or self.contrastive_start_epoch < 0:
             raise ValueError(f"contrastive_start_epoch must be an int >= 0, got "
                              f"{self.contrastive_start_epoch!r}")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        require_finite_fields(self, "temperature", positive=True)
         if self.class_weights is not None:
             object.__setattr__(self, "class_weights", tuple(float(w) for w in self.class_weights))
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -27,6 +27,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from preprocessing.transforms import Affine2D
+from utils import require_finite, require_finite_fields
 
 MODELS: tuple[str, ...] = ("affine", "similarity", "rigid")
 #: Swaps (row, col) <-> (x, y); SimpleITK indexes a ``GetImageFromArray([H, W])`` image as x=col.
@@ -62,8 +63,7 @@ class AffineRegistrationConfig:
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
-        if not (self.mask_margin_mm >= 0 and math.isfinite(self.mask_margin_mm)):
-            raise ValueError(f"mask_margin_mm must be finite and >= 0, got {self.mask_margin_mm}")
+        require_finite_fields(self, "mask_margin_mm")
         if self.histogram_bins < 4:
             raise ValueError(f"histogram_bins must be >= 4, got {self.histogram_bins}")
         if not self.shrink_factors or len(self.shrink_factors) != len(self.smoothing_sigmas_mm):
@@ -94,8 +94,7 @@ class AffineRegistrationConfig:
                              f"{self.scale_bounds}")
         if self.min_mask_pixels < 1:
             raise ValueError(f"min_mask_pixels must be >= 1, got {self.min_mask_pixels}")
-        if not (self.pixel_spacing_mm > 0 and math.isfinite(self.pixel_spacing_mm)):
-            raise ValueError(f"pixel_spacing_mm must be > 0, got {self.pixel_spacing_mm}")
+        require_finite_fields(self, "pixel_spacing_mm", positive=True)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -268,6 +267,19 @@ def affine_to_sitk(transform: Affine2D, pixel_spacing_mm: float = 1.0) -> sitk.A
     result.SetMatrix((_SWAP @ transform.matrix @ _SWAP).ravel().tolist())
     result.SetTranslation((_SWAP @ transform.offset * pixel_spacing_mm).tolist())
     return result
+
+
+def check_pyramid(sigmas_mm: Sequence[float], iterations: Sequence[int], *,
+                  zero_sigma: bool) -> None:
+    """Check a fit's pyramid: one smoothing sigma (mm; 0 = unsmoothed where ``zero_sigma``) and
+    one iteration count >= 1 per level."""
+    if not sigmas_mm or len(iterations) != len(sigmas_mm):
+        raise ValueError("smoothing_sigmas_mm and iterations need one entry per pyramid level, "
+                         f"got {tuple(sigmas_mm)} and {tuple(iterations)}")
+    require_finite(positive=not zero_sigma,
+                   **{f"smoothing_sigmas_mm[{k}]": s for k, s in enumerate(sigmas_mm)})
+    if any(isinstance(n, bool) or int(n) != n or n < 1 for n in iterations):
+        raise ValueError(f"iterations must be ints >= 1, got {tuple(iterations)}")
 
 
 def check_slice_inputs(fixed: np.ndarray, moving: np.ndarray, masks: np.ndarray, *,

@@ -17,7 +17,6 @@ falls back to the identity, with the reason.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -29,6 +28,7 @@ from scipy import ndimage
 from preprocessing.affine_registration import (
     AffineRegistrationConfig,
     AffineResult,
+    check_pyramid,
     implausibility,
 )
 from preprocessing.ngf_affine import (
@@ -39,6 +39,7 @@ from preprocessing.ngf_affine import (
     sampling_grid,
 )
 from preprocessing.transforms import Affine2D
+from utils import require_finite_fields
 
 
 @dataclass(frozen=True)
@@ -59,17 +60,8 @@ class MaskAffineConfig:
     def __post_init__(self) -> None:
         if self.model not in NGF_MODELS:
             raise ValueError(f"model must be one of {NGF_MODELS}, got {self.model!r}")
-        if not self.smoothing_sigmas_mm or len(self.iterations) != len(
-                self.smoothing_sigmas_mm):
-            raise ValueError("smoothing_sigmas_mm and iterations need one entry per level")
-        if any(not (s > 0 and math.isfinite(s)) for s in self.smoothing_sigmas_mm):
-            raise ValueError(f"smoothing_sigmas_mm must be > 0, got {self.smoothing_sigmas_mm}")
-        if any(int(n) != n or n < 1 for n in self.iterations):
-            raise ValueError(f"iterations must be ints >= 1, got {self.iterations}")
-        for name in ("search_mm", "margin_mm", "min_probability_mass"):
-            value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be finite and >= 0, got {value}")
+        check_pyramid(self.smoothing_sigmas_mm, self.iterations, zero_sigma=False)
+        require_finite_fields(self, "search_mm", "margin_mm", "min_probability_mass")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -35,10 +35,12 @@ from scipy import ndimage
 from preprocessing.affine_registration import (
     AffineRegistrationConfig,
     AffineResult,
+    check_pyramid,
     check_slice_inputs,
     implausibility,
 )
 from preprocessing.transforms import Affine2D
+from utils import require_finite_fields
 
 NGF_MODELS: tuple[str, ...] = ("affine", "similarity", "rigid")
 
@@ -66,22 +68,10 @@ class NGFAffineConfig:
     def __post_init__(self) -> None:
         if self.model not in NGF_MODELS:
             raise ValueError(f"model must be one of {NGF_MODELS}, got {self.model!r}")
-        levels = len(self.smoothing_sigmas_mm)
-        if levels == 0 or len(self.iterations) != levels:
-            raise ValueError("smoothing_sigmas_mm and iterations need one entry per pyramid "
-                             "level")
-        if any(not (s >= 0 and math.isfinite(s)) for s in self.smoothing_sigmas_mm):
-            raise ValueError(f"smoothing_sigmas_mm must be >= 0, got {self.smoothing_sigmas_mm}")
-        if any(int(n) != n or n < 1 for n in self.iterations):
-            raise ValueError(f"iterations must be ints >= 1, got {self.iterations}")
-        for name in ("edge_fraction", "prior_mm", "pad_mm", "search_step_mm", "search_sigma_mm"):
-            value = getattr(self, name)
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be finite and > 0, got {value}")
-        for name in ("prior_weight", "min_gain", "search_mm"):
-            value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be finite and >= 0, got {value}")
+        check_pyramid(self.smoothing_sigmas_mm, self.iterations, zero_sigma=True)
+        require_finite_fields(self, "edge_fraction", "prior_mm", "pad_mm", "search_step_mm",
+                              "search_sigma_mm", positive=True)
+        require_finite_fields(self, "prior_weight", "min_gain", "search_mm")
 
     def to_dict(self) -> dict:
         return asdict(self)

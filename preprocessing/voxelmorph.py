@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from preprocessing.transforms import identity_field
-from utils import atomic_path
+from utils import atomic_path, require_finite_fields
 
 #: Value of the ``kind`` entry that marks a checkpoint written by :func:`train_voxelmorph`.
 CHECKPOINT_KIND = "voxelmorph2d"
@@ -94,14 +94,9 @@ class VoxelMorphConfig:
         if len(self.decoder_channels) > len(self.encoder_channels):
             raise ValueError("decoder_channels needs at most one entry per encoder level: got "
                              f"{self.decoder_channels} for {self.encoder_channels}")
-        _check_positive("max_displacement_px", self.max_displacement_px)
-        _check_positive("ngf_epsilon", self.ngf_epsilon)
-        _check_positive("learning_rate", self.learning_rate)
-        if (isinstance(self.smoothness_weight, bool)
-                or not isinstance(self.smoothness_weight, int | float)
-                or not math.isfinite(self.smoothness_weight) or self.smoothness_weight < 0):
-            raise ValueError(f"smoothness_weight must be a finite number >= 0, "
-                             f"got {self.smoothness_weight!r}")
+        require_finite_fields(self, "max_displacement_px", "ngf_epsilon", "learning_rate",
+                              positive=True)
+        require_finite_fields(self, "smoothness_weight")
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"unknown similarity {self.similarity!r}; known: {SIMILARITIES}")
         _check_int("integration_steps", self.integration_steps, minimum=0)
@@ -139,12 +134,6 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
     # bool is an int subclass; True as a count is always a mistake.
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-def _check_positive(name: str, value: Any) -> None:
-    if (isinstance(value, bool) or not isinstance(value, int | float)
-            or not math.isfinite(value) or value <= 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -77,5 +77,5 @@ def test_bad_inputs_raise():
         register_masks(label, np.full((1, SIZE, SIZE), 2.0, np.float32))
     with pytest.raises(ValueError, match="model"):
         MaskAffineConfig(model="bspline")
-    with pytest.raises(ValueError, match="one entry per level"):
+    with pytest.raises(ValueError, match="one entry per pyramid level"):
         MaskAffineConfig(iterations=(10,))

@@ -1,0 +1,66 @@
+"""Shared helpers: numeric setting checks and atomic writes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from preprocessing.affine_registration import check_pyramid
+from utils import atomic_path, require_finite, require_finite_fields, write_json
+
+
+@pytest.mark.parametrize("value", [0, 0.0, 3, 2.5, np.float32(1.5), np.int64(4)])
+def test_require_finite_accepts_finite_non_negative_numbers(value):
+    require_finite(weight=value)
+
+
+@pytest.mark.parametrize("value", [-1e-9, float("nan"), float("inf"), -float("inf"), True, "1",
+                                   None])
+def test_require_finite_refuses_and_names_the_setting(value):
+    with pytest.raises(ValueError, match=r"^weight must be finite and >= 0, got "):
+        require_finite(weight=value)
+
+
+def test_require_finite_positive_refuses_zero_and_names_the_first_bad_one():
+    require_finite(a=1e-12, positive=True)
+    with pytest.raises(ValueError, match=r"^b must be finite and > 0, got 0"):
+        require_finite(a=1.0, b=0, c=-1, positive=True)
+
+
+def test_require_finite_fields_reads_attributes():
+    @dataclass
+    class Settings:
+        sigma: float = 1.0
+        margin: float = -2.0
+
+    require_finite_fields(Settings(), "sigma")
+    with pytest.raises(ValueError, match=r"^margin must be finite and >= 0, got -2\.0$"):
+        require_finite_fields(Settings(), "sigma", "margin")
+
+
+def test_check_pyramid_levels_sigmas_and_iterations():
+    check_pyramid((2.0, 0.0), (10, 5), zero_sigma=True)
+    with pytest.raises(ValueError, match=r"smoothing_sigmas_mm\[1\] must be finite and > 0"):
+        check_pyramid((2.0, 0.0), (10, 5), zero_sigma=False)
+    with pytest.raises(ValueError, match="one entry per pyramid level"):
+        check_pyramid((2.0,), (10, 5), zero_sigma=True)
+    with pytest.raises(ValueError, match="one entry per pyramid level"):
+        check_pyramid((), (), zero_sigma=True)
+    for iterations in ((0,), (2.5,), (True,)):
+        with pytest.raises(ValueError, match="iterations must be ints >= 1"):
+            check_pyramid((1.0,), iterations, zero_sigma=True)
+
+
+def test_atomic_path_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    target = tmp_path / "sub" / "report.json"
+    write_json(target, {"version": 1})
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("writer crashed")
+    assert json.loads(target.read_text()) == {"version": 1}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["report.json"]
+    write_json(target, {"version": 2})
+    assert json.loads(target.read_text()) == {"version": 2}
