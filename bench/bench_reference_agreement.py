@@ -1,0 +1,92 @@
+"""How precisely the pre-aligned real data define "aligned", the reference of the known-warp test.
+
+``bench_registration --source real`` scores registration against the alignment MyoPS 2020 came
+with. Here three independent metrics (NGF to LGE, NGF to the label's myocardium, Mattes MI to
+LGE; see :mod:`preprocessing.reference_agreement`) each estimate every *unwarped* bSSFP and T2w
+slice's heart offset from that alignment. Their agreement gives, per metric, the offset common
+to all of them as that metric sees it (``seen_by``: for a metric that follows the images fully,
+the reference's own rms offset from what the images show) and the metric's own noise
+(``own_rms``), with bootstrap intervals over slices. Prints JSON.
+
+    python -m bench.bench_reference_agreement                 # all real cases
+    python -m bench.bench_reference_agreement --cases 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from datasets.raw import discover_cases, load_case
+from preprocessing.pipeline import PreprocessConfig, align_case
+from preprocessing.reference_agreement import (
+    independent_estimators,
+    reference_offsets,
+    split_agreement,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def agreement(real_root: Path, cases: int | None, bootstrap: int) -> dict:
+    """Offsets of every estimator on the unwarped cases, split per moving sequence."""
+    config = PreprocessConfig(affine_registration=False)
+    spacing = config.pixel_spacing_mm
+    estimators = independent_estimators(config.affine)
+    offsets: dict[str, dict[str, list[np.ndarray]]] = {}
+    start = time.perf_counter()
+    chosen = discover_cases(real_root)[:cases]
+    reference = None
+    for files in chosen:
+        aligned = align_case(load_case(files), config)
+        reference = aligned.fixed
+        masks = aligned.metric_mask(config.affine.mask_margin_mm, spacing)
+        myocardium = aligned.label > 0
+        fixed = aligned.unregistered[aligned.fixed].astype(np.float32)
+        for name in aligned.moving:
+            moving = aligned.unregistered[name].astype(np.float32)
+            found = reference_offsets(fixed, myocardium, moving, masks, estimators, spacing)
+            for estimator, values in found.items():
+                offsets.setdefault(name, {}).setdefault(estimator, []).append(values)
+    return {
+        "cases": len(chosen),
+        "reference": reference,
+        "sequences": {name: split_agreement({est: np.concatenate(parts)
+                                             for est, parts in per.items()},
+                                            bootstrap=bootstrap).to_dict()
+                      for name, per in offsets.items()},
+        "unit": "mm: rms over slices of the in-plane heart-centre offset",
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--real_root", type=Path,
+                        default=REPO.parent / "shared" / "data" / "myops2020")
+    parser.add_argument("--cases", type=int, default=None, help="first N cases (default: all)")
+    parser.add_argument("--bootstrap", type=int, default=2000)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    if (args.cases is not None and args.cases < 1) or args.bootstrap < 0 or args.threads < 1:
+        print("error: --cases and --threads must be >= 1, --bootstrap >= 0", file=sys.stderr)
+        return 1
+    torch.set_num_threads(args.threads)
+    try:
+        report = agreement(args.real_root, args.cases, args.bootstrap)
+    except (ValueError, RuntimeError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

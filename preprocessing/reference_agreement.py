@@ -1,0 +1,176 @@
+"""How precisely does a pre-aligned dataset define "aligned"? Independent estimators' agreement.
+
+A known-warp test on real data (``bench_registration --source real``) scores a registration
+against the alignment the data came with (MyoPS 2020 is distributed pre-aligned). That reference
+has errors of its own, which the test counts against the registration. Their size can be
+estimated without any truth from several independent registration metrics run on the unwarped
+slices, in the way clock makers compare three clocks (the "three-cornered hat"). Each metric
+``i`` finds, per slice, a heart offset ``x_i = g_i e + n_i`` from the reference: ``e`` is what
+every metric sees (the reference's own offset from what the images show), ``g_i <= 1`` how fully
+the metric follows it (below 1 for one that stops short, as a fit pulled toward the identity
+does), ``n_i`` the metric's own noise. With the ``n_i`` independent of one another and of ``e``::
+
+    E[x_i . x_j]   = g_i g_j E|e|^2  <=  E|e|^2                   (i != j)
+    E|x_i - x_j|^2 = s_i^2 + s_j^2                                (equal gains)
+
+So every pair's cross product gives the common rms offset as far as both metrics follow it: a
+lower bound on the reference's own rms offset, which a registration that found exactly what the
+images show would still be scored by the known-warp test. Two metrics whose noise is shared
+(e.g. both read the same fixed image) raise their pair's value; keep such pairs apart.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from preprocessing.affine_registration import AffineRegistrationConfig, register_affine
+from preprocessing.ngf_affine import NGFAffineConfig, register_affine_ngf
+from preprocessing.transforms import Affine2D
+
+#: ``estimator(fixed image, fixed myocardium, moving, metric masks)``, all ``[N, H, W]`` on one
+#: grid -> one transform per slice, fixed pixels ``(row, col)`` -> moving ones.
+Estimator = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], Sequence[Affine2D]]
+
+
+@dataclass(frozen=True)
+class AgreementSplit:
+    """Per-slice offsets of several estimators split into what they share and their own noise.
+
+    Lengths are rms over slices in the offsets' unit. ``pair_common`` holds each pair's common
+    rms offset (``sqrt`` of its cross product, 0 when that is negative), ``common`` their
+    mean-square combination (the classic hat, exact for equal gains), ``own_rms`` each
+    estimator's own noise under equal gains; ``*_interval``: bootstrap 5-95 % over slices.
+    """
+
+    slices: int
+    rms_offset: dict[str, float]
+    pair_common: dict[str, float]
+    pair_common_interval: dict[str, tuple[float, float]]
+    common: float
+    common_interval: tuple[float, float]
+    own_rms: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return {"slices": self.slices, "rms_offset": self.rms_offset,
+                "pair_common": self.pair_common,
+                "pair_common_interval": {k: list(v)
+                                         for k, v in self.pair_common_interval.items()},
+                "common": self.common, "common_interval": list(self.common_interval),
+                "own_rms": self.own_rms}
+
+
+def _cross_products(arrays: Sequence[np.ndarray], pairs: Sequence[tuple[int, int]],
+                    rows: np.ndarray) -> np.ndarray:
+    return np.array([float((arrays[i][rows] * arrays[j][rows]).sum(axis=1).mean())
+                     for i, j in pairs])
+
+
+def _rms(mean_squares: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.clip(mean_squares, 0.0, None))
+
+
+def split_agreement(offsets: Mapping[str, np.ndarray], *, bootstrap: int = 1000,
+                    seed: int = 0) -> AgreementSplit:
+    """Split the estimators' per-slice offsets ``name -> [N, 2]`` (at least three)."""
+    names = list(offsets)
+    if len(names) < 3:
+        raise ValueError(f"need at least three estimators to separate their noise, got {names}")
+    arrays = [np.asarray(offsets[name], np.float64) for name in names]
+    shape = arrays[0].shape
+    if len(shape) != 2 or shape[1] != 2 or shape[0] < 2:
+        raise ValueError(f"offsets must be [N, 2] with N >= 2, got {shape} for {names[0]!r}")
+    for name, array in zip(names, arrays, strict=True):
+        if array.shape != shape:
+            raise ValueError(f"offsets of {name!r} are {array.shape}, expected {shape}")
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"offsets of {name!r} are not all finite")
+    pairs = list(itertools.combinations(range(len(names)), 2))
+    labels = [f"{names[i]} x {names[j]}" for i, j in pairs]
+    cross = _cross_products(arrays, pairs, np.arange(shape[0]))
+    rng = np.random.default_rng(seed)
+    draws = np.array([_cross_products(arrays, pairs, rng.integers(0, shape[0], shape[0]))
+                      for _ in range(bootstrap)]).reshape(bootstrap, len(pairs))
+
+    def interval(values: np.ndarray) -> tuple[float, float]:
+        if not bootstrap:
+            return (math.nan, math.nan)
+        low, high = np.percentile(values, [5, 95])
+        return float(low), float(high)
+
+    # Own noise: s_i^2 + s_j^2 = E|x_i - x_j|^2 over all pairs, by least squares.
+    design = np.zeros((len(pairs), len(names)))
+    spread = np.empty(len(pairs))
+    for row, (i, j) in enumerate(pairs):
+        design[row, [i, j]] = 1.0
+        spread[row] = ((arrays[i] - arrays[j]) ** 2).sum(axis=1).mean()
+    own, *_ = np.linalg.lstsq(design, spread, rcond=None)
+    return AgreementSplit(
+        slices=shape[0],
+        rms_offset={name: float(np.sqrt((array ** 2).sum(axis=1).mean()))
+                    for name, array in zip(names, arrays, strict=True)},
+        pair_common=dict(zip(labels, _rms(cross).tolist(), strict=True)),
+        pair_common_interval={label: interval(_rms(draws[:, k]))
+                              for k, label in enumerate(labels)},
+        common=float(_rms(cross.mean())),
+        common_interval=interval(_rms(draws.mean(axis=1))),
+        own_rms=dict(zip(names, _rms(own).tolist(), strict=True)))
+
+
+def heart_offsets(transforms: Sequence[Affine2D], masks: np.ndarray,
+                  spacing_mm: float) -> np.ndarray:
+    """Where each slice's transform puts the centre of its mask, relative to it: ``[N, 2]`` mm
+    ``(row, col)``. The heart's own displacement, whatever rotation comes with it."""
+    masks = np.asarray(masks, bool)
+    if len(transforms) != len(masks):
+        raise ValueError(f"{len(transforms)} transforms for {len(masks)} masks")
+    out = np.empty((len(masks), 2))
+    for k, (transform, mask) in enumerate(zip(transforms, masks, strict=True)):
+        if not mask.any():
+            raise ValueError(f"slice {k}: empty mask has no centre")
+        centre = np.argwhere(mask).mean(axis=0)
+        out[k] = (transform.matrix @ centre + transform.offset - centre) * spacing_mm
+    return out
+
+
+def independent_estimators(bounds: AffineRegistrationConfig | None = None,
+                           ngf: NGFAffineConfig | None = None) -> dict[str, Estimator]:
+    """Three heart-offset estimators that fail in unrelated ways: NGF (edge directions) to the
+    fixed image, NGF to the label's myocardium, and Mattes mutual information (intensity
+    statistics, SimpleITK) to the fixed image.
+
+    The NGF fits run without their prior (by default ``prior_weight=0, min_gain=0``): a prior
+    pulls every fit toward the identity, which shrinks the offsets and hides the common part.
+    """
+    bounds = bounds or AffineRegistrationConfig()
+    ngf = ngf or NGFAffineConfig(prior_weight=0.0, min_gain=0.0)
+
+    def ngf_image(fixed, myocardium, moving, masks):
+        return [r.transform for r in register_affine_ngf(fixed, moving, masks, ngf, bounds)]
+
+    def ngf_label(fixed, myocardium, moving, masks):
+        contours = np.stack([ndimage.gaussian_filter(m.astype(np.float32) * 255.0, 1.0)
+                             for m in myocardium])
+        return [r.transform for r in register_affine_ngf(contours, moving, masks, ngf, bounds)]
+
+    def mutual_information(fixed, myocardium, moving, masks):
+        return [register_affine(f, m, k, bounds).transform
+                for f, m, k in zip(fixed, moving, masks, strict=True)]
+
+    return {"NGF to image": ngf_image, "NGF to label": ngf_label,
+            "MI to image": mutual_information}
+
+
+def reference_offsets(fixed: np.ndarray, myocardium: np.ndarray, moving: np.ndarray,
+                      masks: np.ndarray, estimators: Mapping[str, Estimator],
+                      spacing_mm: float) -> dict[str, np.ndarray]:
+    """Every estimator's per-slice heart offset ``[N, 2]`` (mm) of ``moving`` from the
+    reference alignment."""
+    return {name: heart_offsets(estimate(fixed, myocardium, moving, masks), myocardium,
+                                spacing_mm)
+            for name, estimate in estimators.items()}
