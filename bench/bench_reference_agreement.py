@@ -2,11 +2,12 @@
 
 ``bench_registration --source real`` scores registration against the alignment MyoPS 2020 came
 with. Here three independent metrics (NGF to LGE, NGF to the label's myocardium, Mattes MI to
-LGE; see :mod:`preprocessing.reference_agreement`) each estimate every *unwarped* bSSFP and T2w
-slice's heart offset from that alignment. Their agreement gives, per metric, the offset common
-to all of them as that metric sees it (``seen_by``: for a metric that follows the images fully,
-the reference's own rms offset from what the images show) and the metric's own noise
-(``own_rms``), with bootstrap intervals over slices. Prints JSON.
+LGE; see :mod:`preprocessing.reference_agreement`) fit every *unwarped* bSSFP and T2w slice
+onto that alignment. Their agreement splits the offsets they find (of the heart centre, and of
+every myocardium pixel as the known-warp test counts them) into the part they share
+(``pair_common`` per pair of metrics, ``common`` for all: the reference's own rms offset from
+what the images show, as far as the metrics follow it) and each metric's own noise
+(``own_rms``), with bootstrap 5-95 % intervals over slices. Prints JSON.
 
     python -m bench.bench_reference_agreement                 # all real cases
     python -m bench.bench_reference_agreement --cases 10
@@ -26,8 +27,10 @@ import torch
 from datasets.raw import discover_cases, load_case
 from preprocessing.pipeline import PreprocessConfig, align_case
 from preprocessing.reference_agreement import (
+    heart_offsets,
     independent_estimators,
-    reference_offsets,
+    myocardial_offsets,
+    reference_transforms,
     split_agreement,
 )
 
@@ -35,14 +38,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def agreement(real_root: Path, cases: int | None, bootstrap: int) -> dict:
-    """Offsets of every estimator on the unwarped cases, split per moving sequence."""
+    """Every estimator's fits on the unwarped cases, split per moving sequence: heart-centre
+    offsets, and the offsets of every myocardium pixel (what the known-warp test averages)."""
     config = PreprocessConfig(affine_registration=False)
     spacing = config.pixel_spacing_mm
     estimators = independent_estimators(config.affine)
-    offsets: dict[str, dict[str, list[np.ndarray]]] = {}
+    centres: dict[str, dict[str, list[np.ndarray]]] = {}
+    fields: dict[str, dict[str, list[np.ndarray]]] = {}
+    slices: dict[str, list[np.ndarray]] = {}
     start = time.perf_counter()
     chosen = discover_cases(real_root)[:cases]
-    reference = None
+    reference, done = None, 0
     for files in chosen:
         aligned = align_case(load_case(files), config)
         reference = aligned.fixed
@@ -51,17 +57,28 @@ def agreement(real_root: Path, cases: int | None, bootstrap: int) -> dict:
         fixed = aligned.unregistered[aligned.fixed].astype(np.float32)
         for name in aligned.moving:
             moving = aligned.unregistered[name].astype(np.float32)
-            found = reference_offsets(fixed, myocardium, moving, masks, estimators, spacing)
-            for estimator, values in found.items():
-                offsets.setdefault(name, {}).setdefault(estimator, []).append(values)
+            found = reference_transforms(fixed, myocardium, moving, masks, estimators)
+            for estimator, transforms in found.items():
+                centres.setdefault(name, {}).setdefault(estimator, []).append(
+                    heart_offsets(transforms, myocardium, spacing))
+                points, index = myocardial_offsets(transforms, myocardium, spacing)
+                fields.setdefault(name, {}).setdefault(estimator, []).append(points)
+            # Number the slices apart across cases: the bootstrap redraws whole slices.
+            slices.setdefault(name, []).append(index + done)
+        done += len(myocardium)
+
+    def joined(per: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+        return {estimator: np.concatenate(parts) for estimator, parts in per.items()}
+
     return {
         "cases": len(chosen),
         "reference": reference,
-        "sequences": {name: split_agreement({est: np.concatenate(parts)
-                                             for est, parts in per.items()},
-                                            bootstrap=bootstrap).to_dict()
-                      for name, per in offsets.items()},
-        "unit": "mm: rms over slices of the in-plane heart-centre offset",
+        "heart_centre": {name: split_agreement(joined(per), bootstrap=bootstrap).to_dict()
+                         for name, per in centres.items()},
+        "myocardium": {name: split_agreement(joined(per), groups=np.concatenate(slices[name]),
+                                             bootstrap=bootstrap).to_dict()
+                       for name, per in fields.items()},
+        "unit": "mm: rms of in-plane offsets (over slices; over myocardium pixels)",
         "seconds": time.perf_counter() - start,
     }
 

@@ -65,19 +65,18 @@ class AgreementSplit:
                 "own_rms": self.own_rms}
 
 
-def _cross_products(arrays: Sequence[np.ndarray], pairs: Sequence[tuple[int, int]],
-                    rows: np.ndarray) -> np.ndarray:
-    return np.array([float((arrays[i][rows] * arrays[j][rows]).sum(axis=1).mean())
-                     for i, j in pairs])
-
-
 def _rms(mean_squares: np.ndarray) -> np.ndarray:
     return np.sqrt(np.clip(mean_squares, 0.0, None))
 
 
-def split_agreement(offsets: Mapping[str, np.ndarray], *, bootstrap: int = 1000,
-                    seed: int = 0) -> AgreementSplit:
-    """Split the estimators' per-slice offsets ``name -> [N, 2]`` (at least three)."""
+def split_agreement(offsets: Mapping[str, np.ndarray], *, groups: np.ndarray | None = None,
+                    bootstrap: int = 1000, seed: int = 0) -> AgreementSplit:
+    """Split the estimators' offsets ``name -> [N, 2]`` (at least three, same rows).
+
+    Rows are slices (:func:`heart_offsets`) or points (:func:`myocardial_offsets`); ``groups
+    [N]`` then names each point's slice, so that the bootstrap redraws whole slices (the unit
+    whose errors are independent). ``slices`` in the result counts the groups.
+    """
     names = list(offsets)
     if len(names) < 3:
         raise ValueError(f"need at least three estimators to separate their noise, got {names}")
@@ -90,12 +89,26 @@ def split_agreement(offsets: Mapping[str, np.ndarray], *, bootstrap: int = 1000,
             raise ValueError(f"offsets of {name!r} are {array.shape}, expected {shape}")
         if not np.all(np.isfinite(array)):
             raise ValueError(f"offsets of {name!r} are not all finite")
+    if groups is None:
+        groups = np.arange(shape[0])
+    groups = np.asarray(groups)
+    if groups.shape != (shape[0],):
+        raise ValueError(f"groups must be [{shape[0]}], got {groups.shape}")
+    _, group_index = np.unique(groups, return_inverse=True)
+    count = int(group_index.max()) + 1
     pairs = list(itertools.combinations(range(len(names)), 2))
     labels = [f"{names[i]} x {names[j]}" for i, j in pairs]
-    cross = _cross_products(arrays, pairs, np.arange(shape[0]))
+    # Per-group sums of every pair's dot products: any redraw of groups is a ratio of sums.
+    sums = np.zeros((count, len(pairs)))
+    for k, (i, j) in enumerate(pairs):
+        np.add.at(sums[:, k], group_index, (arrays[i] * arrays[j]).sum(axis=1))
+    sizes = np.bincount(group_index, minlength=count).astype(np.float64)
+    cross = sums.sum(axis=0) / sizes.sum()
     rng = np.random.default_rng(seed)
-    draws = np.array([_cross_products(arrays, pairs, rng.integers(0, shape[0], shape[0]))
-                      for _ in range(bootstrap)]).reshape(bootstrap, len(pairs))
+    draws = np.empty((bootstrap, len(pairs)))
+    for b in range(bootstrap):
+        chosen = rng.integers(0, count, count)
+        draws[b] = sums[chosen].sum(axis=0) / sizes[chosen].sum()
 
     def interval(values: np.ndarray) -> tuple[float, float]:
         if not bootstrap:
@@ -111,7 +124,7 @@ def split_agreement(offsets: Mapping[str, np.ndarray], *, bootstrap: int = 1000,
         spread[row] = ((arrays[i] - arrays[j]) ** 2).sum(axis=1).mean()
     own, *_ = np.linalg.lstsq(design, spread, rcond=None)
     return AgreementSplit(
-        slices=shape[0],
+        slices=count,
         rms_offset={name: float(np.sqrt((array ** 2).sum(axis=1).mean()))
                     for name, array in zip(names, arrays, strict=True)},
         pair_common=dict(zip(labels, _rms(cross).tolist(), strict=True)),
@@ -136,6 +149,22 @@ def heart_offsets(transforms: Sequence[Affine2D], masks: np.ndarray,
         centre = np.argwhere(mask).mean(axis=0)
         out[k] = (transform.matrix @ centre + transform.offset - centre) * spacing_mm
     return out
+
+
+def myocardial_offsets(transforms: Sequence[Affine2D], myocardium: np.ndarray,
+                       spacing_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Where each slice's transform puts every myocardium pixel, relative to it: ``[P, 2]`` mm
+    ``(row, col)``, and each point's slice ``[P]``: the offset field the known-warp test
+    averages over."""
+    myocardium = np.asarray(myocardium, bool)
+    if len(transforms) != len(myocardium):
+        raise ValueError(f"{len(transforms)} transforms for {len(myocardium)} masks")
+    offsets, slices = [], []
+    for k, (transform, mask) in enumerate(zip(transforms, myocardium, strict=True)):
+        points = np.argwhere(mask).astype(np.float64)
+        offsets.append((points @ transform.matrix.T + transform.offset - points) * spacing_mm)
+        slices.append(np.full(len(points), k))
+    return np.concatenate(offsets), np.concatenate(slices)
 
 
 def independent_estimators(bounds: AffineRegistrationConfig | None = None,
@@ -166,11 +195,9 @@ def independent_estimators(bounds: AffineRegistrationConfig | None = None,
             "MI to image": mutual_information}
 
 
-def reference_offsets(fixed: np.ndarray, myocardium: np.ndarray, moving: np.ndarray,
-                      masks: np.ndarray, estimators: Mapping[str, Estimator],
-                      spacing_mm: float) -> dict[str, np.ndarray]:
-    """Every estimator's per-slice heart offset ``[N, 2]`` (mm) of ``moving`` from the
-    reference alignment."""
-    return {name: heart_offsets(estimate(fixed, myocardium, moving, masks), myocardium,
-                                spacing_mm)
+def reference_transforms(fixed: np.ndarray, myocardium: np.ndarray, moving: np.ndarray,
+                         masks: np.ndarray, estimators: Mapping[str, Estimator],
+                         ) -> dict[str, Sequence[Affine2D]]:
+    """Every estimator's per-slice fit of ``moving`` onto the reference alignment."""
+    return {name: estimate(fixed, myocardium, moving, masks)
             for name, estimate in estimators.items()}

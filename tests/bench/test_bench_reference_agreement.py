@@ -11,9 +11,10 @@ def test_reports_both_moving_sequences_of_real_cases(myops2020_dir, capsys):
     assert main(["--real_root", str(myops2020_dir), "--cases", "2", "--bootstrap", "20"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["cases"] == 2 and report["reference"] == "LGE"
-    assert set(report["sequences"]) == {"bSSFP", "T2w"}
-    for split in report["sequences"].values():
-        assert split["slices"] >= 2
+    assert set(report["heart_centre"]) == set(report["myocardium"]) == {"bSSFP", "T2w"}
+    for name, split in report["heart_centre"].items():
+        assert report["myocardium"][name]["slices"] == split["slices"] >= 2
+    for split in [*report["heart_centre"].values(), *report["myocardium"].values()]:
         assert set(split["own_rms"]) == {"NGF to image", "NGF to label", "MI to image"}
         assert len(split["pair_common"]) == 3
         low, high = split["common_interval"]

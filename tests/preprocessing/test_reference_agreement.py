@@ -14,7 +14,8 @@ from preprocessing.pipeline import PreprocessConfig, align_case
 from preprocessing.reference_agreement import (
     heart_offsets,
     independent_estimators,
-    reference_offsets,
+    myocardial_offsets,
+    reference_transforms,
     split_agreement,
 )
 from preprocessing.transforms import Affine2D
@@ -93,6 +94,48 @@ def test_split_refuses_what_it_cannot_use():
         split_agreement({"a": good, "b": bad, "c": good})
 
 
+def test_grouped_rows_are_redrawn_by_slice():
+    """Points of one slice share its error: counting them as independent would narrow the
+    interval; redrawing whole slices keeps it as wide as the slices alone give."""
+    rng = np.random.default_rng(4)
+    common = _isotropic(rng, 1.0, 60)
+    per_slice = {name: common + _isotropic(rng, 1.0, 60) for name in "abc"}
+    copies = 25
+    points = {name: np.repeat(values, copies, axis=0) for name, values in per_slice.items()}
+    groups = np.repeat(np.arange(60), copies)
+    by_slice = split_agreement(per_slice, bootstrap=400, seed=5)
+    grouped = split_agreement(points, groups=groups, bootstrap=400, seed=5)
+    naive = split_agreement(points, bootstrap=400, seed=5)
+    assert grouped.slices == 60 and naive.slices == 60 * copies
+    assert grouped.common == pytest.approx(by_slice.common)
+
+    def width(split):
+        return split.common_interval[1] - split.common_interval[0]
+
+    assert width(grouped) == pytest.approx(width(by_slice), rel=0.25)
+    assert width(naive) < 0.5 * width(grouped)
+    with pytest.raises(ValueError, match=r"groups must be \[1500\]"):
+        split_agreement(points, groups=groups[:-1])
+
+
+def test_myocardial_offsets_are_the_field_over_every_pixel():
+    mask = np.zeros((2, 30, 30), bool)
+    mask[0, 5:15, 5:15] = True
+    mask[1, 10:12, 3:6] = True
+    shift = Affine2D.from_parameters(translation=(1.0, 2.0))
+    turn = Affine2D.from_parameters(rotation_deg=10.0, centre=(9.5, 9.5))
+    offsets, slices = myocardial_offsets([turn, shift], mask, 2.0)
+    assert offsets.shape == (106, 2) and np.array_equal(np.bincount(slices), [100, 6])
+    assert offsets[slices == 1] == pytest.approx(np.tile([2.0, 4.0], (6, 1)))
+    # A rotation about the square's centre moves every pixel but not the square's centre.
+    assert offsets[slices == 0].mean(axis=0) == pytest.approx((0.0, 0.0), abs=1e-9)
+    radius = np.linalg.norm(np.argwhere(mask[0]) - 9.5, axis=1) * 2.0
+    assert np.linalg.norm(offsets[slices == 0], axis=1) == pytest.approx(
+        2 * np.sin(np.deg2rad(5.0)) * radius)
+    with pytest.raises(ValueError, match="1 transforms for 2 masks"):
+        myocardial_offsets([shift], mask, 1.0)
+
+
 def test_heart_offsets_follow_the_mask_centre():
     mask = np.zeros((1, 40, 40), bool)
     mask[0, 10:20, 14:30] = True  # centre (14.5, 21.5)
@@ -127,11 +170,13 @@ def test_phantom_offsets_match_the_known_misalignment(tmp_path):
         truth = truths[files.case_id]
         aligned = align_case(load_case(files), config)
         myocardium = aligned.label > 0
-        offsets = reference_offsets(
+        transforms = reference_transforms(
             aligned.unregistered[aligned.fixed].astype(np.float32), myocardium,
             aligned.unregistered["T2w"].astype(np.float32),
             aligned.metric_mask(config.affine.mask_margin_mm, config.pixel_spacing_mm),
-            estimators, config.pixel_spacing_mm)
+            estimators)
+        offsets = {name: heart_offsets(fits, myocardium, config.pixel_spacing_mm)
+                   for name, fits in transforms.items()}
         fields = {name: np.stack(aligned.affine_fields[name]) for name in aligned.moving}
         errors = myocardial_errors(
             aligned, fields,
