@@ -30,6 +30,7 @@ from preprocessing.affine_registration import (
     myocardium_metric_mask,
     register_affine,
 )
+from preprocessing.consensus_affine import register_affine_consensus
 from preprocessing.intensity import apply_window, normalise_to_255
 from preprocessing.mask_affine import MaskAffineConfig, register_masks
 from preprocessing.ngf_affine import NGFAffineConfig, register_affine_ngf
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
     from preprocessing.voxelmorph import VoxelMorph2D
 
 
-AFFINE_METRICS: tuple[str, ...] = ("ngf", "mattes", "segmentation")
+AFFINE_METRICS: tuple[str, ...] = ("ngf", "mattes", "consensus", "segmentation")
 #: ``segmenter(stack [D, H, W] in [0, 255], sequence) -> myocardium probability [D, H, W]``
 Segmenter = Callable[[np.ndarray, str], np.ndarray]
 
@@ -62,7 +63,7 @@ class PreprocessConfig:
     nonrigid_registration: bool = True
     #: "ngf" (edge directions, see preprocessing.ngf_affine), "mattes" (mutual information) or
     #: "segmentation" (a network's myocardium of each sequence, see preprocessing.mask_affine)
-    affine_metric: str = "ngf"
+    affine_metric: str = "consensus"
     affine: AffineRegistrationConfig = field(default_factory=AffineRegistrationConfig)
     ngf: NGFAffineConfig = field(default_factory=NGFAffineConfig)
     mask_fit: MaskAffineConfig = field(default_factory=MaskAffineConfig)
@@ -197,6 +198,9 @@ def align_case(case: RawCase, config: PreprocessConfig,
             if config.affine_metric == "ngf":
                 results = register_affine_ngf(full[fixed], full[name], np.stack(masks),
                                               config.ngf, config.affine)
+            elif config.affine_metric == "consensus":
+                results = register_affine_consensus(full[fixed], label_full > 0, full[name],
+                                                    np.stack(masks), config.affine, config.ngf)
             elif config.affine_metric == "segmentation":
                 results = _segmentation_fit(full[name][roi], label_full[roi], name, (row0, col0),
                                             segmenter, config)

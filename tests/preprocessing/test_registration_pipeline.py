@@ -42,8 +42,10 @@ def _residuals(case, truth, aligned, fields):
 
 # Mutual information fits the phantom's piecewise-constant contrasts closely (about 0.35 mm);
 # NGF, which sees only edge directions and is pulled to identity by its prior, stops near 1 mm
-# here but is the one that does not drift on real slices (see preprocessing.ngf_affine).
-@pytest.mark.parametrize(("metric", "limit_mm"), [("mattes", 0.8), ("ngf", 1.5)])
+# here but is the one that does not drift on real slices (see preprocessing.ngf_affine). The
+# consensus averages in NGF to the label, which fails on the phantom, and lands near 1.1 mm.
+@pytest.mark.parametrize(("metric", "limit_mm"), [("mattes", 0.8), ("ngf", 1.5),
+                                                 ("consensus", 1.6)])
 def test_affine_registration_removes_most_misalignment(phantom_cases, metric, limit_mm):
     for case, truth in phantom_cases:
         aligned = align_case(case, PreprocessConfig(affine_metric=metric))
