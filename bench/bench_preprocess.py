@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import statistics
 import sys
@@ -24,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.measure import print_report
 from datasets.phantom import write_phantom_dataset
 from preprocessing.pipeline import AFFINE_METRICS, PreprocessConfig
 from preprocessing.runner import RunOptions, run_preprocessing
@@ -95,13 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cases < 1 or args.workers < 1:
         print("error: --cases and --workers must be >= 1", file=sys.stderr)
         return 1
-    try:
-        report = bench(args)
-    except (ValueError, RuntimeError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(json.dumps(report, indent=2))
-    return 0
+    return print_report(lambda: bench(args))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ what the images show, as far as the metrics follow it) and each metric's own noi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.measure import print_report
 from datasets.raw import discover_cases, load_case
 from preprocessing.pipeline import PreprocessConfig, align_case
 from preprocessing.reference_agreement import (
@@ -96,13 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --cases and --threads must be >= 1, --bootstrap >= 0", file=sys.stderr)
         return 1
     torch.set_num_threads(args.threads)
-    try:
-        report = agreement(args.real_root, args.cases, args.bootstrap)
-    except (ValueError, RuntimeError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(json.dumps(report, indent=2))
-    return 0
+    return print_report(lambda: agreement(args.real_root, args.cases, args.bootstrap))
 
 
 if __name__ == "__main__":

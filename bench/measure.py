@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import resource
+import sys
+from collections.abc import Callable
 
 import torch
 
@@ -17,3 +20,15 @@ def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
     """Peak resident memory in MiB of this process (or, with ``RUSAGE_CHILDREN``, of the largest
     waited-for child); ``ru_maxrss`` is in KiB on Linux."""
     return resource.getrusage(who).ru_maxrss / 1024
+
+
+def print_report(produce: Callable[[], dict]) -> int:
+    """Print the report ``produce`` returns as JSON and return 0; for bad input (the error it
+    raises) print the message to stderr and return 1, not a traceback."""
+    try:
+        report = produce()
+    except (ValueError, RuntimeError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2))
+    return 0
