@@ -42,7 +42,7 @@ Estimator = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], Sequence[
 class AgreementSplit:
     """Per-slice offsets of several estimators split into what they share and their own noise.
 
-    Lengths are rms over slices in the offsets' unit. ``pair_common`` holds each pair's common
+    Lengths are rms over the rows in the offsets' unit. ``pair_common`` holds each pair's common
     rms offset (``sqrt`` of its cross product, 0 when that is negative), ``common`` their
     mean-square combination (the classic hat, exact for equal gains), ``own_rms`` each
     estimator's own noise under equal gains; ``*_interval``: bootstrap 5-95 % over slices.
