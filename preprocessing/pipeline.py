@@ -61,7 +61,8 @@ class PreprocessConfig:
     high_percentile: float = 99.5
     affine_registration: bool = True
     nonrigid_registration: bool = True
-    #: "ngf" (edge directions, see preprocessing.ngf_affine), "mattes" (mutual information) or
+    #: "consensus" (mean of three independent fits, see preprocessing.consensus_affine), "ngf"
+    #: (edge directions, see preprocessing.ngf_affine), "mattes" (mutual information) or
     #: "segmentation" (a network's myocardium of each sequence, see preprocessing.mask_affine)
     affine_metric: str = "consensus"
     affine: AffineRegistrationConfig = field(default_factory=AffineRegistrationConfig)
