@@ -4,8 +4,9 @@ Three stages: (1) every case is matched, resampled, affinely registered and crop
 processes, the result parked in ``<out>/.work``; (2) the non-rigid network is trained on the
 aligned pairs of the training cases, unless its checkpoint exists (then it is reused); (3) every
 case gets its non-rigid fields and is resampled once more from the native images and written.
-A case counts as done once its manifest exists (written last, atomically), so reruns skip
-finished work and an interrupted run restarts safely.
+A case counts as done once its manifest exists (written last, atomically) and records the same
+settings, so reruns skip finished work, an interrupted run restarts safely, and a run with other
+settings does them again.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def _run(raw_root: str | Path, out_root: Path, config: PreprocessConfig,
     errors: dict[str, str] = {}
     todo = []
     for case_id, files in cases.items():
-        finished = _finished(out_root, case_id, splits[case_id])
+        finished = _finished(out_root, case_id, splits[case_id], config)
         if finished is not None and not options.overwrite:
             results[case_id] = CaseResult(case_id, splits[case_id], finished, 0.0, skipped=True)
         else:
@@ -179,13 +180,21 @@ def _run(raw_root: str | Path, out_root: Path, config: PreprocessConfig,
     return ordered
 
 
-def _finished(out_root: Path, case_id: str, split: str) -> int | None:
-    """Slice count of a case already written for ``split``, else None."""
+def _finished(out_root: Path, case_id: str, split: str,
+              config: PreprocessConfig) -> int | None:
+    """Slice count of a case already written for ``split`` with these settings, else None (a
+    case written with other settings, e.g. another registration metric, is done again)."""
     path = manifest_path(out_root, case_id)
     if not path.is_file():
         return None
     manifest = json.loads(path.read_text())
-    return int(manifest["num_slices"]) if manifest.get("split") == split else None
+    if manifest.get("split") != split:
+        return None
+    # Compared as JSON, the form the manifest keeps them in (tuples become lists).
+    if manifest.get("config") != json.loads(json.dumps(config.to_dict())):
+        log.info("%s: written with other settings, preprocessing it again", case_id)
+        return None
+    return int(manifest["num_slices"])
 
 
 def _parallel(stage: str, function: Callable[..., Any], calls: dict[str, tuple], workers: int,

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -79,6 +80,13 @@ def test_runner_packs_layout_skips_finished_and_reports_bad_cases(myops2020_dir,
         "Case3001.png", "Case3002.png", "Case3004.png"]
     again = run_preprocessing(raw, out, config, options)
     assert all(r.skipped for r in again)
+    # Other settings redo the cases (once); the manifests then record the new ones.
+    other = PreprocessConfig(nonrigid_registration=False, affine_registration=False)
+    redone = run_preprocessing(raw, out, other, options)
+    assert not any(r.skipped for r in redone)
+    manifest = json.loads((out / "manifests" / "Case3001.json").read_text())
+    assert manifest["config"]["affine_registration"] is False
+    assert all(r.skipped for r in run_preprocessing(raw, out, other, options))
 
     # A corrupt file fails its case only; the others stay written and listed.
     (raw / "Case3002" / "Case3002_T2.nii.gz").write_bytes(b"broken")
