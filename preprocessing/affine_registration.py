@@ -71,8 +71,8 @@ class AffineRegistrationConfig:
                              f"length, got {self.shrink_factors}, {self.smoothing_sigmas_mm}")
         if any(int(f) != f or f < 1 for f in self.shrink_factors):
             raise ValueError(f"shrink_factors must be integers >= 1, got {self.shrink_factors}")
-        if any(not (s >= 0 and math.isfinite(s)) for s in self.smoothing_sigmas_mm):
-            raise ValueError(f"smoothing_sigmas_mm must be >= 0, got {self.smoothing_sigmas_mm}")
+        require_finite(**{f"smoothing_sigmas_mm[{k}]": s
+                          for k, s in enumerate(self.smoothing_sigmas_mm)})
         if self.iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
         if not 0 < self.min_step < self.learning_rate:

@@ -91,12 +91,15 @@ class MyocardialErrors:
     def recovered_fraction(self, stage: str) -> float:
         return recovered_fraction(self.stages["none"], self.stages[stage])
 
-    def centre_error(self, stage: str) -> float:
-        """Mean over slices of the length of the slice's mean error vector: how far the stage
-        leaves the heart as a whole, whatever rotation or deformation remains."""
+    def centre_errors(self, stage: str) -> np.ndarray:
+        """Each slice's mean error vector ``[K, 2]`` (slices in increasing order): where the
+        stage leaves the heart as a whole, whatever rotation or deformation remains."""
         errors = self.stages[stage]
-        return float(np.mean([np.linalg.norm(errors[self.slices == k].mean(axis=0))
-                              for k in np.unique(self.slices)]))
+        return np.stack([errors[self.slices == k].mean(axis=0) for k in np.unique(self.slices)])
+
+    def centre_error(self, stage: str) -> float:
+        """Mean over slices of the length of :meth:`centre_errors`."""
+        return float(np.linalg.norm(self.centre_errors(stage), axis=1).mean())
 
     def floors(self) -> dict[str, float]:
         """Mean residual left by the per-slice translation and the per-slice affine map that best

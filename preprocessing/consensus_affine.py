@@ -63,9 +63,10 @@ def register_affine_consensus(fixed: np.ndarray, myocardium: np.ndarray, moving:
     for i in range(len(fixed)):
         transform = Affine2D(np.mean([fit[i].matrix for fit in fits.values()], axis=0),
                              np.mean([fit[i].offset for fit in fits.values()], axis=0))
-        reason = implausibility(transform, centres[i], bounds)
         if int(masks[i].sum()) < bounds.min_mask_pixels:
             reason = f"fixed mask has {int(masks[i].sum())} < {bounds.min_mask_pixels} pixels"
+        else:
+            reason = implausibility(transform, centres[i], bounds)
         fallbacks = () if reason is None else (f"consensus: {reason}",)
         results.append(AffineResult(Affine2D.identity() if reason else transform,
                                     "identity" if reason else "affine", math.nan, math.nan,

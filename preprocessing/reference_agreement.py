@@ -135,22 +135,6 @@ def split_agreement(offsets: Mapping[str, np.ndarray], *, groups: np.ndarray | N
         own_rms=dict(zip(names, _rms(own).tolist(), strict=True)))
 
 
-def heart_offsets(transforms: Sequence[Affine2D], masks: np.ndarray,
-                  spacing_mm: float) -> np.ndarray:
-    """Where each slice's transform puts the centre of its mask, relative to it: ``[N, 2]`` mm
-    ``(row, col)``. The heart's own displacement, whatever rotation comes with it."""
-    masks = np.asarray(masks, bool)
-    if len(transforms) != len(masks):
-        raise ValueError(f"{len(transforms)} transforms for {len(masks)} masks")
-    out = np.empty((len(masks), 2))
-    for k, (transform, mask) in enumerate(zip(transforms, masks, strict=True)):
-        if not mask.any():
-            raise ValueError(f"slice {k}: empty mask has no centre")
-        centre = np.argwhere(mask).mean(axis=0)
-        out[k] = (transform.matrix @ centre + transform.offset - centre) * spacing_mm
-    return out
-
-
 def myocardial_offsets(transforms: Sequence[Affine2D], myocardium: np.ndarray,
                        spacing_mm: float) -> tuple[np.ndarray, np.ndarray]:
     """Where each slice's transform puts every myocardium pixel, relative to it: ``[P, 2]`` mm
@@ -165,6 +149,19 @@ def myocardial_offsets(transforms: Sequence[Affine2D], myocardium: np.ndarray,
         offsets.append((points @ transform.matrix.T + transform.offset - points) * spacing_mm)
         slices.append(np.full(len(points), k))
     return np.concatenate(offsets), np.concatenate(slices)
+
+
+def heart_offsets(transforms: Sequence[Affine2D], masks: np.ndarray,
+                  spacing_mm: float) -> np.ndarray:
+    """Where each slice's transform puts the centre of its mask, relative to it: ``[N, 2]`` mm
+    ``(row, col)``. The heart's own displacement, whatever rotation comes with it; for an affine
+    map, the mean of the mask's :func:`myocardial_offsets`."""
+    offsets, slices = myocardial_offsets(transforms, masks, spacing_mm)
+    sizes = np.bincount(slices, minlength=len(transforms))
+    if not sizes.all():
+        raise ValueError(f"slice {int(np.argmin(sizes))}: empty mask has no centre")
+    return np.stack([np.bincount(slices, offsets[:, axis], len(transforms))
+                     for axis in (0, 1)], axis=1) / sizes[:, None]
 
 
 def independent_estimators(bounds: AffineRegistrationConfig | None = None,

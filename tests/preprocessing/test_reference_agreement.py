@@ -184,8 +184,7 @@ def test_phantom_offsets_match_the_known_misalignment(tmp_path):
                                                                   index, xy),
             lambda name, world: world[:, :2])["T2w"]
         # The heart sits where the mean error of its pixels points back to (first order).
-        true_lengths += [np.linalg.norm(errors.stages["none"][errors.slices == k].mean(axis=0))
-                         for k in np.unique(errors.slices)]
+        true_lengths += np.linalg.norm(errors.centre_errors("none"), axis=1).tolist()
         for name, values in offsets.items():
             found.setdefault(name, []).append(values)
     true_lengths = np.array(true_lengths)
