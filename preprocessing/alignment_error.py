@@ -88,6 +88,26 @@ class MyocardialErrors:
     def residuals(self, stage: str) -> np.ndarray:
         return np.linalg.norm(self.stages[stage], axis=1)
 
+    def relative_to(self, unwarped: MyocardialErrors) -> MyocardialErrors:
+        """Errors measured against the registration's own result on the unwarped slices.
+
+        ``unwarped`` holds the same pixels' errors when the pipeline ran on the images without
+        the known warp. Its stage vectors are how far registration moves slices that already
+        agree with the reference; subtracting them leaves what the warp changed: zero for a
+        registration that undoes any known warp exactly (equivariant), whatever its own
+        disagreement with the reference.
+        """
+        if (self.points.shape != unwarped.points.shape
+                or not np.allclose(self.points, unwarped.points)
+                or not np.array_equal(self.slices, unwarped.slices)):
+            raise ValueError("the unwarped errors are not of the same myocardium pixels")
+        missing = set(self.stages) - set(unwarped.stages)
+        if missing:
+            raise ValueError(f"the unwarped errors lack stage(s) {sorted(missing)}")
+        return MyocardialErrors(self.points, self.slices,
+                                {stage: vectors - unwarped.stages[stage]
+                                 for stage, vectors in self.stages.items()})
+
     def recovered_fraction(self, stage: str) -> float:
         return recovered_fraction(self.stages["none"], self.stages[stage])
 

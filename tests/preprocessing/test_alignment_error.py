@@ -76,3 +76,29 @@ def test_centre_error_recovered_fraction_and_concatenation():
     assert both.recovered_fraction("affine") == pytest.approx(errors.recovered_fraction("affine"))
     with pytest.raises(ValueError, match="nothing"):
         MyocardialErrors.concatenate([])
+
+
+def test_relative_to_removes_the_unwarped_result():
+    unwarped = _ring_errors(lambda p, k: np.zeros_like(p),
+                            lambda p, k: np.tile([[1.0, -0.5 * k]], (len(p), 1)))
+    # An equivariant registration: under the warp it lands exactly where it did without it.
+    equivariant = _ring_errors(lambda p, k: np.tile([[2.0, 3.0]], (len(p), 1)),
+                               lambda p, k: np.tile([[1.0, -0.5 * k]], (len(p), 1)))
+    recovery = equivariant.relative_to(unwarped)
+    assert recovery.residuals("affine") == pytest.approx(np.zeros(180), abs=1e-12)
+    assert recovery.residuals("none") == pytest.approx(np.full(180, np.hypot(2.0, 3.0)))
+    # One that stops 1 mm short along x keeps exactly that, not its disagreement with the
+    # reference.
+    short = _ring_errors(lambda p, k: np.tile([[2.0, 3.0]], (len(p), 1)),
+                         lambda p, k: np.tile([[2.0, -0.5 * k]], (len(p), 1)))
+    assert short.relative_to(unwarped).residuals("affine") == pytest.approx(np.ones(180))
+
+
+def test_relative_to_refuses_other_pixels_or_stages():
+    errors = _ring_errors(lambda p, k: np.ones_like(p), lambda p, k: np.ones_like(p))
+    moved = MyocardialErrors(errors.points + 1.0, errors.slices, errors.stages)
+    with pytest.raises(ValueError, match="same myocardium pixels"):
+        errors.relative_to(moved)
+    with pytest.raises(ValueError, match="lack stage"):
+        errors.relative_to(MyocardialErrors(errors.points, errors.slices,
+                                            {"none": errors.stages["none"]}))
