@@ -11,19 +11,17 @@ import pytest
 import torch
 from scipy import ndimage
 
-from preprocessing import voxelmorph
+from preprocessing import voxelmorph_losses
 from preprocessing.transforms import compose_fields, identity_field, warp
 from preprocessing.voxelmorph import (
-    SpatialTransformer,
-    VoxelMorph2D,
     VoxelMorphConfig,
-    integrate_velocity,
+    checkpoint_provenance,
     load_voxelmorph,
-    ngf_loss,
     predict_field,
-    smoothness_loss,
     train_voxelmorph,
 )
+from preprocessing.voxelmorph_losses import ngf_loss, smoothness_loss
+from preprocessing.voxelmorph_net import SpatialTransformer, VoxelMorph2D, integrate_velocity
 
 CPU = torch.device("cpu")
 TINY = VoxelMorphConfig(encoder_channels=(4, 4), decoder_channels=(4,), iterations=3,
@@ -328,6 +326,19 @@ def test_predicted_field_plugs_into_the_transforms_module() -> None:
     assert composed.shape == field.shape
 
 
+def test_checkpoint_keeps_its_provenance(tmp_path: Path) -> None:
+    pairs = [(np.full((16, 16), 100.0), np.full((16, 16), 50.0), None)] * 2
+    recorded, bare = tmp_path / "recorded.pt", tmp_path / "bare.pt"
+    provenance = {"preprocess": {"affine_metric": "ngf", "roi_size": 128}, "voxelmorph": {}}
+    train_voxelmorph(pairs, TINY, CPU, checkpoint_path=recorded, progress=False,
+                     provenance=provenance)
+    train_voxelmorph(pairs, TINY, CPU, checkpoint_path=bare, progress=False)
+    assert checkpoint_provenance(recorded) == provenance
+    assert checkpoint_provenance(bare) == {}
+    with pytest.raises(FileNotFoundError, match="absent"):
+        checkpoint_provenance(tmp_path / "absent.pt")
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoint failures, bad configs, bad input
 
@@ -379,7 +390,7 @@ def test_config_dict_round_trip_and_unknown_keys() -> None:
 
 
 def test_non_finite_loss_raises(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(voxelmorph, "ngf_loss", lambda *args, **kwargs: torch.tensor(np.nan))
+    monkeypatch.setattr(voxelmorph_losses, "ngf_loss", lambda *args, **kwargs: torch.tensor(np.nan))
     pairs = [(np.full((16, 16), 100.0), np.full((16, 16), 50.0), None)] * 2
     with pytest.raises(FloatingPointError, match="iteration 0"):
         train_voxelmorph(pairs, TINY, CPU, progress=False)
