@@ -4,6 +4,7 @@ checks of numeric settings."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -58,6 +59,15 @@ def write_text(target: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` atomically."""
     with atomic_path(target) as tmp:
         tmp.write_text(text)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes: names a checkpoint's exact weights in manifests."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _json_default(value: Any) -> Any:

@@ -2,11 +2,11 @@
 
 Three stages: (1) every case is matched, resampled, affinely registered and cropped, in parallel
 processes, the result parked in ``<out>/.work``; (2) the non-rigid network is trained on the
-aligned pairs of the training cases, unless its checkpoint exists (then it is reused); (3) every
-case gets its non-rigid fields and is resampled once more from the native images and written.
-A case counts as done once its manifest exists (written last, atomically) and records the same
-settings, so reruns skip finished work, an interrupted run restarts safely, and a run with other
-settings does them again.
+aligned pairs of the training cases, unless its checkpoint exists and was trained with the same
+settings (then it is reused); (3) every case gets its non-rigid fields and is resampled once more
+from the native images and written. A case counts as done once its manifest exists (written
+last, atomically) and records the same settings and non-rigid network, so reruns skip finished
+work, an interrupted run restarts safely, and a run with other settings does them again.
 """
 
 from __future__ import annotations
@@ -35,8 +35,13 @@ from preprocessing.pipeline import (
     finish_case,
 )
 from preprocessing.qa import write_qa_png
-from preprocessing.voxelmorph import VoxelMorphConfig, load_voxelmorph, train_voxelmorph
-from utils import atomic_path, write_json, write_text
+from preprocessing.voxelmorph import (
+    VoxelMorphConfig,
+    checkpoint_provenance,
+    load_voxelmorph,
+    train_voxelmorph,
+)
+from utils import atomic_path, file_sha256, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +93,11 @@ def slice_name(case_id: str, index: int) -> str:
 
 
 def write_case(layout: ProcessedLayout, processed: ProcessedCase, split: str,
-               qa: bool = True) -> None:
-    """Write one case's files for ``split``; the manifest goes last as the completion mark."""
+               qa: bool = True, voxelmorph_sha256: str | None = None) -> None:
+    """Write one case's files for ``split``; the manifest goes last as the completion mark.
+
+    ``voxelmorph_sha256`` names the checkpoint of the non-rigid network used (None: none).
+    """
     for modality, stack in processed.images.items():
         if split == "train":
             for index in range(stack.shape[0]):
@@ -106,7 +114,8 @@ def write_case(layout: ProcessedLayout, processed: ProcessedCase, split: str,
                      processed.manifest["label_modality"], processed.label,
                      processed.unregistered, processed.images)
     write_json(manifest_path(layout.root, processed.case_id),
-               processed.manifest | {"split": split, "fields_file": fields_path.name})
+               processed.manifest | {"split": split, "fields_file": fields_path.name,
+                                     "voxelmorph_sha256": voxelmorph_sha256})
 
 
 def run_preprocessing(raw_root: str | Path, out_root: str | Path,
@@ -132,11 +141,17 @@ def _run(raw_root: str | Path, out_root: Path, config: PreprocessConfig,
     work = out_root / ".work"
     cases = {files.case_id: files for files in discover_cases(raw_root, options.layout)}
     splits = assign_splits(list(cases), options.test_every)
+    checkpoint = options.voxelmorph_checkpoint or out_root / VOXELMORPH_CHECKPOINT
+    # The network a finished case must have been written through: none, the reusable
+    # checkpoint, or one still to be trained (then no finished case qualifies).
+    network = None
+    if config.nonrigid_registration:
+        network = _reusable_checkpoint(checkpoint, config, options) or RETRAIN
     results: dict[str, CaseResult] = {}
     errors: dict[str, str] = {}
     todo = []
     for case_id, files in cases.items():
-        finished = _finished(out_root, case_id, splits[case_id], config)
+        finished = _finished(out_root, case_id, splits[case_id], config, network)
         if finished is not None and not options.overwrite:
             results[case_id] = CaseResult(case_id, splits[case_id], finished, 0.0, skipped=True)
         else:
@@ -161,11 +176,14 @@ def _run(raw_root: str | Path, out_root: Path, config: PreprocessConfig,
     model = None
     aligned_ids = sorted(align_seconds)
     if config.nonrigid_registration and aligned_ids:
-        model = _voxelmorph_model(out_root, work, aligned_ids, splits, config, options)
+        model = _voxelmorph_model(checkpoint, network != RETRAIN, work, aligned_ids, splits,
+                                  config, options)
+        network = file_sha256(checkpoint)
 
     finish_seconds = _parallel(
         "register+write", _finish_from_disk,
-        {i: (cases[i], config, work, out_root, splits[i], model, options) for i in aligned_ids},
+        {i: (cases[i], config, work, out_root, splits[i], model, network, options)
+         for i in aligned_ids},
         options.workers if model is None else 1, errors)
     for case_id, (seconds, num_slices) in finish_seconds.items():
         results[case_id] = CaseResult(case_id, splits[case_id], num_slices,
@@ -180,21 +198,65 @@ def _run(raw_root: str | Path, out_root: Path, config: PreprocessConfig,
     return ordered
 
 
-def _finished(out_root: Path, case_id: str, split: str,
-              config: PreprocessConfig) -> int | None:
-    """Slice count of a case already written for ``split`` with these settings, else None (a
-    case written with other settings, e.g. another registration metric, is done again)."""
+def _finished(out_root: Path, case_id: str, split: str, config: PreprocessConfig,
+              network: str | None) -> int | None:
+    """Slice count of a case already written for ``split`` with these settings and non-rigid
+    network (checkpoint SHA-256, None for none), else None: a case written with other settings,
+    e.g. another registration metric, or through another network is done again."""
     path = manifest_path(out_root, case_id)
     if not path.is_file():
         return None
     manifest = json.loads(path.read_text())
     if manifest.get("split") != split:
         return None
-    # Compared as JSON, the form the manifest keeps them in (tuples become lists).
-    if manifest.get("config") != json.loads(json.dumps(config.to_dict())):
+    if manifest.get("config") != _as_json(config.to_dict()):
         log.info("%s: written with other settings, preprocessing it again", case_id)
         return None
+    if manifest.get("voxelmorph_sha256") != network:
+        log.info("%s: written through another non-rigid network, preprocessing it again",
+                 case_id)
+        return None
     return int(manifest["num_slices"])
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists), for comparisons."""
+    return json.loads(json.dumps(value))
+
+
+#: stands for a non-rigid network that this run has yet to train
+RETRAIN = "to be trained"
+
+
+def voxelmorph_provenance(config: PreprocessConfig, options: RunOptions) -> dict[str, Any]:
+    """What a non-rigid network depends on: the settings that aligned its training pairs
+    (affine metric, geometry, intensity window...) and its own training settings."""
+    return _as_json({"preprocess": config.to_dict(), "voxelmorph": options.voxelmorph.to_dict()})
+
+
+def _reusable_checkpoint(checkpoint: Path, config: PreprocessConfig,
+                         options: RunOptions) -> str | None:
+    """SHA-256 of ``checkpoint`` when this run reuses it, else None (it will be trained).
+
+    The default checkpoint is reused only if trained with the current settings: pairs aligned
+    by another affine step, say, teach the network another residual. A checkpoint named by the
+    user is always reused, with a warning when its settings differ.
+    """
+    if not checkpoint.is_file():
+        return None
+    stored = checkpoint_provenance(checkpoint)
+    wanted = voxelmorph_provenance(config, options)
+    if stored != wanted:
+        differ = sorted(f"{group}.{key}" for group in wanted
+                        for key in set(wanted[group]) | set(stored.get(group, {}))
+                        if wanted[group].get(key) != stored.get(group, {}).get(key))
+        if options.voxelmorph_checkpoint is None:
+            log.info("non-rigid registration: %s was trained with other settings (%s); "
+                     "training again", checkpoint, ", ".join(differ) or "unrecorded")
+            return None
+        log.warning("non-rigid registration: reusing %s as asked, although it was trained "
+                    "with other settings (%s)", checkpoint, ", ".join(differ) or "unrecorded")
+    return file_sha256(checkpoint)
 
 
 def _parallel(stage: str, function: Callable[..., Any], calls: dict[str, tuple], workers: int,
@@ -266,29 +328,31 @@ def registration_pairs(cases: Iterable[AlignedCase], config: PreprocessConfig
     return pairs
 
 
-def _voxelmorph_model(out_root: Path, work: Path, aligned_ids: list[str],
+def _voxelmorph_model(checkpoint: Path, reuse: bool, work: Path, aligned_ids: list[str],
                       splits: dict[str, str], config: PreprocessConfig, options: RunOptions):
-    """Reuse the checkpoint when present; otherwise train on the training cases' pairs."""
+    """Reuse the checkpoint, or train on the training cases' pairs and save it there."""
     device = torch.device(options.device)
-    checkpoint = options.voxelmorph_checkpoint or out_root / VOXELMORPH_CHECKPOINT
-    if checkpoint.is_file():
+    if reuse:
         log.info("non-rigid registration: reusing %s", checkpoint)
         return load_voxelmorph(checkpoint, device)
     train_ids = [case_id for case_id in aligned_ids if splits[case_id] == "train"] or aligned_ids
     pairs = registration_pairs((_load_aligned(work, i) for i in train_ids), config)
     log.info("non-rigid registration: training on %d slice pairs of %d cases -> %s", len(pairs),
              len(train_ids), checkpoint)
-    return train_voxelmorph(pairs, options.voxelmorph, device, checkpoint)
+    return train_voxelmorph(pairs, options.voxelmorph, device, checkpoint,
+                            provenance=voxelmorph_provenance(config, options))
 
 
 def _finish_from_disk(files: CaseFiles, config: PreprocessConfig, work: Path, out_root: Path,
-                      split: str, model, options: RunOptions) -> tuple[float, int]:
+                      split: str, model, network: str | None,
+                      options: RunOptions) -> tuple[float, int]:
     """Stage 3 for one case: non-rigid fields, final resampling, files, manifest."""
     start = time.perf_counter()
     aligned = _load_aligned(work, files.case_id)
     processed = finish_case(load_case(files), aligned, config, model,
                             torch.device(options.device))
-    write_case(ProcessedLayout(out_root), processed, split, qa=options.qa)
+    write_case(ProcessedLayout(out_root), processed, split, qa=options.qa,
+               voxelmorph_sha256=network if model is not None else None)
     _work_path(work, files.case_id).unlink(missing_ok=True)
     return time.perf_counter() - start, processed.label.shape[0]
 

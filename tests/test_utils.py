@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from preprocessing.affine_registration import check_pyramid
-from utils import atomic_path, require_finite, require_finite_fields, write_json
+from utils import (
+    atomic_path,
+    file_sha256,
+    require_finite,
+    require_finite_fields,
+    write_json,
+)
 
 
 @pytest.mark.parametrize("value", [0, 0.0, 3, 2.5, np.float32(1.5), np.int64(4)])
@@ -64,3 +70,15 @@ def test_atomic_path_keeps_the_old_file_when_the_writer_fails(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["report.json"]
     write_json(target, {"version": 2})
     assert json.loads(target.read_text()) == {"version": 2}
+
+
+
+def test_file_sha256_known_value_and_change(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"abc")
+    # FIPS 180-2's example digest of "abc".
+    assert file_sha256(path) == ("ba7816bf8f01cfea414140de5dae2223"
+                                 "b00361a396177a9cb410ff61f20015ad")
+    before = file_sha256(path)
+    path.write_bytes(b"abd")
+    assert file_sha256(path) != before

@@ -1,15 +1,26 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from datasets.phantom import write_phantom_dataset
 from datasets.processed import ProcessedLayout
 from datasets.raw import discover_cases, load_case
 from preprocessing.pipeline import PreprocessConfig, preprocess_case
-from preprocessing.runner import RunOptions, assign_splits, run_preprocessing
+from preprocessing.runner import (
+    VOXELMORPH_CHECKPOINT,
+    RunOptions,
+    assign_splits,
+    run_preprocessing,
+    voxelmorph_provenance,
+)
+from preprocessing.voxelmorph import VoxelMorphConfig, checkpoint_provenance
+from utils import file_sha256
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +105,49 @@ def test_runner_packs_layout_skips_finished_and_reports_bad_cases(myops2020_dir,
         run_preprocessing(raw, out, config, RunOptions(test_every=3, overwrite=True))
     assert layout.names("test_vol") == ["Case3004"]
     assert all(name.startswith("Case3001") for name in layout.names("train"))
+
+
+def test_voxelmorph_checkpoint_is_reused_only_with_its_training_settings(tmp_path, caplog):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    write_phantom_dataset(raw, 2, seed=3)
+    config = PreprocessConfig(affine_registration=False)
+    tiny = VoxelMorphConfig(encoder_channels=(4, 4), decoder_channels=(4,), iterations=3,
+                            batch_size=2)
+    options = RunOptions(test_every=0, qa=False, voxelmorph=tiny)
+    checkpoint = out / VOXELMORPH_CHECKPOINT
+
+    def network_of_cases() -> set[str]:
+        return {json.loads(path.read_text())["voxelmorph_sha256"]
+                for path in (out / "manifests").glob("*.json")}
+
+    run_preprocessing(raw, out, config, options)
+    first = file_sha256(checkpoint)
+    assert checkpoint_provenance(checkpoint) == voxelmorph_provenance(config, options)
+    assert network_of_cases() == {first}
+    assert all(r.skipped for r in run_preprocessing(raw, out, config, options))
+    assert file_sha256(checkpoint) == first
+
+    # Pairs made with other settings: the network is trained again and every case redone.
+    other = replace(config, high_percentile=99.0)
+    with caplog.at_level(logging.INFO, logger="preprocessing.runner"):
+        assert not any(r.skipped for r in run_preprocessing(raw, out, other, options))
+    assert "preprocess.high_percentile" in caplog.text
+    second = file_sha256(checkpoint)
+    assert second != first and network_of_cases() == {second}
+    assert checkpoint_provenance(checkpoint)["preprocess"]["high_percentile"] == 99.0
+    # So do other network settings.
+    longer = replace(options, voxelmorph=replace(tiny, iterations=4))
+    assert not any(r.skipped for r in run_preprocessing(raw, out, other, longer))
+    third = file_sha256(checkpoint)
+    assert third != second and network_of_cases() == {third}
+
+    # A checkpoint the user names is reused as asked, with a warning, and nothing is redone.
+    caplog.clear()
+    named = replace(options, voxelmorph_checkpoint=checkpoint)
+    assert all(r.skipped for r in run_preprocessing(raw, out, other, named))
+    assert "as asked" in caplog.text and "voxelmorph.iterations" in caplog.text
+    assert file_sha256(checkpoint) == third
+    # Without the non-rigid step the cases are redone and record no network.
+    assert not any(r.skipped for r in run_preprocessing(
+        raw, out, replace(other, nonrigid_registration=False), options))
+    assert network_of_cases() == {None}
