@@ -247,15 +247,17 @@ def _reusable_checkpoint(checkpoint: Path, config: PreprocessConfig,
     stored = checkpoint_provenance(checkpoint)
     wanted = voxelmorph_provenance(config, options)
     if stored != wanted:
-        differ = sorted(f"{group}.{key}" for group in wanted
-                        for key in set(wanted[group]) | set(stored.get(group, {}))
-                        if wanted[group].get(key) != stored.get(group, {}).get(key))
+        differ = ", ".join(sorted(
+            f"{group}.{key}" for group in wanted
+            for key in set(wanted[group]) | set(stored.get(group, {}))
+            if wanted[group].get(key) != stored.get(group, {}).get(key))) if stored else None
+        why = f"other settings ({differ})" if differ else "no recorded settings"
         if options.voxelmorph_checkpoint is None:
-            log.info("non-rigid registration: %s was trained with other settings (%s); "
-                     "training again", checkpoint, ", ".join(differ) or "unrecorded")
+            log.info("non-rigid registration: %s was trained with %s; training again",
+                     checkpoint, why)
             return None
-        log.warning("non-rigid registration: reusing %s as asked, although it was trained "
-                    "with other settings (%s)", checkpoint, ", ".join(differ) or "unrecorded")
+        log.warning("non-rigid registration: reusing %s as asked, although it was trained with "
+                    "%s", checkpoint, why)
     return file_sha256(checkpoint)
 
 

@@ -19,7 +19,7 @@ from preprocessing.runner import (
     run_preprocessing,
     voxelmorph_provenance,
 )
-from preprocessing.voxelmorph import VoxelMorphConfig, checkpoint_provenance
+from preprocessing.voxelmorph import VoxelMorphConfig, checkpoint_provenance, train_voxelmorph
 from utils import file_sha256
 
 
@@ -120,8 +120,15 @@ def test_voxelmorph_checkpoint_is_reused_only_with_its_training_settings(tmp_pat
         return {json.loads(path.read_text())["voxelmorph_sha256"]
                 for path in (out / "manifests").glob("*.json")}
 
-    run_preprocessing(raw, out, config, options)
+    # A checkpoint that records no settings (written before they were recorded) is replaced.
+    bare = [(np.full((16, 16), 100.0), np.full((16, 16), 50.0), None)] * 2
+    train_voxelmorph(bare, tiny, "cpu", checkpoint_path=checkpoint, progress=False)
+    stale = file_sha256(checkpoint)
+    with caplog.at_level(logging.INFO, logger="preprocessing.runner"):
+        run_preprocessing(raw, out, config, options)
+    assert "no recorded settings" in caplog.text
     first = file_sha256(checkpoint)
+    assert first != stale
     assert checkpoint_provenance(checkpoint) == voxelmorph_provenance(config, options)
     assert network_of_cases() == {first}
     assert all(r.skipped for r in run_preprocessing(raw, out, config, options))
