@@ -43,6 +43,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from bench.measure import print_report
 from datasets.misalignment import (
     MisalignmentConfig,
     apply_slice_misalignment,
@@ -234,14 +235,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="scale of the known warp applied to real cases (0: none, which "
                              "shows how far registration moves already aligned slices)")
     args = parser.parse_args(argv)
+    if args.cases < 1 or args.threads < 1:
+        print("error: --cases and --threads must be >= 1", file=sys.stderr)
+        return 1
     torch.set_num_threads(args.threads)
     config = PreprocessConfig(affine_metric=args.affine_metric)
-    segmenter = None
     if (args.segmenter is not None) != (args.affine_metric == "segmentation"):
         parser.error("--segmenter and --affine_metric segmentation go together")
     if (args.case_ids or args.recovery or args.same_contrast) and args.source != "real":
         parser.error("--case_ids, --recovery and --same_contrast need real cases "
                      "(--source real)")
+    return print_report(lambda: _report(args, config))
+
+
+def _report(args: argparse.Namespace, config: PreprocessConfig) -> dict:
+    """Run the benchmark the parsed ``args`` describe and return its JSON report."""
+    segmenter = None
     if args.affine_metric == "segmentation":
         from preprocessing.segmenter import CheckpointSegmenter
 
@@ -284,8 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                                       for name, errors in unwarped.errors.items()}
         report["recovery_mm"] = {name: _summary(errors.relative_to(unwarped.errors[name]))
                                  for name, errors in run.errors.items()}
-    print(json.dumps(report, indent=2))
-    return 0
+    return report
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 from bench.bench_registration import main
@@ -49,3 +52,22 @@ def test_real_only_options_refuse_the_phantom(flag, capsys):
     with pytest.raises(SystemExit):
         main(["--source", "phantom", flag])
     assert flag in capsys.readouterr().err
+
+
+def test_bad_input_exits_1_naming_the_problem(myops2020_dir, tmp_path, capsys):
+    assert main(["--cases", "0"]) == 1
+    assert main(["--source", "real", "--real_root", str(myops2020_dir),
+                 "--case_ids", "Case9999"]) == 1
+    assert "Case9999" in capsys.readouterr().err
+    # A bSSFP volume off the LGE's grid cannot stand in for it in the control.
+    root = tmp_path / "real"
+    shutil.copytree(myops2020_dir / "Case3001", root / "Case3001")
+    path = root / "Case3001" / "Case3001_C0.nii.gz"
+    image = nib.load(str(path))
+    moved = image.affine.copy()
+    moved[:3, 3] += 2.0
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), moved, image.header), str(path))
+    assert main(["--source", "real", "--real_root", str(root), "--cases", "1",
+                 "--same_contrast"]) == 1
+    error = capsys.readouterr().err
+    assert "Case3001_C0.nii.gz" in error and "grid" in error
