@@ -9,8 +9,6 @@ maximising multi-modal similarity plus a diffusion smoothness penalty, saved, an
 This module holds the configuration, training, checkpoints and prediction. The network, its
 spatial transformer and the displacement bound are in :mod:`preprocessing.voxelmorph_net`; the
 NGF similarity and smoothness losses (and why NGF) in :mod:`preprocessing.voxelmorph_losses`.
-``VoxelMorph2D``, ``SpatialTransformer``, ``integrate_velocity``, ``ngf_loss`` and
-``smoothness_loss`` still import from here.
 
 Conventions match :mod:`preprocessing.transforms`: a displacement ``u [B, 2, H, W]`` holds
 ``(row, col)`` offsets in pixels and the warped image is ``moving(p + u(p))`` (pull mapping), so
@@ -34,10 +32,7 @@ from tqdm import tqdm
 
 from preprocessing.transforms import identity_field
 from preprocessing.voxelmorph_losses import SIMILARITIES, similarity_loss, smoothness_loss
-from preprocessing.voxelmorph_losses import ngf_loss as ngf_loss  # re-export
-from preprocessing.voxelmorph_net import SpatialTransformer as SpatialTransformer  # re-export
 from preprocessing.voxelmorph_net import VoxelMorph2D
-from preprocessing.voxelmorph_net import integrate_velocity as integrate_velocity  # re-export
 from utils import atomic_path, require_finite_fields
 
 #: Value of the ``kind`` entry that marks a checkpoint written by :func:`train_voxelmorph`.
