@@ -144,8 +144,12 @@ def _real_source(source: Path, root: Path, cases: int, seed: int,
     return root, factory
 
 
-NO_WARP = {"max_rotation_deg": 0.0, "max_translation_mm": 0.0, "max_scale": 0.0,
-           "nonrigid_mm": 0.0}
+def _scaled_warp(scale: float) -> MisalignmentConfig:
+    """The default known misalignment with every magnitude times ``scale`` (0: none)."""
+    base = MisalignmentConfig()
+    return replace(base, max_rotation_deg=base.max_rotation_deg * scale,
+                   max_translation_mm=base.max_translation_mm * scale,
+                   max_scale=base.max_scale * scale, nonrigid_mm=base.nonrigid_mm * scale)
 
 
 @dataclass
@@ -255,24 +259,18 @@ def _report(args: argparse.Namespace, config: PreprocessConfig) -> dict:
         from preprocessing.segmenter import CheckpointSegmenter
 
         segmenter = CheckpointSegmenter(args.segmenter, torch.device("cpu"))
-    base = MisalignmentConfig()
-    warp = MisalignmentConfig(
-        max_rotation_deg=base.max_rotation_deg * args.warp_scale,
-        max_translation_mm=base.max_translation_mm * args.warp_scale,
-        max_scale=base.max_scale * args.warp_scale,
-        nonrigid_mm=base.nonrigid_mm * args.warp_scale)
     case_ids = [case.strip() for case in args.case_ids.split(",")] if args.case_ids else None
     with tempfile.TemporaryDirectory() as tmp:
         if args.source == "phantom":
             source = _phantom_source(Path(tmp) / "raw", args.cases, args.seed)
         else:
-            source = _real_source(args.real_root, Path(tmp) / "raw", args.cases, args.seed, warp,
-                                  case_ids, args.same_contrast)
+            source = _real_source(args.real_root, Path(tmp) / "raw", args.cases, args.seed,
+                                  _scaled_warp(args.warp_scale), case_ids, args.same_contrast)
         run = _measure(*source, config, segmenter, args.voxelmorph_iterations)
         if args.recovery:
             # The same cases without the warp, through the same trained non-rigid network.
             unwarped = _measure(*_real_source(args.real_root, Path(tmp) / "unwarped", args.cases,
-                                              args.seed, replace(warp, **NO_WARP), case_ids,
+                                              args.seed, _scaled_warp(0.0), case_ids,
                                               args.same_contrast),
                                 config, segmenter, run.model)
     report = {

@@ -34,6 +34,13 @@ MODELS: tuple[str, ...] = ("affine", "similarity", "rigid")
 _SWAP = np.array([[0.0, 1.0], [1.0, 0.0]])
 
 
+def _check_sigmas(sigmas_mm: Sequence[float], *, positive: bool) -> None:
+    """Every pyramid level's smoothing sigma finite and >= 0 (> 0 with ``positive``), named by
+    its index."""
+    require_finite(positive=positive,
+                   **{f"smoothing_sigmas_mm[{k}]": s for k, s in enumerate(sigmas_mm)})
+
+
 @dataclass(frozen=True)
 class AffineRegistrationConfig:
     """Settings of the mask-guided affine fit (defaults suit 1 mm, 224 px, [0, 255] slices).
@@ -71,8 +78,7 @@ class AffineRegistrationConfig:
                              f"length, got {self.shrink_factors}, {self.smoothing_sigmas_mm}")
         if any(int(f) != f or f < 1 for f in self.shrink_factors):
             raise ValueError(f"shrink_factors must be integers >= 1, got {self.shrink_factors}")
-        require_finite(**{f"smoothing_sigmas_mm[{k}]": s
-                          for k, s in enumerate(self.smoothing_sigmas_mm)})
+        _check_sigmas(self.smoothing_sigmas_mm, positive=False)
         if self.iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
         if not 0 < self.min_step < self.learning_rate:
@@ -276,8 +282,7 @@ def check_pyramid(sigmas_mm: Sequence[float], iterations: Sequence[int], *,
     if not sigmas_mm or len(iterations) != len(sigmas_mm):
         raise ValueError("smoothing_sigmas_mm and iterations need one entry per pyramid level, "
                          f"got {tuple(sigmas_mm)} and {tuple(iterations)}")
-    require_finite(positive=not zero_sigma,
-                   **{f"smoothing_sigmas_mm[{k}]": s for k, s in enumerate(sigmas_mm)})
+    _check_sigmas(sigmas_mm, positive=not zero_sigma)
     if any(isinstance(n, bool) or int(n) != n or n < 1 for n in iterations):
         raise ValueError(f"iterations must be ints >= 1, got {tuple(iterations)}")
 

@@ -178,7 +178,8 @@ def _run(raw_root: str | Path, out_root: Path, config: PreprocessConfig,
     if config.nonrigid_registration and aligned_ids:
         model = _voxelmorph_model(checkpoint, network != RETRAIN, work, aligned_ids, splits,
                                   config, options)
-        network = file_sha256(checkpoint)
+        if network == RETRAIN:
+            network = file_sha256(checkpoint)
 
     finish_seconds = _parallel(
         "register+write", _finish_from_disk,

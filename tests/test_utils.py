@@ -72,7 +72,6 @@ def test_atomic_path_keeps_the_old_file_when_the_writer_fails(tmp_path):
     assert json.loads(target.read_text()) == {"version": 2}
 
 
-
 def test_file_sha256_known_value_and_change(tmp_path):
     path = tmp_path / "weights.bin"
     path.write_bytes(b"abc")
