@@ -205,7 +205,8 @@ def _summary(errors: MyocardialErrors) -> dict[str, dict]:
         residual = errors.residuals(stage)
         summary[stage] = {"mean": float(residual.mean()), "median": float(np.median(residual)),
                           "p95": float(np.percentile(residual, 95)), "pixels": len(residual),
-                          "centre_error_mm": errors.centre_error(stage)}
+                          "centre_error_mm": errors.centre_error(stage),
+                          "about_centre_mm": errors.about_centre_error(stage)}
         if stage != "none" and warped:
             summary[stage]["recovered_fraction"] = errors.recovered_fraction(stage)
     summary["floor_mm"] = errors.floors()

@@ -121,6 +121,19 @@ class MyocardialErrors:
         """Mean over slices of the length of :meth:`centre_errors`."""
         return float(np.linalg.norm(self.centre_errors(stage), axis=1).mean())
 
+    def about_centre_error(self, stage: str) -> float:
+        """Mean residual once each slice's mean error (:meth:`centre_errors`) is taken away.
+
+        What a perfect heart-centre translation would still leave: the rotation, scaling and
+        deformation the stage got wrong. Applied to stage ``"none"`` it is the translation floor.
+        """
+        errors = self.stages[stage]
+        left = np.empty(len(errors))
+        for k in np.unique(self.slices):
+            rows = self.slices == k
+            left[rows] = np.linalg.norm(errors[rows] - errors[rows].mean(axis=0), axis=1)
+        return float(left.mean())
+
     def floors(self) -> dict[str, float]:
         """Mean residual left by the per-slice translation and the per-slice affine map that best
         undo the initial errors: about the least a registration of that model can achieve.
@@ -130,15 +143,14 @@ class MyocardialErrors:
         and of a small correction add).
         """
         initial = self.stages["none"]
-        left = {"translation": np.empty(len(initial)), "affine": np.empty(len(initial))}
+        left = np.empty(len(initial))
         for k in np.unique(self.slices):
             rows = self.slices == k
             errors = initial[rows]
-            left["translation"][rows] = np.linalg.norm(errors - errors.mean(axis=0), axis=1)
             design = np.concatenate([self.points[rows], np.ones((rows.sum(), 1))], axis=1)
             fit, *_ = np.linalg.lstsq(design, errors, rcond=None)
-            left["affine"][rows] = np.linalg.norm(errors - design @ fit, axis=1)
-        return {model: float(values.mean()) for model, values in left.items()}
+            left[rows] = np.linalg.norm(errors - design @ fit, axis=1)
+        return {"translation": self.about_centre_error("none"), "affine": float(left.mean())}
 
 
 def myocardial_errors(aligned: AlignedCase, final_fields: dict[str, np.ndarray],

@@ -78,6 +78,23 @@ def test_centre_error_recovered_fraction_and_concatenation():
         MyocardialErrors.concatenate([])
 
 
+def test_about_centre_error_leaves_what_a_translation_cannot_undo():
+    angle = np.deg2rad(4.0)
+    turn = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    # Initially shifted only; the stage fixes the centre of slice 0 but turns it by 4 degrees,
+    # and leaves slice 1 shifted by (3, 4) mm without any turn.
+    errors = _ring_errors(lambda p, k: np.tile([[3.0, 4.0]], (len(p), 1)),
+                          lambda p, k: ((p - p.mean(0)) @ (turn - np.eye(2)).T if k == 0
+                                        else np.tile([[3.0, 4.0]], (len(p), 1))))
+    assert errors.about_centre_error("none") == pytest.approx(0.0, abs=1e-12)
+    # Slice 0 keeps 2 * 20 * sin(2 degrees) at every point, slice 1 nothing.
+    assert errors.about_centre_error("affine") == pytest.approx(20 * np.sin(angle / 2), rel=1e-9)
+    assert errors.centre_error("affine") == pytest.approx(2.5, rel=1e-9)
+    # The residual is at least what is left about the centre, slice by slice.
+    assert errors.residuals("affine").mean() >= errors.about_centre_error("affine")
+    assert errors.floors()["translation"] == errors.about_centre_error("none")
+
+
 def test_relative_to_removes_the_unwarped_result():
     unwarped = _ring_errors(lambda p, k: np.zeros_like(p),
                             lambda p, k: np.tile([[1.0, -0.5 * k]], (len(p), 1)))
