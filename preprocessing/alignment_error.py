@@ -127,12 +127,9 @@ class MyocardialErrors:
         What a perfect heart-centre translation would still leave: the rotation, scaling and
         deformation the stage got wrong. Applied to stage ``"none"`` it is the translation floor.
         """
-        errors = self.stages[stage]
-        left = np.empty(len(errors))
-        for k in np.unique(self.slices):
-            rows = self.slices == k
-            left[rows] = np.linalg.norm(errors[rows] - errors[rows].mean(axis=0), axis=1)
-        return float(left.mean())
+        _, index = np.unique(self.slices, return_inverse=True)
+        left = self.stages[stage] - self.centre_errors(stage)[index]
+        return float(np.linalg.norm(left, axis=1).mean())
 
     def floors(self) -> dict[str, float]:
         """Mean residual left by the per-slice translation and the per-slice affine map that best

@@ -349,13 +349,14 @@ def _voxelmorph_model(checkpoint: Path, reuse: bool, work: Path, aligned_ids: li
 def _finish_from_disk(files: CaseFiles, config: PreprocessConfig, work: Path, out_root: Path,
                       split: str, model, network: str | None,
                       options: RunOptions) -> tuple[float, int]:
-    """Stage 3 for one case: non-rigid fields, final resampling, files, manifest."""
+    """Stage 3 for one case: non-rigid fields, final resampling, files, manifest (``network``:
+    the SHA-256 of ``model``'s checkpoint, None without the non-rigid step)."""
     start = time.perf_counter()
     aligned = _load_aligned(work, files.case_id)
     processed = finish_case(load_case(files), aligned, config, model,
                             torch.device(options.device))
     write_case(ProcessedLayout(out_root), processed, split, qa=options.qa,
-               voxelmorph_sha256=network if model is not None else None)
+               voxelmorph_sha256=network)
     _work_path(work, files.case_id).unlink(missing_ok=True)
     return time.perf_counter() - start, processed.label.shape[0]
 
