@@ -30,7 +30,15 @@ MYOPS_MODELS ?= immseg immseg_noprior transunet
 MYOPS_FLAGS ?=
 MYOPS_DROPOUT ?= 0.5
 
-.PHONY: demo test install myops myops_subsets
+# Cross-validation (README "Results"): every case of the 30 tested once, out of fold, label-free,
+# scored on the native LGE grid; the three variants at the same budget.
+MYOPS_CV_RUNS ?= runs/myops2020_cv
+MYOPS_FOLDS ?= 5
+MYOPS_CV_BACKBONE ?= R26-ViT-S_16
+MYOPS_CV_EPOCHS ?= 30
+MYOPS_CV_MODELS ?= immseg transunet immseg_noprior
+
+.PHONY: demo test install myops myops_subsets myops_data myops_cv_train myops_cv
 
 install: $(STAMP)
 
@@ -79,4 +87,20 @@ myops_subsets: $(STAMP)
 	set -e; for run in immseg immseg_dropout; do \
 		$(PY) test.py --run_dir $(MYOPS_RUNS)/$$run --root_path $(MYOPS_DATA) --all_subsets \
 			--output_dir $(MYOPS_RUNS)/$$run/test_subsets; \
+	done
+
+# The real cases, every case in both forms, the release split and 5 fold lists; the MiniLM priors.
+myops_data: $(STAMP)
+	$(PY) preprocess_data.py --raw_root $(MYOPS_RAW) --out_root $(MYOPS_DATA) \
+		--no_affine --no_nonrigid --workers 2 --folds $(MYOPS_FOLDS)
+	$(PY) -m prompts.encode --model minilm --out $(DEMO_PRIORS)
+
+# Trains every fold of every model, fold after fold; rerunning continues where it stopped.
+myops_cv_train: myops_data
+	set -e; for model in $(MYOPS_CV_MODELS); do \
+		priors=""; if [ $$model = immseg ]; then priors="--priors_path $(DEMO_PRIORS)"; fi; \
+		$(PY) train.py --dataset Myops --model $$model --vit_name $(MYOPS_CV_BACKBONE) \
+			--root_path $(MYOPS_DATA) $$priors --max_epochs $(MYOPS_CV_EPOCHS) --batch_size 8 \
+			--seed 1234 --val_every 0 --val_fraction 0 --num_workers 0 \
+			--folds $(MYOPS_FOLDS) --output_dir $(MYOPS_CV_RUNS)/$$model --resume; \
 	done

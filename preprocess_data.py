@@ -33,7 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layout", choices=("myops380", "myops2020"), default=None,
                         help="raw layout (default: detected)")
     parser.add_argument("--test_every", type=int, default=5,
-                        help="every N-th case (sorted) becomes a test volume; 0 = none")
+                        help="the release's split: sorted cases [0::N] are listed as test "
+                             "volumes (case0001, case0006, ... for 5); 0 = none")
+    parser.add_argument("--folds", type=int, default=5,
+                        help="also write the lists of K-fold cross-validation (lists/cv<K>/"
+                             "fold<k>/, round-robin on sorted cases; 0 = none). Every case is "
+                             "written both as training slices and as a label-free test volume")
     parser.add_argument("--max_slice_distance", type=float, default=5.0,
                         help="mm; reference slices without partners this close are dropped")
     parser.add_argument("--crop_size", type=int, default=224)
@@ -80,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                                   affine_metric=args.affine_metric,
                                   nonrigid_registration=not args.no_nonrigid)
         options = RunOptions(
-            test_every=args.test_every, workers=args.workers, overwrite=args.overwrite,
+            test_every=args.test_every, folds=args.folds, workers=args.workers,
+            overwrite=args.overwrite,
             layout=args.layout, qa=not args.no_qa,
             voxelmorph=dataclasses.replace(VoxelMorphConfig(),
                                            iterations=args.voxelmorph_iterations),

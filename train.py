@@ -4,6 +4,7 @@
         --priors_path priors/biomedclip.pt --root_path data/phantom/Processed_data
     torchrun --nproc_per_node=4 train.py ...        # the same run on 4 GPUs (global batch)
     python train.py ... --resume                     # continue an interrupted run exactly
+    python train.py ... --folds 5 [--fold 2]         # cross-validation: every fold (or one)
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ from pathlib import Path
 from datasets.labels import MODALITIES
 from networks.factory import list_models
 from networks.variants import VARIANTS
-from trainer import DATASETS, DEFAULT_PRIORS_PATH, TrainConfig, train
+from trainer import (
+    CHECKPOINT_FINAL,
+    CHECKPOINT_LAST,
+    DATASETS,
+    DEFAULT_PRIORS_PATH,
+    TrainConfig,
+    train,
+)
 from utils import setup_logging
 
 log = logging.getLogger("train")
@@ -43,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root_path", default=None,
                         help="processed data root (default: the dataset's default root)")
     parser.add_argument("--list_dir", default=None, help="lists folder (default: <root>/lists)")
+    parser.add_argument("--folds", type=int, default=0,
+                        help="K-fold cross-validation over the lists preprocess_data.py wrote "
+                             "(lists/cv<K>/); runs go to <output_dir>/fold<k>")
+    parser.add_argument("--fold", type=int, default=None,
+                        help="the fold to train (default with --folds: every fold, one after "
+                             "the other; with --resume finished folds are skipped)")
     parser.add_argument("--output_dir", default=None,
                         help="run folder (default: runs/<dataset>_<model>_<vit_name>)")
     parser.add_argument("--img_size", type=int, default=defaults.img_size)
@@ -88,9 +102,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def default_output_dir(args: argparse.Namespace) -> str:
+    """``runs/<dataset>_<model>_<vit_name>`` (``_cv<K>`` appended for cross-validation)."""
+    folds = f"_cv{args.folds}" if args.folds else ""
+    return f"runs/{args.dataset}_{args.model}_{args.vit_name}{folds}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    output_dir = args.output_dir or f"runs/{args.dataset}_{args.model}_{args.vit_name}"
+    output_dir = args.output_dir or default_output_dir(args)
+    if args.fold is not None and not args.folds:
+        print("train.py: error: --fold needs --folds", file=sys.stderr)
+        return 2
+    folds = ([args.fold] if args.fold is not None else list(range(args.folds))) if args.folds \
+        else [None]
+    for fold in folds:
+        run_dir = output_dir if fold is None else str(Path(output_dir) / f"fold{fold}")
+        if fold is not None and args.resume and (Path(run_dir) / CHECKPOINT_FINAL).is_file():
+            print(f"fold {fold}: finished ({Path(run_dir) / CHECKPOINT_FINAL}); skipped")
+            continue
+        # A fold that never started has nothing to resume: it starts.
+        resume = args.resume and (fold is None or (Path(run_dir) / CHECKPOINT_LAST).is_file())
+        code = _train_one(args, run_dir, fold, resume)
+        if code:
+            return code
+    return 0
+
+
+def _train_one(args: argparse.Namespace, output_dir: str, fold: int | None,
+               resume: bool) -> int:
     if os.environ.get("RANK", "0") == "0":
         setup_logging(Path(output_dir) / "log.txt")
     else:  # torchrun's other processes: warnings and errors only, and not into the log file
@@ -101,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             priors_path=args.priors_path, sequence=args.sequence,
             share_encoder=args.share_encoder,
             root_path=args.root_path or DATASETS[args.dataset]["root_path"],
-            list_dir=args.list_dir, output_dir=output_dir, img_size=args.img_size,
+            list_dir=args.list_dir, folds=args.folds, fold=fold, output_dir=output_dir,
+            img_size=args.img_size,
             num_classes=DATASETS[args.dataset]["num_classes"], batch_size=args.batch_size,
             optimizer=args.optimizer, base_lr=args.base_lr, weight_decay=args.weight_decay,
             max_epochs=args.max_epochs,
@@ -115,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             vit_dropout=args.vit_dropout, val_every=args.val_every,
             val_fraction=args.val_fraction, patience=args.patience, amp=not args.no_amp,
             device=args.device)
-        result = train(config, resume=args.resume)
+        result = train(config, resume=resume)
     except (ValueError, OSError, FloatingPointError) as error:
         log.error("%s", error)
         return 1

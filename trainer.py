@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from datasets.augment import AugmentConfig
 from datasets.dataset import EpochIndices, SliceDataset
+from datasets.folds import check_fold, fold_list_dir
 from datasets.labels import NUM_CLASSES
 from datasets.processed import ProcessedLayout
 from evaluation.inference import predict_volume
@@ -82,7 +83,11 @@ class TrainConfig:
     sequence: str = "LGE"  # the input of the single-sequence variant
     share_encoder: bool = False
     root_path: str = "data/phantom/Processed_data"
+    #: lists folder; default <root>/lists, or the fold's lists under cross-validation
     list_dir: str | None = None
+    #: K-fold cross-validation (0: the release split of <root>/lists) and this run's fold
+    folds: int = 0
+    fold: int | None = None
     output_dir: str = "runs/Myops_immseg_R50-ViT-B_16"
     img_size: int = 128
     num_classes: int = NUM_CLASSES
@@ -126,6 +131,13 @@ class TrainConfig:
         if self.model != "immseg" and self.priors_path is not None:
             raise ValueError(f"the {self.model} model uses no text priors; drop priors_path "
                              f"({self.priors_path})")
+        if self.folds:
+            check_fold(self.folds, self.fold)
+            if self.list_dir is None:
+                object.__setattr__(self, "list_dir", str(fold_list_dir(
+                    Path(self.root_path) / "lists", self.folds, self.fold)))
+        elif self.fold is not None:
+            raise ValueError(f"fold {self.fold} given without folds")
         if self.class_weights is not None:
             object.__setattr__(self, "class_weights", tuple(self.class_weights))
             if len(self.class_weights) != self.num_classes:
@@ -233,6 +245,7 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
         layout.names("train")  # may write the list file: one process only
     context.barrier()
     names = layout.names("train", create=False)
+    layout.check_disjoint()
     train_names, val_names = split_validation_cases(
         names, config.val_fraction if config.val_every else 0.0)
     # Dropout masks, like augmentation, are functions of (seed, epoch, sample index): the same

@@ -97,6 +97,22 @@ class ProcessedLayout:
                         "does not exist")
         return names
 
+    def check_disjoint(self) -> None:
+        """Refuse lists that put one case in both training and testing.
+
+        Every case is stored in both forms (training slices and a test volume), so only the
+        lists keep a test case out of training; a stale or hand-edited list could leak it.
+        """
+        paths = [self.list_path(split) for split in SPLITS]
+        if not all(path.is_file() for path in paths):
+            return
+        train = {case_of(name) for name in self.names("train", create=False)}
+        test = set(self.names("test_vol", create=False))
+        both = sorted(train & test)
+        if both:
+            raise ProcessedDataError(f"{paths[0]} and {paths[1]} both list case(s) {both}: a "
+                                     "test case must not train")
+
     def manifest_dir(self) -> Path:
         return self.root / "manifests"
 
@@ -152,6 +168,12 @@ class ProcessedLayout:
         if len(shapes) != 1:
             raise ProcessedDataError(f"{self.root}: sequences of {name} differ in shape {shapes}")
         return np.stack(images, axis=1), label, spacing  # type: ignore[return-value]
+
+
+def case_of(slice_name: str) -> str:
+    """The case a training slice belongs to: ``case0001_slice003`` -> ``case0001``."""
+    case, separator, index = slice_name.rpartition("_slice")
+    return case if separator and index.isdigit() else slice_name
 
 
 def write_training_slice(path: Path, image: np.ndarray, label: np.ndarray) -> None:

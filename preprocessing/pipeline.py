@@ -16,77 +16,29 @@ map predictions back to the native images goes into the manifest and the fields 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from datasets.labels import MODALITIES
-from datasets.raw import RawCase
-from preprocessing.affine_registration import (
-    AffineRegistrationConfig,
-    AffineResult,
-    myocardium_metric_mask,
-    register_affine,
-)
-from preprocessing.consensus_affine import register_affine_consensus
-from preprocessing.intensity import apply_window, normalise_to_255
-from preprocessing.mask_affine import MaskAffineConfig, register_masks
-from preprocessing.ngf_affine import NGFAffineConfig, register_affine_ngf
+from datasets.raw import RawCase, Volume
+from preprocessing.affine_registration import myocardium_metric_mask
+from preprocessing.config import AFFINE_METRICS, PreprocessConfig
+from preprocessing.grid_stacks import PREFERRED_REFERENCE, GridStacks, resample_to_grids
+from preprocessing.intensity import apply_window
+from preprocessing.registration import Segmenter, affine_fits, nonrigid_fields, roi_field
 from preprocessing.resample import PlaneGrid, sample_slice
-from preprocessing.slice_matching import SliceMatch, choose_reference, match_slices
-from preprocessing.transforms import Affine2D, compose_fields, identity_field
 
 if TYPE_CHECKING:
     import torch
 
-    from preprocessing.voxelmorph import VoxelMorph2D
+    from preprocessing.voxelmorph_net import VoxelMorph2D
 
-
-AFFINE_METRICS: tuple[str, ...] = ("ngf", "mattes", "consensus", "segmentation")
-#: ``segmenter(stack [D, H, W] in [0, 255], sequence) -> myocardium probability [D, H, W]``
-Segmenter = Callable[[np.ndarray, str], np.ndarray]
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """Geometry, intensity and registration settings (defaults follow the seed)."""
-
-    pixel_spacing_mm: float = 1.0
-    crop_size: int = 224
-    roi_size: int = 128
-    max_slice_distance_mm: float = 5.0
-    low_percentile: float = 0.5
-    high_percentile: float = 99.5
-    affine_registration: bool = True
-    nonrigid_registration: bool = True
-    #: "consensus" (mean of three independent fits, see preprocessing.consensus_affine), "ngf"
-    #: (edge directions, see preprocessing.ngf_affine), "mattes" (mutual information) or
-    #: "segmentation" (a network's myocardium of each sequence, see preprocessing.mask_affine)
-    affine_metric: str = "consensus"
-    affine: AffineRegistrationConfig = field(default_factory=AffineRegistrationConfig)
-    ngf: NGFAffineConfig = field(default_factory=NGFAffineConfig)
-    mask_fit: MaskAffineConfig = field(default_factory=MaskAffineConfig)
-
-    def __post_init__(self) -> None:
-        if self.affine_metric not in AFFINE_METRICS:
-            raise ValueError(f"affine_metric must be one of {AFFINE_METRICS}, got "
-                             f"{self.affine_metric!r}")
-        if self.pixel_spacing_mm <= 0:
-            raise ValueError(f"pixel_spacing_mm must be > 0, got {self.pixel_spacing_mm}")
-        if not 0 < self.roi_size <= self.crop_size:
-            raise ValueError(f"need 0 < roi_size <= crop_size, got {self.roi_size}, "
-                             f"{self.crop_size}")
-        if self.max_slice_distance_mm <= 0:
-            raise ValueError("max_slice_distance_mm must be > 0")
-        if not 0 <= self.low_percentile < self.high_percentile <= 100:
-            raise ValueError("percentiles must satisfy 0 <= low < high <= 100")
-        if self.affine.pixel_spacing_mm != self.pixel_spacing_mm:
-            raise ValueError("affine.pixel_spacing_mm must equal pixel_spacing_mm")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+__all__ = ["AFFINE_METRICS", "AlignedCase", "NoMyocardiumError", "PreprocessConfig",
+           "ProcessedCase", "Segmenter", "align_case", "finish_case", "grid_stacks",
+           "preprocess_case", "roi_origin"]
 
 
 @dataclass
@@ -151,20 +103,10 @@ def align_case(case: RawCase, config: PreprocessConfig,
         raise ValueError("affine_metric 'segmentation' needs a segmenter network "
                          "(preprocess_data.py --segmenter CHECKPOINT)")
     volumes = dict(case.images)
-    reference = choose_reference(volumes, prefer=case.label_modality)
+    stacks = grid_stacks(case.case_id, volumes, config, prefer=case.label_modality)
+    reference, kept, partners, grids = (stacks.reference, list(stacks.kept), stacks.partners,
+                                        stacks.grids)
     ref_volume = volumes[reference]
-    matches = {name: match_slices(ref_volume, volume, config.max_slice_distance_mm)
-               for name, volume in volumes.items()}
-    kept = [k for k in range(ref_volume.num_slices)
-            if all(match.partner[k] is not None for match in matches.values())]
-    if not kept:
-        raise ValueError(
-            f"{case.case_id}: no reference ({reference}) slice has a partner within "
-            f"{config.max_slice_distance_mm} mm in every sequence; distances "
-            f"{ {n: [round(d, 1) for d in m.distance_mm] for n, m in matches.items()} }")
-    partners = {name: [int(m.partner[k]) for k in kept] for name, m in matches.items()}
-    grids = [PlaneGrid.centred_on_slice(ref_volume, k, config.crop_size, config.pixel_spacing_mm)
-             for k in kept]
 
     def resample(name: str, fields: list[np.ndarray] | None = None) -> np.ndarray:
         return np.stack([
@@ -172,44 +114,26 @@ def align_case(case: RawCase, config: PreprocessConfig,
                          field=None if fields is None else fields[i])
             for i, grid in enumerate(grids)])
 
-    full = {name: resample(name) for name in MODALITIES}
-    label_full = np.stack([
-        sample_slice(case.label, partners[case.label_modality][i], grid, is_label=True)
-        for i, grid in enumerate(grids)])
-    windows = {}
-    for name in MODALITIES:
-        full[name], windows[name] = normalise_to_255(
-            full[name], config.low_percentile, config.high_percentile,
-            source=str(volumes[name].source))
+    full = {name: stacks.channel(name) for name in MODALITIES}
+    label_full = stacks.label_on_grids(case.label, case.label_modality)
+    windows = stacks.windows
 
     row0, col0 = roi_origin(label_full, config.roi_size, case.case_id)
     roi = (slice(None), slice(row0, row0 + config.roi_size), slice(col0, col0 + config.roi_size))
-    roi_field = identity_field((config.roi_size, config.roi_size)) + np.array(
-        [row0, col0], dtype=np.float64)[:, None, None]
 
     fixed = case.label_modality
-    masks = [myocardium_metric_mask(label, config.affine.mask_margin_mm, config.pixel_spacing_mm)
-             for label in label_full]
-    affine_fields = {name: [roi_field] * len(kept) for name in MODALITIES}
+    base_field = roi_field((row0, col0), config.roi_size)
+    affine_fields = {name: [base_field] * len(kept) for name in MODALITIES}
     registrations: dict[str, list[dict]] = {}
     if config.affine_registration:
         for name in MODALITIES:
             if name == fixed:
                 continue
-            if config.affine_metric == "ngf":
-                results = register_affine_ngf(full[fixed], full[name], np.stack(masks),
-                                              config.ngf, config.affine)
-            elif config.affine_metric == "consensus":
-                results = register_affine_consensus(full[fixed], label_full > 0, full[name],
-                                                    np.stack(masks), config.affine, config.ngf)
-            elif config.affine_metric == "segmentation":
-                results = _segmentation_fit(full[name][roi], label_full[roi], name, (row0, col0),
-                                            segmenter, config)
-            else:
-                results = [register_affine(full[fixed][i], full[name][i], masks[i],
-                                           config.affine) for i in range(len(kept))]
+            results = affine_fits(config.affine_metric, full[fixed], full[name], label_full,
+                                  (row0, col0), config.roi_size, name, config.affine,
+                                  config.ngf, config.mask_fit, segmenter)
             registrations[name] = [result.to_dict() for result in results]
-            affine_fields[name] = [result.transform.map_field(roi_field) for result in results]
+            affine_fields[name] = [result.transform.map_field(base_field) for result in results]
 
     images = {}
     for name in MODALITIES:
@@ -228,9 +152,9 @@ def align_case(case: RawCase, config: PreprocessConfig,
         "reference": reference,
         "label_modality": fixed,
         "reference_slices_kept": kept,
-        "reference_slices_dropped": [k for k in range(ref_volume.num_slices) if k not in kept],
+        "reference_slices_dropped": list(stacks.dropped),
         "matched_slices": partners,
-        "match_distance_mm": _distances(matches, kept),
+        "match_distance_mm": stacks.distances_mm,
         "grids": [grid.to_dict() for grid in grids],
         "roi": {"row0": row0, "col0": col0, "size": config.roi_size},
         "intensity_window": windows,
@@ -252,25 +176,6 @@ def _describe(segmenter: Segmenter) -> dict | str:
     return describe() if callable(describe) else type(segmenter).__qualname__
 
 
-def _segmentation_fit(moving_roi: np.ndarray, label_roi: np.ndarray, name: str,
-                      origin: tuple[int, int], segmenter: Segmenter,
-                      config: PreprocessConfig) -> list[AffineResult]:
-    """Register ``name``'s own predicted myocardium (ROI) onto the label's; full-grid results.
-
-    The fit runs on the ROI; a transform ``q -> M q + b`` of ROI pixels is, on the full grid,
-    ``q -> M (q - o) + b + o`` with ``o`` the ROI origin.
-    """
-    myocardium = segmenter(moving_roi, name)
-    if myocardium.shape != label_roi.shape:
-        raise ValueError(f"segmenter returned {myocardium.shape} for {name}'s "
-                         f"{label_roi.shape} ROI stack")
-    o = np.asarray(origin, dtype=np.float64)
-    results = register_masks(label_roi, myocardium, config.mask_fit, config.affine)
-    return [replace(result, transform=Affine2D(
-        result.transform.matrix, result.transform.offset + o - result.transform.matrix @ o))
-        for result in results]
-
-
 def finish_case(case: RawCase, aligned: AlignedCase, config: PreprocessConfig,
                 voxelmorph: VoxelMorph2D | None = None,
                 device: torch.device | None = None) -> ProcessedCase:
@@ -278,17 +183,10 @@ def finish_case(case: RawCase, aligned: AlignedCase, config: PreprocessConfig,
     fields = {name: list(aligned.affine_fields[name]) for name in MODALITIES}
     nonrigid: dict[str, list[float]] = {}
     if voxelmorph is not None:
-        from preprocessing.voxelmorph import predict_field
-
         for name in aligned.moving:
-            magnitudes = []
-            for i in range(len(aligned.grids)):
-                local = predict_field(voxelmorph, aligned.images[aligned.fixed][i],
-                                      aligned.images[name][i], device)
-                shift = local - identity_field(local.shape[1:])
-                magnitudes.append(float(np.hypot(*shift).max()))
-                fields[name][i] = compose_fields(local, aligned.affine_fields[name][i])
-            nonrigid[name] = magnitudes
+            fields[name], nonrigid[name] = nonrigid_fields(
+                voxelmorph, aligned.images[aligned.fixed], aligned.images[name],
+                aligned.affine_fields[name], device)
     images = {}
     for name in MODALITIES:
         if name == aligned.fixed or name not in nonrigid:
@@ -306,6 +204,18 @@ def finish_case(case: RawCase, aligned: AlignedCase, config: PreprocessConfig,
         aligned.unregistered)
 
 
+def grid_stacks(case_id: str, volumes: Mapping[str, Volume], config: PreprocessConfig,
+                prefer: str | None = PREFERRED_REFERENCE) -> GridStacks:
+    """Steps 1-2 for any subset of a case's sequences, label-free (:mod:`.grid_stacks`).
+
+    Training cases pass their labelled sequence as ``prefer``; test volumes and new patients keep
+    the default, so both see exactly the same inputs.
+    """
+    return resample_to_grids(case_id, volumes, config.crop_size, config.pixel_spacing_mm,
+                             config.max_slice_distance_mm, config.low_percentile,
+                             config.high_percentile, prefer=prefer or PREFERRED_REFERENCE)
+
+
 def preprocess_case(case: RawCase, config: PreprocessConfig | None = None,
                     voxelmorph: VoxelMorph2D | None = None,
                     device: torch.device | None = None,
@@ -315,17 +225,18 @@ def preprocess_case(case: RawCase, config: PreprocessConfig | None = None,
     return finish_case(case, align_case(case, config, segmenter), config, voxelmorph, device)
 
 
+class NoMyocardiumError(ValueError):
+    """A training case's label has no myocardium on the matched slices (no ROI to place)."""
+
+
 def roi_origin(label: np.ndarray, size: int, case_id: str) -> tuple[int, int]:
     """Top-left corner of a ``size`` box centred on the myocardium centroid, kept inside."""
     foreground = np.argwhere(label > 0)
     if foreground.size == 0:
-        raise ValueError(f"{case_id}: no myocardium in the matched slices; cannot place the ROI")
+        raise NoMyocardiumError(f"{case_id}: no myocardium in the matched slices; cannot place "
+                                "the ROI")
     _, centre_row, centre_col = foreground.mean(axis=0)
     height, width = label.shape[1:]
     row0 = int(np.clip(round(centre_row - size / 2), 0, height - size))
     col0 = int(np.clip(round(centre_col - size / 2), 0, width - size))
     return row0, col0
-
-
-def _distances(matches: dict[str, SliceMatch], kept: list[int]) -> dict[str, list[float]]:
-    return {name: [match.distance_mm[k] for k in kept] for name, match in matches.items()}

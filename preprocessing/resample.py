@@ -58,6 +58,14 @@ class PlaneGrid:
         return {"origin": self.origin.tolist(), "row_axis": self.row_axis.tolist(),
                 "col_axis": self.col_axis.tolist(), "size": self.size, "spacing": self.spacing}
 
+    @classmethod
+    def from_dict(cls, record: dict) -> PlaneGrid:
+        """Inverse of :meth:`to_dict` (manifests store grids this way)."""
+        return cls(origin=np.asarray(record["origin"], dtype=np.float64),
+                   row_axis=np.asarray(record["row_axis"], dtype=np.float64),
+                   col_axis=np.asarray(record["col_axis"], dtype=np.float64),
+                   size=int(record["size"]), spacing=float(record["spacing"]))
+
 
 def sample_slice(volume: Volume, index: int, grid: PlaneGrid, *, is_label: bool,
                  field: np.ndarray | None = None) -> np.ndarray:

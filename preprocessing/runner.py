@@ -1,5 +1,19 @@
 """Run the pipeline over a raw dataset and pack the result into the seed layout.
 
+Every labelled case is written in two forms, so that any case can train in one fold and be
+tested in another:
+
+* *training slices* (``train_npz``): the five steps, registration and the 128 ROI guided by the
+  label, as the seed does; a training label may shape training inputs;
+* a *test volume* (``test_vol_h5``): steps 1-2 only, on the whole crop grid, made without
+  reading the label (:func:`preprocessing.pipeline.grid_stacks`, the function prediction uses
+  for a new patient); the label is resampled onto the same grids beside it, for scoring only.
+  Heart localisation, registration and the ROI are then the prediction path's job, at test time.
+
+The lists decide which form a case plays: ``lists/{train,test_vol}.txt`` follow the release's
+split (sorted cases ``[0::test_every]`` are tested) and ``lists/cv<K>/fold<k>/`` the K folds of
+:mod:`datasets.folds`.
+
 Three stages: (1) every case is matched, resampled, affinely registered and cropped, in parallel
 processes, the result parked in ``<out>/.work``; (2) the non-rigid network is trained on the
 aligned pairs of the training cases, unless its checkpoint exists and was trained with the same
@@ -25,14 +39,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from datasets.folds import fold_cases, fold_list_dir, release_test_cases
+from datasets.labels import MODALITIES
 from datasets.processed import ProcessedLayout, write_test_volume, write_training_slice
-from datasets.raw import CaseFiles, discover_cases, load_case
+from datasets.raw import CaseFiles, RawCase, discover_cases, load_case
+from preprocessing.grid_stacks import GridStacks
 from preprocessing.pipeline import (
     AlignedCase,
+    NoMyocardiumError,
     PreprocessConfig,
     ProcessedCase,
     align_case,
     finish_case,
+    grid_stacks,
 )
 from preprocessing.qa import write_qa_png
 from preprocessing.voxelmorph import (
@@ -46,10 +65,16 @@ from utils import atomic_path, file_sha256, write_json, write_text
 log = logging.getLogger(__name__)
 
 VOXELMORPH_CHECKPOINT = "voxelmorph.pth"
+#: Version of what a case's files hold; manifests of another version are redone. 2: every case
+#: in both forms, test volumes label-free on the crop grid.
+CASE_FORMAT = 2
 
 
 @dataclass(frozen=True)
 class CaseResult:
+    """``num_slices`` is the count of training slices, 0 for a case written as a test volume
+    only (its label has no myocardium on the matched slices)."""
+
     case_id: str
     split: str
     num_slices: int
@@ -62,6 +87,8 @@ class RunOptions:
     """How a run is carried out (not what the data become: that is :class:`PreprocessConfig`)."""
 
     test_every: int = 5
+    #: cross-validation folds whose lists are written (0: none)
+    folds: int = 5
     workers: int = 1
     overwrite: bool = False
     layout: str | None = None
@@ -77,11 +104,10 @@ class RunOptions:
 
 
 def assign_splits(case_ids: list[str], test_every: int) -> dict[str, str]:
-    """Every ``test_every``-th case (1-based, in sorted order) is a test volume, as in the seed."""
-    if test_every < 0:
-        raise ValueError(f"test_every must be >= 0, got {test_every}")
-    return {case_id: "test_vol" if test_every and (i + 1) % test_every == 0 else "train"
-            for i, case_id in enumerate(sorted(case_ids))}
+    """The release's split: sorted cases ``[0::test_every]`` are test volumes (case0001, case0006,
+    ... for 5), the others train; ``test_every=0`` tests none."""
+    test = set(release_test_cases(case_ids, test_every))
+    return {case_id: "test_vol" if case_id in test else "train" for case_id in sorted(case_ids)}
 
 
 def manifest_path(out_root: Path, case_id: str) -> Path:
@@ -92,30 +118,66 @@ def slice_name(case_id: str, index: int) -> str:
     return f"{case_id}_slice{index:03d}"
 
 
-def write_case(layout: ProcessedLayout, processed: ProcessedCase, split: str,
-               qa: bool = True, voxelmorph_sha256: str | None = None) -> None:
-    """Write one case's files for ``split``; the manifest goes last as the completion mark.
+def write_case(layout: ProcessedLayout, processed: ProcessedCase | None, test: TestForm,
+               split: str, qa: bool = True, voxelmorph_sha256: str | None = None) -> None:
+    """Write one case's training slices (unless ``processed`` is None) and test volume; the
+    manifest goes last as the completion mark.
 
-    ``voxelmorph_sha256`` names the checkpoint of the non-rigid network used (None: none).
+    ``split`` is the release split the case belongs to; ``voxelmorph_sha256`` names the
+    checkpoint of the non-rigid network used (None: none).
     """
-    for modality, stack in processed.images.items():
-        if split == "train":
+    manifest: dict[str, Any] = dict(test.manifest)
+    if processed is not None:
+        for modality, stack in processed.images.items():
             for index in range(stack.shape[0]):
                 path = layout.item_path(modality, "train", slice_name(processed.case_id, index))
                 write_training_slice(path, stack[index], processed.label[index])
-        else:
-            path = layout.item_path(modality, "test_vol", processed.case_id)
-            write_test_volume(path, stack, processed.label, processed.spacing)
-    fields_path = layout.root / "manifests" / f"{processed.case_id}_fields.npz"
-    with atomic_path(fields_path) as tmp:
-        np.savez_compressed(tmp, **processed.fields)
-    if qa and processed.unregistered:
-        write_qa_png(layout.root / "qa" / f"{processed.case_id}.png", processed.case_id,
-                     processed.manifest["label_modality"], processed.label,
-                     processed.unregistered, processed.images)
-    write_json(manifest_path(layout.root, processed.case_id),
-               processed.manifest | {"split": split, "fields_file": fields_path.name,
-                                     "voxelmorph_sha256": voxelmorph_sha256})
+        fields_path = layout.root / "manifests" / f"{processed.case_id}_fields.npz"
+        with atomic_path(fields_path) as tmp:
+            np.savez_compressed(tmp, **processed.fields)
+        if qa and processed.unregistered:
+            write_qa_png(layout.root / "qa" / f"{processed.case_id}.png", processed.case_id,
+                         processed.manifest["label_modality"], processed.label,
+                         processed.unregistered, processed.images)
+        manifest = processed.manifest | manifest | {"fields_file": fields_path.name}
+    for modality in MODALITIES:
+        write_test_volume(layout.item_path(modality, "test_vol", test.case_id),
+                          test.stacks.channel(modality), test.label, test.spacing)
+    write_json(manifest_path(layout.root, test.case_id), manifest | {
+        "format": CASE_FORMAT, "split": split,
+        "forms": ["train", "test_vol"] if processed is not None else ["test_vol"],
+        "num_slices": 0 if processed is None else processed.label.shape[0],
+        "voxelmorph_sha256": voxelmorph_sha256})
+
+
+@dataclass
+class TestForm:
+    """A case's label-free test volume: the crop-grid stacks and the label on those grids."""
+
+    case_id: str
+    stacks: GridStacks
+    label: np.ndarray
+    spacing: tuple[float, float, float]
+    manifest: dict
+
+
+def test_form(case: RawCase, config: PreprocessConfig) -> TestForm:
+    """Steps 1-2 without the label, exactly as prediction prepares a new patient; the label is
+    only resampled onto the result, for scoring."""
+    if case.label is None or case.label_modality is None:
+        raise ValueError(f"{case.case_id}: a test volume needs a label to be scored against")
+    stacks = grid_stacks(case.case_id, case.images, config)
+    label = stacks.label_on_grids(case.label, case.label_modality)
+    reference = case.images[stacks.reference]
+    spacing = (reference.spacing[0], config.pixel_spacing_mm, config.pixel_spacing_mm)
+    manifest = {
+        "case_id": case.case_id, "config": config.to_dict(),
+        "sources": {name: str(v.source) for name, v in case.images.items()}
+        | {"label": str(case.label.source)},
+        "label_modality": case.label_modality,
+        "test_volume": stacks.record() | {"spacing": list(spacing)},
+    }
+    return TestForm(case.case_id, stacks, label, spacing, manifest)
 
 
 def run_preprocessing(raw_root: str | Path, out_root: str | Path,
@@ -151,7 +213,7 @@ def _run(raw_root: str | Path, out_root: Path, config: PreprocessConfig,
     errors: dict[str, str] = {}
     todo = []
     for case_id, files in cases.items():
-        finished = _finished(out_root, case_id, splits[case_id], config, network)
+        finished = _finished(out_root, case_id, config, network)
         if finished is not None and not options.overwrite:
             results[case_id] = CaseResult(case_id, splits[case_id], finished, 0.0, skipped=True)
         else:
@@ -175,8 +237,9 @@ def _run(raw_root: str | Path, out_root: Path, config: PreprocessConfig,
 
     model = None
     aligned_ids = sorted(align_seconds)
-    if config.nonrigid_registration and aligned_ids:
-        model = _voxelmorph_model(checkpoint, network != RETRAIN, work, aligned_ids, splits,
+    trainable = [case_id for case_id in aligned_ids if align_seconds[case_id][1] > 0]
+    if config.nonrigid_registration and trainable:
+        model = _voxelmorph_model(checkpoint, network != RETRAIN, work, trainable, splits,
                                   config, options)
         if network == RETRAIN:
             network = file_sha256(checkpoint)
@@ -192,28 +255,30 @@ def _run(raw_root: str | Path, out_root: Path, config: PreprocessConfig,
     if work.is_dir() and not any(work.iterdir()):
         work.rmdir()
     ordered = [results[case_id] for case_id in sorted(results)]
-    _write_lists(ProcessedLayout(out_root), ordered)
+    _write_lists(ProcessedLayout(out_root), ordered, options.folds)
     if errors:
         details = "\n".join(f"  {case_id}: {error}" for case_id, error in sorted(errors.items()))
         raise RuntimeError(f"{len(errors)} of {len(cases)} cases failed:\n{details}")
     return ordered
 
 
-def _finished(out_root: Path, case_id: str, split: str, config: PreprocessConfig,
+def _finished(out_root: Path, case_id: str, config: PreprocessConfig,
               network: str | None) -> int | None:
-    """Slice count of a case already written for ``split`` with these settings and non-rigid
-    network (checkpoint SHA-256, None for none), else None: a case written with other settings,
-    e.g. another registration metric, or through another network is done again."""
+    """Training-slice count of a case already written in this format with these settings and
+    non-rigid network (checkpoint SHA-256, None for none), else None: a case written with other
+    settings, e.g. another registration metric, or through another network is done again. Its
+    split does not matter: every case holds both forms."""
     path = manifest_path(out_root, case_id)
     if not path.is_file():
         return None
     manifest = json.loads(path.read_text())
-    if manifest.get("split") != split:
+    if manifest.get("format") != CASE_FORMAT:
+        log.info("%s: written in an older format, preprocessing it again", case_id)
         return None
     if manifest.get("config") != _as_json(config.to_dict()):
         log.info("%s: written with other settings, preprocessing it again", case_id)
         return None
-    if manifest.get("voxelmorph_sha256") != network:
+    if manifest.get("voxelmorph_sha256") != network and "train" in manifest.get("forms", ()):
         log.info("%s: written through another non-rigid network, preprocessing it again",
                  case_id)
         return None
@@ -309,13 +374,19 @@ def _align_to_disk(files: CaseFiles, config: PreprocessConfig, work: Path,
         from preprocessing.segmenter import cached_segmenter
 
         network = cached_segmenter(segmenter, device)
-    aligned = align_case(load_case(files), config, network)
+    case = load_case(files)
+    try:
+        aligned = align_case(case, config, network)
+    except NoMyocardiumError as error:
+        # Still a test volume (prediction needs no label); it cannot train.
+        log.warning("%s; written as a test volume only", error)
+        aligned = None
     with atomic_path(_work_path(work, files.case_id)) as tmp:
         tmp.write_bytes(pickle.dumps(aligned, protocol=pickle.HIGHEST_PROTOCOL))
-    return time.perf_counter() - start, len(aligned.grids)
+    return time.perf_counter() - start, 0 if aligned is None else len(aligned.grids)
 
 
-def _load_aligned(work: Path, case_id: str) -> AlignedCase:
+def _load_aligned(work: Path, case_id: str) -> AlignedCase | None:
     return pickle.loads(_work_path(work, case_id).read_bytes())
 
 
@@ -353,17 +424,39 @@ def _finish_from_disk(files: CaseFiles, config: PreprocessConfig, work: Path, ou
     the SHA-256 of ``model``'s checkpoint, None without the non-rigid step)."""
     start = time.perf_counter()
     aligned = _load_aligned(work, files.case_id)
-    processed = finish_case(load_case(files), aligned, config, model,
-                            torch.device(options.device))
-    write_case(ProcessedLayout(out_root), processed, split, qa=options.qa,
-               voxelmorph_sha256=network)
+    case = load_case(files)
+    processed = None if aligned is None else finish_case(case, aligned, config, model,
+                                                         torch.device(options.device))
+    write_case(ProcessedLayout(out_root), processed, test_form(case, config), split,
+               qa=options.qa, voxelmorph_sha256=network)
     _work_path(work, files.case_id).unlink(missing_ok=True)
-    return time.perf_counter() - start, processed.label.shape[0]
+    return time.perf_counter() - start, 0 if processed is None else processed.label.shape[0]
 
 
-def _write_lists(layout: ProcessedLayout, results: list[CaseResult]) -> None:
-    train = [slice_name(r.case_id, i) for r in results if r.split == "train"
-             for i in range(r.num_slices)]
-    test = [r.case_id for r in results if r.split == "test_vol"]
-    for split, names in (("train", train), ("test_vol", test)):
-        write_text(layout.list_path(split), "".join(f"{name}\n" for name in names))
+def _write_lists(layout: ProcessedLayout, results: list[CaseResult], folds: int) -> None:
+    """The release split's lists and, for ``folds`` >= 2, every fold's; a case without training
+    slices is only ever tested."""
+    slices = {r.case_id: [slice_name(r.case_id, i) for i in range(r.num_slices)]
+              for r in results}
+    splits = {"train": [r.case_id for r in results if r.split == "train"],
+              "test_vol": [r.case_id for r in results if r.split == "test_vol"]}
+    _write_split(layout.list_dir, splits["train"], splits["test_vol"], slices)
+    if folds >= 2:
+        if len(results) < folds:
+            log.warning("%d cases cannot fill %d folds; no fold lists written", len(results),
+                        folds)
+            return
+        ids = [r.case_id for r in results]
+        for fold in range(folds):
+            train, test = fold_cases(ids, folds, fold)
+            _write_split(fold_list_dir(layout.list_dir, folds, fold), train, test, slices)
+
+
+def _write_split(directory: Path, train: list[str], test: list[str],
+                 slices: dict[str, list[str]]) -> None:
+    both = sorted(set(train) & set(test))
+    if both:
+        raise ValueError(f"cases in both the train and test lists: {both}")
+    names = {"train": [name for case_id in train for name in slices[case_id]], "test_vol": test}
+    for split, listed in names.items():
+        write_text(directory / f"{split}.txt", "".join(f"{name}\n" for name in listed))
