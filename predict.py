@@ -4,11 +4,16 @@
         --bssfp bssfp.nii.gz --lge lge.nii.gz --t2w t2w.nii.gz --out pred.nii.gz
     python predict.py --run_dir runs/r50_vitb16 --case_dir /data/MyoPS2020/Case3001 \
         --out pred.nii.gz --save_probabilities
+    python predict.py --run_dir runs/myops2020_cv/immseg --case_dir /data/new_cases \
+        --out_dir predictions/                   # every case; the 5 folds as one ensemble
 
 Any subset of the sequences may be given (absent ones are zeroed and masked, as in training with
 sequence dropout). The label map (0 background, 1 myocardium, 2 scar, 3 edema) has the shape and
 affine of the LGE volume (of the reference sequence when LGE is absent), so it opens aligned over
 it in ITK-SNAP; a JSON record with the heart centre, ROI and slices used is written beside it.
+The inputs are prepared exactly as test.py prepares held-out volumes and, by default, registered
+as the training data were (--register off turns that off). Outputs never replace an input file,
+and existing outputs are kept unless --overwrite is given.
 """
 
 from __future__ import annotations
@@ -19,16 +24,16 @@ import sys
 from pathlib import Path
 
 from datasets.labels import MODALITIES
-from evaluation.evaluate import add_checkpoint_arguments, checkpoint_path, load_checkpoint
+from datasets.raw import discover_cases
+from evaluation.evaluate import add_checkpoint_arguments, checkpoint_paths, load_ensemble
 from networks.sequences import parse_sequences
 from networks.variants import describe
 from prediction.inputs import case_dir_files, load_patient
-from prediction.localisation import WEIGHTINGS
+from prediction.options import add_prediction_arguments, predict_config
 from prediction.pipeline import (
-    PredictConfig,
     output_paths,
     predict_patient,
-    preprocess_config_for,
+    registration_networks,
     write_prediction,
 )
 from utils import resolve_device, setup_logging
@@ -51,23 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sequences", default=None,
                         help=f"comma-separated subset to use, e.g. LGE,T2w (default: all given; "
                              f"known: {','.join(MODALITIES)})")
-    parser.add_argument("--out", required=True, help="output label map (.nii.gz or .nii)")
+    out = parser.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", help="output label map (.nii.gz or .nii)")
+    out.add_argument("--out_dir",
+                     help="with a --case_dir root: one <case>.nii.gz (and .json) per case here")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing outputs (never an input file)")
     parser.add_argument("--save_probabilities", action="store_true",
                         help="also write <out>_probabilities.nii.gz (float32, 4 classes)")
-    parser.add_argument("--register", action="store_true",
-                        help="affinely register the other sequences onto the reference, using "
-                             "the first-pass myocardium as the metric mask, then predict again")
-    parser.add_argument("--stride", type=int, default=48, help="localisation window step (px)")
-    parser.add_argument("--weighting", choices=WEIGHTINGS, default="gaussian",
-                        help="how overlapping localisation windows are averaged")
     parser.add_argument("--pixel_spacing_mm", type=float, default=None,
                         help="grid pixel size (default: the training data's, else 1.0)")
     parser.add_argument("--crop_size", type=int, default=None,
                         help="grid side in pixels (default: the training data's, else 224)")
     parser.add_argument("--roi_size", type=int, default=None,
                         help="ROI side in pixels (default: the training data's, else 128)")
-    parser.add_argument("--batch_size", type=int, default=32, help="windows per forward pass")
-    parser.add_argument("--device", default="auto")
+    add_prediction_arguments(parser)
     return parser
 
 
@@ -93,41 +96,79 @@ def _input_files(args: argparse.Namespace) -> tuple[str | None, dict[str, str | 
     return None, given
 
 
+def _cases(args: argparse.Namespace) -> list[tuple[str | None, dict, Path]]:
+    """``(case id, sequence files, output path)`` for every case to predict."""
+    if args.out_dir is None:
+        case_id, files = _input_files(args)
+        return [(case_id, files, Path(args.out))]
+    if args.case_dir is None or args.case_id is not None or any(
+            getattr(args, flag) is not None for flag in _FILE_FLAGS.values()):
+        raise ValueError("--out_dir takes a --case_dir root (all its cases), without --case_id "
+                         "or sequence files")
+    wanted = parse_sequences(args.sequences) if args.sequences else None
+    found = discover_cases(args.case_dir, require_label=False,
+                           required=() if wanted is None else wanted)
+    return [(case.case_id, {name: path for name, path in case.images.items()
+                            if wanted is None or name in wanted},
+             Path(args.out_dir) / f"{case.case_id}.nii.gz") for case in found]
+
+
+def _check_outputs(out: Path, inputs: list[Path], save_probabilities: bool,
+                   overwrite: bool) -> None:
+    """Refuse an output that is an input, and existing outputs unless ``overwrite``."""
+    paths = output_paths(out)
+    written = [paths["labels"], paths["record"]] + (
+        [paths["probabilities"]] if save_probabilities else [])
+    sources = {path.resolve() for path in inputs}
+    clash = [str(path) for path in written if path.resolve() in sources]
+    if clash:
+        raise ValueError(f"{clash[0]}: is an input of this prediction; choose another --out")
+    existing = [str(path) for path in written if path.exists()]
+    if existing and not overwrite:
+        raise ValueError(f"{existing[0]}: exists (pass --overwrite to replace it)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    checkpoint = checkpoint_path(args)
     setup_logging()
     try:
-        output_paths(args.out)  # a bad name fails before any work
-        case_id, files = _input_files(args)
-        patient = load_patient(files, case_id)
+        cases = _cases(args)
+        for _, files, out in cases:
+            _check_outputs(out, [Path(p) for p in files.values() if p is not None],
+                           args.save_probabilities, args.overwrite)
         device = resolve_device(args.device)
-        loaded = load_checkpoint(checkpoint, device)
-        preprocess, source = preprocess_config_for(
-            loaded.payload, {"pixel_spacing_mm": args.pixel_spacing_mm,
-                             "crop_size": args.crop_size, "roi_size": args.roi_size})
-        config = PredictConfig(preprocess=preprocess, stride=args.stride,
-                               weighting=args.weighting, register=args.register,
-                               batch_size=args.batch_size)
-        log.info("%s; preprocessing geometry from %s", describe(loaded.model), source)
+        paths = checkpoint_paths(args)
+        loaded = load_ensemble(paths, device)
+        config, source = predict_config(args, loaded.payload, {
+            "pixel_spacing_mm": args.pixel_spacing_mm, "crop_size": args.crop_size,
+            "roi_size": args.roi_size})
+        preprocess = config.preprocess
+        log.info("%s; preprocessing from %s", describe(loaded.model), source)
         if source == "defaults":
             log.warning("the training data's manifests were not found: using the default "
                         "geometry (%s mm, crop %d, ROI %d); pass --pixel_spacing_mm, "
                         "--crop_size, --roi_size if the model was trained on another",
                         preprocess.pixel_spacing_mm, preprocess.crop_size, preprocess.roi_size)
-        prediction = predict_patient(loaded.model, loaded.img_size, patient, config, device)
-        written = write_prediction(prediction, args.out, args.save_probabilities)
+        networks = registration_networks(loaded.payload, preprocess, device, args.segmenter)
+        for case_id, files, out in cases:
+            patient = load_patient(files, case_id)
+            prediction = predict_patient(loaded.model, loaded.img_size, patient, config, device,
+                                         networks)
+            written = write_prediction(prediction, out, args.save_probabilities)
+            _report(patient.case_id, prediction.record, written)
     except (ValueError, OSError) as error:
         log.error("%s", error)
         return 1
-    record = prediction.record
+    return 0
+
+
+def _report(case_id: str, record: dict, written: dict) -> None:
     heart = record["heart"]
-    print(f"{patient.case_id}: {', '.join(record['sequences_present'])} -> {written['labels']} "
-          f"(on {record['reference']}, slices {record['reference_slices_used']}); heart centre "
-          f"{[round(v, 1) for v in heart['centre_world_mm']]} mm"
+    print(f"{case_id}: {', '.join(record['sequences_present'])} -> {written['labels']} "
+          f"(on {record['output_sequence']}, slices {record['output_slices_used']}); heart "
+          f"centre {[round(v, 1) for v in heart['centre_world_mm']]} mm"
           f"{'' if heart['found'] else ' (not found: grid centre used)'}; "
           f"{record['seconds']:.1f} s")
-    return 0
 
 
 if __name__ == "__main__":

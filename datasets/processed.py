@@ -30,6 +30,8 @@ LABEL_SOURCE = "LGE"
 #: Spacing assumed for seed volumes without a ``spacing`` attribute (1 mm in-plane after
 #: preprocessing; the MyoPS380 slice gap is about 10 mm).
 DEFAULT_SPACING = (10.0, 1.0, 1.0)
+#: Axis order of our test volumes, stored as their ``axes`` attribute.
+AXES = "DHW"
 
 
 class ProcessedDataError(ValueError):
@@ -131,6 +133,17 @@ class ProcessedLayout:
                 return config
         return None
 
+    def recorded_voxelmorph(self) -> str | None:
+        """SHA-256 of the non-rigid network the case manifests record (None: none recorded)."""
+        for path in sorted(self.manifest_dir().glob("*.json")):
+            try:
+                value = json.loads(path.read_text()).get("voxelmorph_sha256")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if isinstance(value, str):
+                return value
+        return None
+
     def read_slice(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """One training slice: image ``[S, H, W]`` in [0, 1] and label ``[H, W]`` (uint8)."""
         images, label = [], None
@@ -149,25 +162,77 @@ class ProcessedLayout:
 
     def read_volume(self, name: str) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
         """One test volume: image ``[D, S, H, W]`` in [0, 1], label ``[D, H, W]``, spacing (mm)."""
-        images, label, spacing = [], None, None
+        stored = self.read_stored_volume(name)
+        images = np.stack([_check_image(stored.images[:, i], stored.paths[i], ndim=3)
+                           for i in range(stored.images.shape[1])], axis=1)
+        return images, stored.label, stored.spacing
+
+    def read_stored_volume(self, name: str) -> StoredVolume:
+        """One test volume as stored (images not rescaled), in ``[D, ...]`` slice order.
+
+        Our files say their axis order (``axes = "DHW"``, or a ``spacing`` attribute, which only
+        we write). The release's files are nibabel ``(X, Y, Z)`` arrays read as ``image[:, :, k]``
+        per slice: a file without either attribute whose first two axes are equal is taken as
+        that and its last axis becomes the slice axis, as the release reads it. Anything else is
+        refused rather than silently read along the wrong axis.
+        """
+        images, label, spacing, paths = [], None, None, []
         for modality in self.modalities:
             path = self.item_path(modality, "test_vol", name)
             try:
                 with h5py.File(path, "r") as handle:
                     image, this_label = handle["image"][()], handle["label"][()]
-                    stored = handle.attrs.get("spacing")
+                    attrs = dict(handle.attrs)
             except (OSError, KeyError) as error:
                 raise ProcessedDataError(f"{path}: unreadable test volume ({error})") from error
-            images.append(_check_image(image, path, ndim=3))
+            if image.ndim != 3:
+                raise ProcessedDataError(f"{path}: image has {image.ndim} dimensions, expected 3")
+            if this_label.shape != image.shape:
+                raise ProcessedDataError(f"{path}: label shape {this_label.shape} != image "
+                                         f"shape {image.shape}")
+            ours = attrs.get("axes") == AXES or "spacing" in attrs
+            if not ours:
+                if image.shape[0] != image.shape[1]:
+                    raise ProcessedDataError(
+                        f"{path}: image {image.shape} has no 'axes' attribute and is not the "
+                        "release's (X, Y, Z) layout (square first two axes); cannot tell its "
+                        "slice axis")
+                image, this_label = np.moveaxis(image, -1, 0), np.moveaxis(this_label, -1, 0)
+            images.append(np.ascontiguousarray(image, dtype=np.float32))
+            paths.append(path)
+            if not np.all(np.isfinite(images[-1])):
+                raise ProcessedDataError(f"{path}: image holds NaN/Inf")
             if label is None or modality == LABEL_SOURCE:
-                label = _check_label(this_label, image.shape, path)
-                spacing = (tuple(float(s) for s in stored) if stored is not None
+                label = _check_label(np.ascontiguousarray(this_label), image.shape, path)
+                spacing = (tuple(float(v) for v in attrs["spacing"]) if "spacing" in attrs
                            else DEFAULT_SPACING)
         assert label is not None and spacing is not None
         shapes = {image.shape for image in images}
         if len(shapes) != 1:
             raise ProcessedDataError(f"{self.root}: sequences of {name} differ in shape {shapes}")
-        return np.stack(images, axis=1), label, spacing  # type: ignore[return-value]
+        return StoredVolume(name, np.stack(images, axis=1), label, spacing, paths)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class StoredVolume:
+    """A test volume as stored: images ``[D, S, H, W]`` (our files: [0, 255]), label, spacing."""
+
+    name: str
+    images: np.ndarray
+    label: np.ndarray
+    spacing: tuple[float, float, float]
+    paths: list[Path]
+
+
+def write_test_volume(path: Path, image: np.ndarray, label: np.ndarray,
+                      spacing: Sequence[float]) -> None:
+    """Write one seed-layout test volume atomically, with our ``spacing`` and ``axes``
+    attributes (``[D, H, W]``; the release's files are ``(X, Y, Z)``)."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
+        handle.create_dataset("image", data=image.astype(np.float32), compression="gzip")
+        handle.create_dataset("label", data=label.astype(np.uint8), compression="gzip")
+        handle.attrs["spacing"] = np.asarray(spacing, dtype=np.float64)
+        handle.attrs["axes"] = AXES
 
 
 def case_of(slice_name: str) -> str:
@@ -180,15 +245,6 @@ def write_training_slice(path: Path, image: np.ndarray, label: np.ndarray) -> No
     """Write one seed-layout training slice atomically."""
     with atomic_path(path) as tmp:
         np.savez(tmp, image=image.astype(np.float32), label=label.astype(np.uint8))
-
-
-def write_test_volume(path: Path, image: np.ndarray, label: np.ndarray,
-                      spacing: Sequence[float]) -> None:
-    """Write one seed-layout test volume atomically, with our ``spacing`` attribute."""
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
-        handle.create_dataset("image", data=image.astype(np.float32), compression="gzip")
-        handle.create_dataset("label", data=label.astype(np.uint8), compression="gzip")
-        handle.attrs["spacing"] = np.asarray(spacing, dtype=np.float64)
 
 
 def _split(split: str) -> tuple[str, str]:

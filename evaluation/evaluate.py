@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +23,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from datasets.dataset import TestVolume, iter_test_volumes
 from datasets.labels import MODALITIES
 from datasets.processed import ProcessedLayout
-from datasets.raw import nifti_image
+from datasets.raw import Volume, nifti_image
+from evaluation.ensemble import Ensemble
 from evaluation.inference import predict_volume
 from evaluation.metrics import MetricAccumulator
 from evaluation.plots import dice_boxplot, dice_by_group
+from evaluation.test_cases import TestCase, iter_test_cases
 from networks.sequences import check_model_inputs, parse_sequences
 from networks.variants import input_size, network_from_record
+from prediction.native import labels_from_probabilities, probabilities_to_native
+from prediction.pipeline import PredictConfig, Registration, predict_stacks
 from trainer import CHECKPOINT_FINAL
 from utils import atomic_path, read_checkpoint, write_json
 
@@ -44,8 +48,16 @@ SUBSET_SEPARATOR = "+"
 
 @dataclass(frozen=True)
 class LoadedCheckpoint:
+    """A rebuilt network and the checkpoint it came from; ``payloads`` are every member's when
+    several checkpoints make one ensemble (``payload`` is the first's)."""
+
     model: nn.Module
     payload: dict
+    member_payloads: tuple[dict, ...] = ()
+
+    @property
+    def payloads(self) -> list[dict]:
+        return list(self.member_payloads) or [self.payload]
 
     @property
     def img_size(self) -> int:
@@ -53,15 +65,47 @@ class LoadedCheckpoint:
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--checkpoint FILE`` or ``--run_dir DIR`` (one required), for test.py and predict.py."""
+    """``--checkpoint FILE [FILE ...]`` or ``--run_dir DIR`` (one required), for test.py and
+    predict.py. Several checkpoints, or a cross-validation folder, are used as an ensemble where
+    one model is asked for."""
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--checkpoint", help="checkpoint file written by train.py")
-    where.add_argument("--run_dir", help=f"run folder of train.py (uses {CHECKPOINT_FINAL})")
+    where.add_argument("--checkpoint", nargs="+",
+                       help="checkpoint file(s) written by train.py; several are ensembled "
+                            "(mean of softmax)")
+    where.add_argument("--run_dir",
+                       help=f"run folder of train.py (uses {CHECKPOINT_FINAL}), or a "
+                            "cross-validation folder holding fold<k>/ runs")
+
+
+def fold_runs(run_dir: str | Path) -> list[Path]:
+    """The ``fold<k>`` runs of a cross-validation folder, in fold order ([] for a plain run).
+
+    Every fold must have finished: an ensemble or an out-of-fold score with a fold missing
+    would silently be another experiment.
+    """
+    run_dir = Path(run_dir)
+    folds = sorted((p for p in run_dir.glob("fold*") if p.is_dir() and p.name[4:].isdigit()),
+                   key=lambda p: int(p.name[4:]))
+    unfinished = [str(p) for p in folds if not (p / CHECKPOINT_FINAL).is_file()]
+    if unfinished:
+        raise ValueError(f"{run_dir}: fold(s) without {CHECKPOINT_FINAL}: {unfinished} (train "
+                         "them first: train.py --folds K --resume)")
+    return folds
+
+
+def checkpoint_paths(args: argparse.Namespace) -> list[Path]:
+    """The checkpoints named by :func:`add_checkpoint_arguments`' flags (folds in order)."""
+    if args.checkpoint:
+        return [Path(path) for path in args.checkpoint]
+    folds = fold_runs(args.run_dir)
+    if folds:
+        return [fold / CHECKPOINT_FINAL for fold in folds]
+    return [Path(args.run_dir) / CHECKPOINT_FINAL]
 
 
 def checkpoint_path(args: argparse.Namespace) -> Path:
-    """The checkpoint named by :func:`add_checkpoint_arguments`' flags."""
-    return Path(args.checkpoint or Path(args.run_dir) / CHECKPOINT_FINAL)
+    """The one checkpoint named by the flags (the first of several)."""
+    return checkpoint_paths(args)[0]
 
 
 def load_checkpoint(path: str | Path, device: torch.device) -> LoadedCheckpoint:
@@ -82,6 +126,20 @@ def load_checkpoint(path: str | Path, device: torch.device) -> LoadedCheckpoint:
     return LoadedCheckpoint(model.to(device).eval(), payload)
 
 
+def load_ensemble(paths: Sequence[str | Path], device: torch.device) -> LoadedCheckpoint:
+    """One checkpoint, or several as an :class:`~evaluation.ensemble.Ensemble` (the first's
+    payload describes it: its training data and preprocessing)."""
+    loaded = [load_checkpoint(path, device) for path in paths]
+    if len(loaded) == 1:
+        return loaded[0]
+    preprocess = {json.dumps(item.payload.get("preprocess"), sort_keys=True) for item in loaded}
+    if len(preprocess) > 1:
+        raise ValueError(f"{', '.join(map(str, paths))}: trained on differently preprocessed "
+                         "data; their inputs differ and cannot be ensembled")
+    return LoadedCheckpoint(Ensemble([item.model for item in loaded]).to(device).eval(),
+                            loaded[0].payload, tuple(item.payload for item in loaded))
+
+
 def all_subsets(known: Sequence[str] = MODALITIES) -> list[tuple[str, ...]]:
     """Every non-empty subset of ``known`` in channel order, smallest first (7 for 3 sequences)."""
     return [subset for size in range(1, len(known) + 1)
@@ -93,18 +151,60 @@ def subset_label(subset: Sequence[str]) -> str:
     return SUBSET_SEPARATOR.join(subset)
 
 
+@dataclass
+class Scores:
+    """One subset's scores: ``grid`` on the processed grid (every case), ``native`` on the
+    labelled sequence's native grid (label-free cases whose raw files are at hand), and the
+    cases whose ROI was given rather than found."""
+
+    grid: MetricAccumulator = field(default_factory=MetricAccumulator)
+    native: MetricAccumulator = field(default_factory=MetricAccumulator)
+    roi_given: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.grid)
+
+    @property
+    def space(self) -> str:
+        """``native`` when every case was scored there, else ``grid``: what tables report."""
+        return "native" if len(self.grid) and len(self.native) == len(self.grid) else "grid"
+
+    @property
+    def headline(self) -> MetricAccumulator:
+        return self.native if self.space == "native" else self.grid
+
+    def extend(self, other: Scores) -> None:
+        """Add ``other``'s cases (another fold's)."""
+        self.grid.extend(other.grid)
+        self.native.extend(other.native)
+        self.roi_given.extend(other.roi_given)
+
+    def describe(self) -> str:
+        """How the headline numbers were obtained, for tables and JSON."""
+        given = (f"; ROI given for {len(self.roi_given)} of {len(self.grid)} cases"
+                 if self.roi_given else "; label-free (heart found by the network)")
+        where = ("native space (the labelled sequence's grid and spacing, raw label)"
+                 if self.space == "native" else "processed grid")
+        return f"{where}{given}"
+
+
 def evaluate_subsets(model: nn.Module, layout: ProcessedLayout, names: list[str], img_size: int,
                      device: torch.device, subsets: Sequence[Sequence[str]], *,
                      batch_size: int = 32, tta: bool = False,
+                     config: PredictConfig | None = None,
+                     networks: Registration | None = None,
                      prediction_dirs: Mapping[tuple[str, ...], Path] | None = None,
                      reference_dir: Path | None = None,
-                     ) -> dict[tuple[str, ...], MetricAccumulator]:
+                     ) -> dict[tuple[str, ...], Scores]:
     """Score every listed test volume once per sequence subset (each volume is read once).
 
-    ``prediction_dirs`` maps a subset to the folder that receives its ``<name>_pred`` NIfTI
-    files; subsets missing from it write none. The label and the inputs, the same for every
-    subset, go once per volume to ``reference_dir`` (:func:`write_reference_nifti`); without it,
-    beside each subset's predictions.
+    Label-free volumes go through :func:`prediction.pipeline.predict_stacks` with ``config``
+    (default: :class:`PredictConfig` with ``batch_size`` and ``tta``); volumes whose ROI was
+    given are predicted as they are. ``prediction_dirs`` maps a subset to the folder that
+    receives its ``<name>_pred`` NIfTI files (processed grid) and ``<name>_native_pred`` (on the
+    labelled sequence's native grid); subsets missing from it write none. The label and the
+    inputs, the same for every subset, go once per volume to ``reference_dir``
+    (:func:`write_reference_nifti`); without it, beside each subset's predictions.
     """
     checked = [parse_sequences(subset) for subset in subsets]
     if not checked:
@@ -113,29 +213,59 @@ def evaluate_subsets(model: nn.Module, layout: ProcessedLayout, names: list[str]
         raise ValueError(f"a sequence subset is listed twice in {checked}")
     for subset in checked:
         check_model_inputs(model, subset)
+    config = config or PredictConfig(batch_size=batch_size, tta=tta)
     prediction_dirs = {parse_sequences(subset): Path(folder)
                        for subset, folder in (prediction_dirs or {}).items()}
     reference_dirs = ([Path(reference_dir)] if reference_dir is not None
                       else sorted(set(prediction_dirs.values())))
-    results = {subset: MetricAccumulator() for subset in checked}
+    results = {subset: Scores() for subset in checked}
     model.eval()
-    for volume in tqdm(iter_test_volumes(layout, names), total=len(names), desc="test",
-                       unit="volume"):
+    for case in tqdm(iter_test_cases(layout, names), total=len(names), desc="test",
+                     unit="volume"):
         for directory in reference_dirs:
-            write_reference_nifti(directory, volume)
+            write_reference_nifti(directory, case)
         for subset in checked:
-            prediction = predict_volume(model, volume.image, img_size, device, batch_size,
-                                        tta=tta, sequences=subset)
-            results[subset].update(volume.name, prediction, volume.label, volume.spacing)
+            grid, native = predict_case(model, case, img_size, device, subset, config, networks)
+            scores = results[subset]
+            scores.grid.update(case.name, grid, case.label, case.spacing)
+            if case.roi_given:
+                scores.roi_given.append(case.name)
+            if native is not None and case.native is not None:
+                scores.native.update(case.name, native, case.native.label.array,
+                                     case.native.spacing)
             if subset in prediction_dirs:
-                write_prediction_nifti(prediction_dirs[subset], volume, prediction)
+                write_prediction_nifti(prediction_dirs[subset], case, grid)
+                if native is not None and case.native is not None:
+                    write_native_nifti(prediction_dirs[subset] / f"{case.name}_native_pred.nii.gz",
+                                       native, case.native.volume)
     return results
+
+
+def predict_case(model: nn.Module, case: TestCase, img_size: int, device: torch.device,
+                 subset: Sequence[str], config: PredictConfig,
+                 networks: Registration | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(grid labels [D, H, W], native labels [Z, Y, X] or None)`` for one test case.
+
+    A label-free case goes through the prediction path of new patients; its label is not read.
+    """
+    if case.stacks is None:
+        return predict_volume(model, case.image, img_size, device, config.batch_size,
+                              tta=config.tta, sequences=subset), None
+    stacks = case.stacks.with_sequences(subset)
+    result = predict_stacks(model, img_size, stacks, config, device, networks)
+    grid = result.grid_labels(stacks.images.shape[-1])
+    if case.native is None:
+        return grid, None
+    native = probabilities_to_native(result.probabilities, case.native.volume,
+                                     case.native.slices, stacks.grids, result.location.origin)
+    return grid, labels_from_probabilities(native)
 
 
 def evaluate(model: nn.Module, layout: ProcessedLayout, names: list[str], img_size: int,
              device: torch.device, *, batch_size: int = 32,
              prediction_dir: Path | None = None, tta: bool = False,
-             sequences: Sequence[str] | None = None) -> MetricAccumulator:
+             sequences: Sequence[str] | None = None,
+             config: PredictConfig | None = None) -> Scores:
     """Predict every listed test volume, score it, optionally write NIfTI files.
 
     ``sequences`` names the sequences the network may read (None: all of them).
@@ -143,7 +273,15 @@ def evaluate(model: nn.Module, layout: ProcessedLayout, names: list[str], img_si
     subset = parse_sequences(MODALITIES if sequences is None else sequences)
     dirs = None if prediction_dir is None else {subset: Path(prediction_dir)}
     return evaluate_subsets(model, layout, names, img_size, device, [subset],
-                            batch_size=batch_size, tta=tta, prediction_dirs=dirs)[subset]
+                            batch_size=batch_size, tta=tta, config=config,
+                            prediction_dirs=dirs)[subset]
+
+
+def write_native_nifti(path: Path, labels: np.ndarray, volume: Volume) -> None:
+    """A ``[Z, Y, X]`` label map on ``volume``'s native grid (its shape and affine)."""
+    with atomic_path(path) as tmp:
+        nifti_image(labels.transpose(2, 1, 0).astype(np.uint8), volume.affine).to_filename(
+            str(tmp))
 
 
 def volume_affine(spacing: Sequence[float]) -> np.ndarray:
@@ -165,7 +303,7 @@ def write_nifti(path: Path, volume: np.ndarray, spacing: Sequence[float]) -> Non
         image.to_filename(str(tmp))
 
 
-def write_prediction_nifti(directory: Path, volume: TestVolume, prediction: np.ndarray) -> Path:
+def write_prediction_nifti(directory: Path, volume: TestCase, prediction: np.ndarray) -> Path:
     """Write ``<name>_pred.nii.gz`` on the geometry of :func:`write_reference_nifti`."""
     if prediction.shape != volume.label.shape:
         raise ValueError(f"{volume.name}: prediction shape {prediction.shape} != label shape "
@@ -175,7 +313,7 @@ def write_prediction_nifti(directory: Path, volume: TestVolume, prediction: np.n
     return path
 
 
-def write_reference_nifti(directory: Path, volume: TestVolume) -> list[Path]:
+def write_reference_nifti(directory: Path, volume: TestCase) -> list[Path]:
     """Write ``<name>_gt`` and ``<name>_<sequence>`` (each input) as NIfTI.
 
     The inputs are written as stored (in [0, 1]), all three, so that a prediction made without a
@@ -195,23 +333,36 @@ def write_reference_nifti(directory: Path, volume: TestVolume) -> list[Path]:
     return paths
 
 
-def write_results(directory: Path, metrics: MetricAccumulator, settings: Mapping[str, Any], *,
+def write_results(directory: Path, scores: Scores, settings: Mapping[str, Any], *,
                   title: str = "") -> None:
-    """``per_case.csv``, ``summary.json`` (with the settings used) and ``dice_boxplot.png``."""
+    """``per_case.csv`` (processed grid), ``native_per_case.csv`` (when scored there),
+    ``summary.json`` (both summaries, the settings and how the numbers were obtained) and
+    ``dice_boxplot.png`` (the headline scores)."""
     directory = Path(directory)
-    metrics.write_csv(directory / "per_case.csv")
+    scores.grid.write_csv(directory / "per_case.csv")
+    if len(scores.native):
+        scores.native.write_csv(directory / "native_per_case.csv")
+    headline = scores.headline
     write_json(directory / "summary.json", {
-        "groups": {name: list(labels) for name, labels in metrics.groups.items()},
-        "summary": metrics.summary(), "cases": metrics.per_case(), "settings": dict(settings)})
-    dice_boxplot(dice_by_group(metrics), directory / "dice_boxplot.png", title=title)
+        "groups": {name: list(labels) for name, labels in headline.groups.items()},
+        "space": scores.space, "obtained": scores.describe(), "roi_given": scores.roi_given,
+        "summary": headline.summary(), "cases": headline.per_case(),
+        "grid": {"summary": scores.grid.summary(), "cases": scores.grid.per_case()},
+        "native": ({"summary": scores.native.summary(), "cases": scores.native.per_case()}
+                   if len(scores.native) else None),
+        "settings": dict(settings)})
+    dice_boxplot(dice_by_group(headline), directory / "dice_boxplot.png", title=title)
 
 
-def subset_rows(results: Mapping[tuple[str, ...], MetricAccumulator]) -> list[dict[str, Any]]:
-    """One row per subset: ``subset``, ``n`` and, per group, ``<group>_dice_mean``/``_std``."""
+def subset_rows(results: Mapping[tuple[str, ...], Scores]) -> list[dict[str, Any]]:
+    """One row per subset: ``subset``, ``space``, ``n`` and, per group,
+    ``<group>_dice_mean``/``_std`` of the headline scores."""
     rows = []
-    for subset, metrics in results.items():
+    for subset, scores in results.items():
+        metrics = scores.headline
         summary = metrics.summary()
-        row: dict[str, Any] = {"subset": subset_label(subset), "n": len(metrics)}
+        row: dict[str, Any] = {"subset": subset_label(subset), "space": scores.space,
+                               "n": len(metrics)}
         for group, scores in summary.items():
             row[f"{group}_dice_mean"] = scores["dice"]["mean"]
             row[f"{group}_dice_std"] = scores["dice"]["std"]
@@ -219,7 +370,7 @@ def subset_rows(results: Mapping[tuple[str, ...], MetricAccumulator]) -> list[di
     return rows
 
 
-def write_subset_table(directory: Path, results: Mapping[tuple[str, ...], MetricAccumulator],
+def write_subset_table(directory: Path, results: Mapping[tuple[str, ...], Scores],
                        settings: Mapping[str, Any]) -> None:
     """``subsets.csv`` (the rows of :func:`subset_rows`) and ``subsets.json`` (full summaries)."""
     rows = subset_rows(results)
@@ -234,15 +385,16 @@ def write_subset_table(directory: Path, results: Mapping[tuple[str, ...], Metric
     write_json(directory / "subsets.json", {
         "settings": dict(settings),
         "subsets": [{"subset": subset_label(subset), "sequences": list(subset),
-                     "summary": metrics.summary()} for subset, metrics in results.items()]})
+                     "space": scores.space, "summary": scores.headline.summary()}
+                    for subset, scores in results.items()]})
 
 
-def format_subset_table(results: Mapping[tuple[str, ...], MetricAccumulator]) -> str:
+def format_subset_table(results: Mapping[tuple[str, ...], Scores]) -> str:
     """Mean Dice (%) per subset (rows) and group (columns)."""
     rows = subset_rows(results)
     if not rows:
         raise ValueError("no subset results to format")
-    groups = list(next(iter(results.values())).groups)
+    groups = list(next(iter(results.values())).headline.groups)
     header = ["sequences", *groups]
     body = [[row["subset"], *(f"{100 * row[f'{group}_dice_mean']:.2f}" for group in groups)]
             for row in rows]

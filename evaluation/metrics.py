@@ -165,6 +165,17 @@ class MetricAccumulator:
         self._rows[case_id] = scores
         return scores
 
+    def extend(self, other: MetricAccumulator) -> None:
+        """Take over ``other``'s cases (e.g. the folds of a cross-validation); a case scored in
+        both, or other groups, is an error."""
+        if other.groups != self.groups:
+            raise ValueError(f"cannot merge scores of groups {list(other.groups)} into "
+                             f"{list(self.groups)}")
+        both = sorted(set(self._rows) & set(other._rows))
+        if both:
+            raise ValueError(f"case(s) {both} scored twice")
+        self._rows.update(other._rows)
+
     def _columns(self) -> list[str]:
         return [f"{group}_{metric}" for group in self.groups for metric in METRICS]
 

@@ -1,9 +1,10 @@
 """The images of one new patient: any subset of the sequences, read and checked before any work.
 
 A new patient has no label, so nothing ties the output to a sequence the way training ties it to
-the labelled one; the output lives on the *reference* sequence, LGE whenever it is given (the
-sequence the MyoPS labels are drawn on, and the one scar is read from), otherwise the sequence
-with the fewest slices, as preprocessing chooses. Reading goes through
+the labelled one; the label map is written on the *output* sequence: LGE whenever it is given
+(the sequence MyoPS labels are drawn on, and the one scar is read from), otherwise the reference.
+The reference, whose slices carry the grids, follows preprocessing's rule (the sequence with the
+fewest slices, ties to LGE; :mod:`preprocessing.grid_stacks`). Reading goes through
 :func:`datasets.raw.read_volume`, so missing or unreadable files, 2D/4D volumes and NaN voxels are
 refused with the same messages as in preprocessing.
 """
@@ -17,10 +18,8 @@ from pathlib import Path
 
 from datasets.labels import MODALITIES
 from datasets.raw import RawDataError, Volume, discover_cases, read_volume
+from preprocessing.grid_stacks import PREFERRED_REFERENCE
 from preprocessing.slice_matching import choose_reference
-
-#: The sequence the output is written on when it is given.
-PREFERRED_REFERENCE = "LGE"
 
 
 @dataclass(frozen=True)
@@ -46,10 +45,14 @@ class PatientImages:
 
     @property
     def reference(self) -> str:
-        """The sequence whose native grid the prediction is written on."""
-        if PREFERRED_REFERENCE in self.volumes:
-            return PREFERRED_REFERENCE
-        return choose_reference({name: self.volumes[name] for name in self.present})
+        """The sequence whose slices carry the grids (fewest slices, ties to LGE)."""
+        return choose_reference({name: self.volumes[name] for name in self.present},
+                                prefer=PREFERRED_REFERENCE)
+
+    @property
+    def output(self) -> str:
+        """The sequence whose native grid the label map is written on."""
+        return PREFERRED_REFERENCE if PREFERRED_REFERENCE in self.volumes else self.reference
 
 
 def load_patient(paths: Mapping[str, str | os.PathLike[str] | None],

@@ -1,13 +1,17 @@
-"""Prediction for one new patient: native images in, a native label map and its record out.
+"""Label-free prediction: native images in, a native label map and its record out.
 
-The steps mirror training's preprocessing with the label replaced by the network itself:
+One path serves new patients (predict.py) and held-out test volumes (test.py), so a test score
+is what a user gets on a new patient. The steps mirror training's preprocessing with the label
+replaced by the network itself:
 
-1. slice matching, 1 mm plane grids and percentile windows (:mod:`prediction.resampling`);
+1. slice matching, 1 mm plane grids and percentile windows
+   (:func:`preprocessing.pipeline.grid_stacks`, the very function that writes test volumes);
 2. heart localisation by sliding windows over the crop grid (:mod:`prediction.localisation`);
-3. the ROI prediction on the crop training would have made, optionally after registering the
-   other sequences with the first-pass myocardium as the metric mask
-   (:mod:`prediction.registration`);
-4. probabilities mapped onto the reference sequence's native voxels (:mod:`prediction.native`).
+3. the ROI prediction on the crop training would have made; when the training data were
+   registered, the other sequences are registered the same way first
+   (:func:`preprocessing.registration.register_sequences`: same metric, same non-rigid step),
+   with the first-pass myocardium in place of the label, and the ROI is predicted again;
+4. probabilities mapped onto the output sequence's native voxels (:mod:`prediction.native`).
 
 Everything needed to check or reproduce the result (heart centre, ROI box, grids, slices used,
 intensity windows, registration) goes into the JSON record written beside the label map.
@@ -33,20 +37,30 @@ from datasets.raw import Volume, nifti_image
 from networks.sequences import check_model_inputs
 from prediction.forward import window_probabilities
 from prediction.inputs import PatientImages
-from prediction.localisation import WEIGHTINGS, locate_heart, sliding_probabilities
+from prediction.localisation import (
+    WEIGHTINGS,
+    HeartLocation,
+    locate_heart,
+    sliding_probabilities,
+)
 from prediction.native import labels_from_probabilities, probabilities_to_native
-from prediction.registration import register_roi
-from prediction.resampling import resample_patient
-from preprocessing.pipeline import PreprocessConfig
-from utils import atomic_path, write_json
+from preprocessing.config import PreprocessConfig
+from preprocessing.grid_stacks import GridStacks
+from preprocessing.pipeline import grid_stacks
+from preprocessing.registration import Segmenter, register_sequences
+from utils import atomic_path, file_sha256, write_json
 
 log = logging.getLogger(__name__)
 
-#: PreprocessConfig fields that shape what the network sees (read from training manifests).
+#: PreprocessConfig fields that shape what the network sees (read from training manifests):
+#: the geometry, the intensity window and how the sequences were registered.
 GEOMETRY_FIELDS: tuple[str, ...] = ("pixel_spacing_mm", "crop_size", "roi_size",
                                     "max_slice_distance_mm", "low_percentile",
-                                    "high_percentile", "affine_metric")
+                                    "high_percentile", "affine_registration",
+                                    "nonrigid_registration", "affine_metric")
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
+#: The sequence the others are registered onto when given (the labelled one in training data).
+PREFERRED_FIXED = "LGE"
 
 
 @dataclass(frozen=True)
@@ -57,8 +71,10 @@ class PredictConfig:
     stride: int = 48  # localisation window step (px): 3 x 3 windows of 128 on 224
     weighting: str = "gaussian"
     min_evidence: float = 0.5
+    #: register the other sequences as the training data were (``preprocess`` says how)
     register: bool = False
     batch_size: int = 32
+    tta: bool = False  # flip test-time augmentation of the ROI pass
 
     def __post_init__(self) -> None:
         if not isinstance(self.preprocess, PreprocessConfig):
@@ -78,13 +94,14 @@ class PredictConfig:
         preprocess = record.pop("preprocess")
         record["geometry"] = {name: preprocess[name] for name in GEOMETRY_FIELDS}
         if self.register:
-            record["registration"] = {"affine": preprocess["affine"], "ngf": preprocess["ngf"]}
+            record["registration"] = {key: preprocess[key] for key in (
+                "affine_registration", "nonrigid_registration", "affine", "ngf", "mask_fit")}
         return record
 
 
 @dataclass
 class Prediction:
-    """Native labels ``[Z, Y, X]`` (uint8) and probabilities ``[Z, K, Y, X]`` on ``reference``."""
+    """Native labels ``[Z, Y, X]`` (uint8) and probabilities ``[Z, K, Y, X]`` on ``output``."""
 
     case_id: str
     reference: Volume
@@ -93,46 +110,98 @@ class Prediction:
     record: dict[str, Any]
 
 
-def predict_patient(model: nn.Module, img_size: int, patient: PatientImages,
-                    config: PredictConfig, device: torch.device) -> Prediction:
-    """Localise the heart, predict its ROI and map the probabilities to native space."""
-    start = time.perf_counter()
-    check_model_inputs(model, patient.present)
+@dataclass
+class GridPrediction:
+    """What the label-free path makes of grid stacks: ROI probabilities ``[D, K, roi, roi]`` at
+    ``location.origin`` on the crop grid, and the registration it applied."""
+
+    probabilities: np.ndarray
+    location: HeartLocation
+    registration: dict[str, Any]
+
+    def grid_labels(self, crop_size: int) -> np.ndarray:
+        """``[D, crop, crop]`` uint8: the ROI argmax placed on the crop grid, background
+        elsewhere."""
+        depth, _, size, _ = self.probabilities.shape
+        row0, col0 = self.location.origin
+        labels = np.zeros((depth, crop_size, crop_size), dtype=np.uint8)
+        labels[:, row0:row0 + size, col0:col0 + size] = self.probabilities.argmax(axis=1)
+        return labels
+
+
+@dataclass(frozen=True)
+class Registration:
+    """The networks the training data's registration used (see
+    :func:`registration_networks`), for the same step at prediction time."""
+
+    voxelmorph: Any = None  # preprocessing.voxelmorph_net.VoxelMorph2D
+    segmenter: Segmenter | None = None
+
+
+def predict_stacks(model: nn.Module, img_size: int, stacks: GridStacks, config: PredictConfig,
+                   device: torch.device, networks: Registration | None = None
+                   ) -> GridPrediction:
+    """Localise the heart on the crop grid, register as training did, predict the ROI.
+
+    Nothing here reads a label: test volumes and new patients go through exactly this.
+    """
+    check_model_inputs(model, stacks.present)
     model.eval()
     geometry = config.preprocess
-    stacks = resample_patient(patient, geometry)
     fused = sliding_probabilities(model, stacks.images, stacks.present, geometry.roi_size,
                                   config.stride, img_size, device, weighting=config.weighting,
                                   batch_size=config.batch_size)
     location = locate_heart(fused, geometry.roi_size, config.min_evidence)
+    roi_images = stacks.roi(location.origin, geometry.roi_size)
+    probabilities = window_probabilities(model, roi_images, stacks.present, img_size, device,
+                                         config.batch_size, tta=config.tta)
+    registration: dict[str, Any] = {}
+    networks = networks or Registration()
+    nonrigid = geometry.nonrigid_registration and networks.voxelmorph is not None
+    if (config.register and len(stacks.present) > 1 and location.found
+            and (geometry.affine_registration or nonrigid)):
+        fixed = PREFERRED_FIXED if PREFERRED_FIXED in stacks.present else stacks.reference
+        first_pass = GridPrediction(probabilities, location, {}).grid_labels(geometry.crop_size)
+        roi_images, registered = register_sequences(
+            stacks, fixed, first_pass, location.origin, geometry,
+            segmenter=networks.segmenter, voxelmorph=networks.voxelmorph if nonrigid else None,
+            device=device)
+        registration = {"fixed": fixed, "affine": registered.affine,
+                        "nonrigid_max_displacement_px": registered.nonrigid_max_px}
+        probabilities = window_probabilities(model, roi_images, stacks.present, img_size,
+                                             device, config.batch_size, tta=config.tta)
+    return GridPrediction(probabilities, location, registration)
+
+
+def predict_patient(model: nn.Module, img_size: int, patient: PatientImages,
+                    config: PredictConfig, device: torch.device,
+                    networks: Registration | None = None) -> Prediction:
+    """Localise the heart, predict its ROI and map the probabilities to native space."""
+    start = time.perf_counter()
+    geometry = config.preprocess
+    stacks = grid_stacks(patient.case_id, patient.volumes, geometry)
+    result = predict_stacks(model, img_size, stacks, config, device, networks)
+    location = result.location
     if not location.found:
         log.warning("%s: the network found no myocardium anywhere on the %d mm grid; the ROI is "
                     "the grid centre", patient.case_id, geometry.crop_size)
-    roi_images = stacks.roi(location.origin, geometry.roi_size)
-    probabilities = window_probabilities(model, roi_images, stacks.present, img_size, device,
-                                         config.batch_size)
-    registration: dict[str, list[dict]] = {}
-    if config.register and len(stacks.present) > 1 and location.found:
-        roi_images, registration = register_roi(
-            patient, stacks, probabilities.argmax(axis=1).astype(np.uint8), location.origin,
-            geometry)
-        probabilities = window_probabilities(model, roi_images, stacks.present, img_size,
-                                             device, config.batch_size)
-    reference = patient.volumes[stacks.reference]
-    native = probabilities_to_native(probabilities, reference, stacks.kept, stacks.grids,
-                                     location.origin)
+    output = patient.output
+    volume = patient.volumes[output]
+    native = probabilities_to_native(result.probabilities, volume, stacks.partners[output],
+                                     stacks.grids, location.origin)
     labels = labels_from_probabilities(native)
     middle = stacks.grids[len(stacks.grids) // 2]
     row, col = location.centre
     centre_world = middle.origin + geometry.pixel_spacing_mm * (row * middle.row_axis
                                                                 + col * middle.col_axis)
-    voxel_ml = float(np.prod(reference.spacing)) / 1000.0
+    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     record = {
         "case_id": patient.case_id,
         "sources": {name: str(patient.volumes[name].source) for name in patient.present},
         "sequences_present": list(stacks.present),
         "sequences_absent": [name for name in MODALITIES if name not in stacks.present],
         "reference": stacks.reference,
+        "output_sequence": output,
         "output_shape_xyz": list(labels.shape[::-1]),
         "heart": location.to_dict() | {"centre_world_mm": centre_world.tolist()},
         "roi": {"row0": location.origin[0], "col0": location.origin[1],
@@ -140,17 +209,18 @@ def predict_patient(model: nn.Module, img_size: int, patient: PatientImages,
                 "pixel_spacing_mm": geometry.pixel_spacing_mm},
         "reference_slices_used": list(stacks.kept),
         "reference_slices_dropped": list(stacks.dropped),
+        "output_slices_used": list(stacks.partners[output]),
         "matched_slices": stacks.partners,
         "match_distance_mm": stacks.distances_mm,
         "grids": [grid.to_dict() for grid in stacks.grids],
         "intensity_window": stacks.windows,
-        "registration": registration,
+        "registration": result.registration,
         "volume_ml": {CLASS_NAMES[k]: float((labels == k).sum()) * voxel_ml
                       for k in range(1, len(CLASS_NAMES))},
         "config": config.to_dict(),
         "seconds": time.perf_counter() - start,
     }
-    return Prediction(patient.case_id, reference, labels, native, record)
+    return Prediction(patient.case_id, volume, labels, native, record)
 
 
 def output_paths(out: str | os.PathLike[str]) -> dict[str, Path]:
@@ -219,3 +289,38 @@ def preprocess_config_for(payload: dict, overrides: dict[str, Any] | None = None
 def _write_nifti(path: Path, xyz: np.ndarray, affine: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         nifti_image(xyz, affine).to_filename(str(tmp))
+
+
+def registration_networks(payload: dict, preprocess: PreprocessConfig, device: torch.device,
+                          segmenter: str | os.PathLike[str] | None = None) -> Registration:
+    """The networks the training data's registration used, for the same step at prediction.
+
+    The non-rigid network is the training root's ``voxelmorph.pth`` when its SHA-256 is the one
+    the training manifests record; otherwise the step is skipped with a warning (the affine step
+    still runs). ``affine_metric="segmentation"`` needs ``segmenter`` (a checkpoint).
+    """
+    voxelmorph = None
+    if preprocess.nonrigid_registration:
+        root = (payload.get("train_config") or {}).get("root_path")
+        path = Path(root) / "voxelmorph.pth" if root else None
+        recorded = ProcessedLayout(Path(root)).recorded_voxelmorph() if root else None
+        if path is None or not path.is_file():
+            log.warning("the training data were registered non-rigidly but %s is not here: the "
+                        "non-rigid step is skipped", path or "their voxelmorph.pth")
+        elif recorded is not None and recorded != file_sha256(path):
+            log.warning("%s is not the non-rigid network the training data went through "
+                        "(SHA-256 differs from the manifests'): the non-rigid step is skipped",
+                        path)
+        else:
+            from preprocessing.voxelmorph import load_voxelmorph
+
+            voxelmorph = load_voxelmorph(path, device)
+    network = None
+    if preprocess.affine_registration and preprocess.affine_metric == "segmentation":
+        if segmenter is None:
+            raise ValueError("the training data were registered with affine_metric "
+                             "'segmentation': pass --segmenter CHECKPOINT (or --register off)")
+        from preprocessing.segmenter import cached_segmenter
+
+        network = cached_segmenter(str(segmenter), str(device))
+    return Registration(voxelmorph=voxelmorph, segmenter=network)

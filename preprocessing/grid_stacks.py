@@ -16,7 +16,7 @@ is read from), the labelled sequence for training cases.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import ndimage
@@ -65,6 +65,20 @@ class GridStacks:
     def channel(self, name: str) -> np.ndarray:
         """``[D, crop, crop]`` stack of sequence ``name``."""
         return self.images[:, MODALITIES.index(name)]
+
+    def with_sequences(self, names: Sequence[str]) -> GridStacks:
+        """The same grids with only ``names`` given (the other channels zeroed), as when a
+        sequence is missing at test time; grids and windows stay those of the full case."""
+        missing = [name for name in names if name not in self.present]
+        if missing:
+            raise ValueError(f"sequence(s) {missing} were not given (given: {self.present})")
+        images = self.images.copy()
+        for channel, name in enumerate(MODALITIES):
+            if name not in names:
+                images[:, channel] = 0.0
+        return replace(self, present=tuple(n for n in MODALITIES if n in names), images=images,
+                       windows={n: w for n, w in self.windows.items() if n in names},
+                       volumes={n: v for n, v in self.volumes.items() if n in names})
 
     def roi(self, origin: tuple[int, int], size: int) -> np.ndarray:
         """``[D, S, size, size]`` crop of ``images`` at ``origin = (row0, col0)``."""

@@ -15,6 +15,7 @@ from datasets.processed import ProcessedLayout, write_test_volume
 from evaluation.evaluate import (
     all_subsets,
     evaluate,
+    Scores,
     evaluate_subsets,
     format_subset_table,
     subset_label,
@@ -89,7 +90,7 @@ def test_nifti_files_share_one_geometry_and_round_trip(layout, model, tmp_path):
         np.testing.assert_array_equal(
             np.asarray(loaded[sequence].dataobj).transpose(2, 1, 0), image[:, index])
     scores = group_scores(expected, label, spacing)
-    assert metrics.per_case() == [{"case": "case0101", **{
+    assert metrics.grid.per_case() == [{"case": "case0101", **{
         f"{group}_{metric}": value for group, values in scores.items()
         for metric, value in values.items()}}]
 
@@ -101,8 +102,9 @@ def test_subsets_read_once_and_match_single_subset_runs(layout, model):
     assert list(results) == subsets
     for subset in subsets:
         alone = evaluate(model, layout, names, 32, CPU, sequences=subset)
-        assert results[subset].per_case() == alone.per_case()
-    assert evaluate(model, layout, names, 32, CPU).per_case() == results[MODALITIES].per_case()
+        assert results[subset].grid.per_case() == alone.grid.per_case()
+    assert (evaluate(model, layout, names, 32, CPU).grid.per_case()
+            == results[MODALITIES].grid.per_case())
     with pytest.raises(ValueError, match="listed twice"):
         evaluate_subsets(model, layout, names, 32, CPU, [("LGE",), ("lge",)])
     with pytest.raises(ValueError, match="at least one"):
@@ -111,7 +113,7 @@ def test_subsets_read_once_and_match_single_subset_runs(layout, model):
         evaluate(model, layout, names, 32, CPU, sequences=["T1"])
 
 
-def _known_accumulator() -> MetricAccumulator:
+def _known_scores() -> Scores:
     """Two cases with hand-checkable myocardium Dice: 1.0 (identical) and 2*2/(4+2) = 2/3."""
     metrics = MetricAccumulator({"myocardium": (1,), "scar": (2,)})
     gt = np.zeros((1, 4, 4), np.uint8)
@@ -120,12 +122,12 @@ def _known_accumulator() -> MetricAccumulator:
     pred = np.zeros_like(gt)
     pred[0, 0, :2] = 1
     metrics.update("b", pred, gt, (1.0, 1.0, 1.0))
-    return metrics
+    return Scores(grid=metrics, native=MetricAccumulator(metrics.groups))
 
 
 def test_results_and_subset_table_hold_known_values(tmp_path):
-    metrics = _known_accumulator()
-    assert dice_by_group(metrics) == {"myocardium": [1.0, pytest.approx(2 / 3)],
+    metrics = _known_scores()
+    assert dice_by_group(metrics.grid) == {"myocardium": [1.0, pytest.approx(2 / 3)],
                                       "scar": [1.0, 1.0]}
     write_results(tmp_path / "one", metrics, {"tta": True, "sequences": ["LGE"]})
     summary = json.loads((tmp_path / "one" / "summary.json").read_text())
@@ -135,7 +137,7 @@ def test_results_and_subset_table_hold_known_values(tmp_path):
     assert (tmp_path / "one" / "per_case.csv").read_text().startswith("case,myocardium_dice")
     assert (tmp_path / "one" / "dice_boxplot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    results = {("LGE",): metrics, MODALITIES: _known_accumulator()}
+    results = {("LGE",): metrics, MODALITIES: _known_scores()}
     write_subset_table(tmp_path, results, {"tta": False})
     with open(tmp_path / "subsets.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))

@@ -51,11 +51,11 @@ def test_tta_and_a_sequence_subset(root, tmp_path, capsys):
     # The files hold what evaluate() computes with the same settings.
     expected = evaluate(model, ProcessedLayout(root), ["case0005", "case0010"], 32, CPU,
                         tta=True, sequences=("LGE", "T2w"))
-    assert summary["cases"] == expected.per_case()
+    assert summary["cases"] == expected.grid.per_case()
     with open(out / "per_case.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["case"] for row in rows] == ["case0005", "case0010"]
-    assert float(rows[0]["scar_dice"]) == pytest.approx(expected.per_case()[0]["scar_dice"])
+    assert float(rows[0]["scar_dice"]) == pytest.approx(expected.grid.per_case()[0]["scar_dice"])
     assert (out / "dice_boxplot.png").stat().st_size > 0
     written = {p.name for p in (out / "predictions").iterdir()}
     assert written == {f"{case}_{suffix}.nii.gz" for case in ("case0005", "case0010")

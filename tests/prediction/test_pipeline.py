@@ -19,9 +19,8 @@ from prediction.pipeline import (
     preprocess_config_for,
     write_prediction,
 )
-from prediction.resampling import resample_patient
 from preprocessing.affine_registration import AffineRegistrationConfig
-from preprocessing.pipeline import PreprocessConfig, roi_origin
+from preprocessing.pipeline import PreprocessConfig, grid_stacks, roi_origin
 from preprocessing.resample import sample_slice
 from preprocessing.transforms import Affine2D, identity_field
 from tests.helpers import write_nifti
@@ -44,7 +43,7 @@ def run_stub(files, sequences, config: PredictConfig | None = None):
     config = config or PredictConfig()
     patient = load_patient({name: files[name] for name in sequences})
     truth = read_volume(files[TRUTH_KEY[patient.reference]], is_label=True)
-    stacks = resample_patient(patient, config.preprocess)
+    stacks = grid_stacks(patient.case_id, patient.volumes, config.preprocess)
     labels = np.stack([sample_slice(truth, k, grid, is_label=True)
                        for k, grid in zip(stacks.kept, stacks.grids, strict=True)])
     model = LookupModel(stacks.images, labels, key=MODALITIES.index(patient.reference))
@@ -149,8 +148,9 @@ def test_registration_with_predicted_mask_aligns_t2w(phantom_files):
     misaligned T2w truth closer to the LGE truth than no registration does."""
     prediction, truth, labels, _, stacks = run_stub(phantom_files, MODALITIES,
                                                     PredictConfig(register=True))
-    records = prediction.record["registration"]
+    records = prediction.record["registration"]["affine"]
     assert sorted(records) == ["T2w", "bSSFP"]
+    assert prediction.record["registration"]["fixed"] == "LGE"
     origin = tuple(prediction.record["heart"]["origin"])
     roi_field = identity_field((128, 128)) + np.array(origin, np.float64)[:, None, None]
     t2w_truth = read_volume(phantom_files["truth_T2w"], is_label=True)

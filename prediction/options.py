@@ -1,0 +1,51 @@
+"""Command-line settings of the label-free path, shared by test.py and predict.py.
+
+Both scripts build their :class:`~prediction.pipeline.PredictConfig` here, from the training
+data's preprocessing and the same flags, so a test score is obtained exactly as a user's
+prediction is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from prediction.localisation import WEIGHTINGS
+from prediction.pipeline import PredictConfig, preprocess_config_for
+
+REGISTER_CHOICES = ("auto", "on", "off")
+
+
+def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the label-free path runs (shared with predict.py)."""
+    parser.add_argument("--register", nargs="?", const="on", default="auto",
+                        choices=REGISTER_CHOICES,
+                        help="register the other sequences onto LGE before the final pass: "
+                             "auto (default) as the training data were (metric, non-rigid "
+                             "step), on: the affine step even if they were not, off: never")
+    parser.add_argument("--segmenter", default=None,
+                        help="checkpoint for registration data made with --affine_metric "
+                             "segmentation")
+    parser.add_argument("--stride", type=int, default=48, help="localisation window step (px)")
+    parser.add_argument("--weighting", choices=WEIGHTINGS, default="gaussian",
+                        help="how overlapping localisation windows are averaged")
+    parser.add_argument("--tta", action="store_true",
+                        help="flip test-time augmentation: average probabilities over 4 flips")
+    parser.add_argument("--batch_size", type=int, default=32,
+                        help="images per forward pass (with --tta each slice counts 4 times)")
+    parser.add_argument("--device", default="auto")
+
+
+def predict_config(args: argparse.Namespace, payload: dict,
+                   overrides: dict | None = None) -> tuple[PredictConfig, str]:
+    """The label-free path's settings: the training data's preprocessing (from the checkpoint
+    or the training manifests), ``overrides`` and the flags."""
+    preprocess, source = preprocess_config_for(payload, overrides)
+    if args.register == "off":
+        preprocess = dataclasses.replace(preprocess, affine_registration=False,
+                                         nonrigid_registration=False)
+    elif args.register == "on":
+        preprocess = dataclasses.replace(preprocess, affine_registration=True)
+    return PredictConfig(preprocess=preprocess, stride=args.stride, weighting=args.weighting,
+                         register=args.register != "off", batch_size=args.batch_size,
+                         tta=args.tta), source
