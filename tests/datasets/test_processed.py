@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import shutil
+
+import h5py
 import numpy as np
 import pytest
 
@@ -10,6 +13,7 @@ from datasets.processed import (
     write_test_volume,
     write_training_slice,
 )
+from tests.helpers import write_ring_dataset
 
 
 def _fill(layout: ProcessedLayout, rng: np.random.Generator) -> dict:
@@ -75,3 +79,47 @@ def test_recorded_preprocessing_reads_the_first_readable_manifest(tmp_path):
     (layout.manifest_dir() / "a.json").write_text("{broken")
     (layout.manifest_dir() / "b.json").write_text('{"config": {"roi_size": 96}}')
     assert layout.recorded_preprocessing() == {"roi_size": 96}
+
+
+def test_release_layout_volume_loads_along_its_slice_axis(tmp_path):
+    """The release writes test volumes as nibabel (X, Y, Z) and reads slice k as image[:, :, k]:
+    a 128x128x7 file is 7 slices of 128x128, not 128 slices of 128x7."""
+    layout = ProcessedLayout(tmp_path)
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 255, (128, 128, 7)).astype(np.float32)
+    label = rng.integers(0, 4, (128, 128, 7)).astype(np.uint8)
+    for modality in MODALITIES:
+        path = layout.item_path(modality, "test_vol", "case0001")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(path, "w") as handle:  # no attributes, as the release writes them
+            handle["image"], handle["label"] = image, label
+    volume, read_label, spacing = layout.read_volume("case0001")
+    assert volume.shape == (7, 3, 128, 128) and spacing == (10.0, 1.0, 1.0)
+    for k in range(7):
+        np.testing.assert_allclose(volume[k, 1], image[:, :, k] / 255.0, rtol=1e-6)
+        np.testing.assert_array_equal(read_label[k], label[:, :, k])
+    # Ours say their axes; a file that is neither is refused rather than misread.
+    ours = layout.item_path("LGE", "test_vol", "case0002")
+    write_test_volume(ours, image.transpose(2, 0, 1), label.transpose(2, 0, 1), (8, 1, 1))
+    with h5py.File(ours, "r") as handle:
+        assert handle.attrs["axes"] == "DHW"
+    odd = layout.item_path("LGE", "test_vol", "case0003")
+    with h5py.File(odd, "w") as handle:
+        handle["image"], handle["label"] = image[:, :64], label[:, :64]
+    for modality in ("bSSFP", "T2w"):
+        shutil.copy(odd, layout.item_path(modality, "test_vol", "case0003"))
+    with pytest.raises(ProcessedDataError, match="slice axis"):
+        layout.read_volume("case0003")
+
+
+def test_a_case_in_both_lists_is_refused(tmp_path):
+    write_ring_dataset(tmp_path, train_cases=2, slices_per_case=2,
+                       test_cases=("case0001",))
+    layout = ProcessedLayout(tmp_path)
+    layout.names("train")
+    layout.names("test_vol")
+    with pytest.raises(ProcessedDataError, match="case0001"):
+        layout.check_disjoint()
+    layout.list_path("test_vol").write_text("case0003\n")
+    write_ring_dataset(tmp_path, train_cases=0, slices_per_case=2, test_cases=("case0003",))
+    layout.check_disjoint()

@@ -62,10 +62,13 @@ def test_config_validation():
         PreprocessConfig(pixel_spacing_mm=0)
 
 
-def test_every_fifth_case_is_test():
-    splits = assign_splits([f"c{i:02d}" for i in range(10)], test_every=5)
-    assert [k for k, v in splits.items() if v == "test_vol"] == ["c04", "c09"]
+def test_the_release_split_tests_cases_one_and_six():
+    """The released code tests filenames[0::5]: case0001, case0006, ... (1-based names)."""
+    splits = assign_splits([f"case{i:04d}" for i in range(10, 0, -1)], test_every=5)
+    assert [k for k, v in splits.items() if v == "test_vol"] == ["case0001", "case0006"]
     assert set(assign_splits(["a", "b"], 0).values()) == {"train"}
+    with pytest.raises(ValueError, match="test_every"):
+        assign_splits(["a"], -1)
 
 
 def test_runner_packs_layout_skips_finished_and_reports_bad_cases(myops2020_dir, tmp_path):
@@ -74,17 +77,26 @@ def test_runner_packs_layout_skips_finished_and_reports_bad_cases(myops2020_dir,
         shutil.copytree(myops2020_dir / case, raw / case)
     out = tmp_path / "out"
     config = PreprocessConfig(nonrigid_registration=False)
-    options = RunOptions(test_every=3)
+    options = RunOptions(test_every=3, folds=3)
     results = run_preprocessing(raw, out, config, options)
     assert [(r.case_id, r.split, r.skipped) for r in results] == [
-        ("Case3001", "train", False), ("Case3002", "train", False), ("Case3004", "test_vol", False)]
+        ("Case3001", "test_vol", False), ("Case3002", "train", False),
+        ("Case3004", "train", False)]
     layout = ProcessedLayout(out)
-    assert layout.names("test_vol") == ["Case3004"]
+    assert layout.names("test_vol") == ["Case3001"]
     train_names = layout.names("train")
-    assert len(train_names) == results[0].num_slices + results[1].num_slices
+    assert len(train_names) == results[1].num_slices + results[2].num_slices
+    # Every case is stored in both forms; the test volume is the whole label-free crop grid.
+    assert len(layout.scan("train")) == sum(r.num_slices for r in results)
+    assert layout.scan("test_vol") == ["Case3001", "Case3002", "Case3004"]
     image, _label, spacing = layout.read_volume("Case3004")
-    assert image.shape[1:] == (3, 128, 128) and image.min() >= 0.0 and image.max() <= 1.0
+    assert image.shape[1:] == (3, 224, 224) and image.min() >= 0.0 and image.max() <= 1.0
     assert spacing == pytest.approx((12.0, 1.0, 1.0), abs=1e-3)
+    for fold, case in enumerate(("Case3001", "Case3002", "Case3004")):
+        lists = out / "lists" / "cv3" / f"fold{fold}"
+        assert (lists / "test_vol.txt").read_text() == f"{case}\n"
+        assert not any(line.startswith(case) for line in
+                       (lists / "train.txt").read_text().splitlines())
 
     assert not (out / ".work").exists()  # parked intermediate results are cleaned up
     assert sorted(p.name for p in (out / "qa").iterdir()) == [
@@ -103,8 +115,8 @@ def test_runner_packs_layout_skips_finished_and_reports_bad_cases(myops2020_dir,
     (raw / "Case3002" / "Case3002_T2.nii.gz").write_bytes(b"broken")
     with pytest.raises(RuntimeError, match=r"Case3002: .*Case3002_T2.nii.gz: unreadable"):
         run_preprocessing(raw, out, config, RunOptions(test_every=3, overwrite=True))
-    assert layout.names("test_vol") == ["Case3004"]
-    assert all(name.startswith("Case3001") for name in layout.names("train"))
+    assert layout.names("test_vol") == ["Case3001"]
+    assert all(name.startswith("Case3004") for name in layout.names("train"))
 
 
 def test_voxelmorph_checkpoint_is_reused_only_with_its_training_settings(tmp_path, caplog):
