@@ -13,9 +13,9 @@ import torch
 from datasets.labels import EVAL_GROUPS, MODALITIES
 from datasets.processed import ProcessedLayout, write_test_volume
 from evaluation.evaluate import (
+    Scores,
     all_subsets,
     evaluate,
-    Scores,
     evaluate_subsets,
     format_subset_table,
     subset_label,
