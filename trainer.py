@@ -69,7 +69,7 @@ CHECKPOINT_BEST = "checkpoint_best.pth"
 OPTIMIZERS = ("adamw", "sgd")
 _LOSS = ObjectiveConfig()
 #: The best model is the one with the highest mean Dice over these groups.
-PATHOLOGY_GROUPS = ("scar", "edema")
+PATHOLOGY_GROUPS = ("scar", "edema alone")
 
 
 @dataclass(frozen=True)

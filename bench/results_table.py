@@ -37,6 +37,18 @@ def read_summary(folder: Path) -> dict:
     return dict(sorted(summary.items(), key=lambda item: order.get(item[0], len(order))))
 
 
+def read_obtained(folder: Path) -> str | None:
+    """How test.py obtained the numbers (native space or the grid, label-free or ROI given,
+    out of fold...), when its summary says."""
+    try:
+        payload = json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    obtained = payload.get("obtained")
+    evaluation = (payload.get("settings") or {}).get("evaluation")
+    return "; ".join(part for part in (obtained, evaluation) if part) or None
+
+
 def read_case_dice(folder: Path) -> dict[str, dict[str, float]]:
     """Per-case Dice, ``case -> group -> value``, from ``folder/summary.json``."""
     path = folder / "summary.json"
@@ -130,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print("\n\n".join(tables))
+    notes = {label: read_obtained(folder) for label, folder in folders.items()}
+    if any(notes.values()):
+        print("\n" + "\n".join(f"- {label}: {note}" for label, note in notes.items() if note))
     return 0
 
 

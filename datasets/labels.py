@@ -18,13 +18,17 @@ CLASS_NAMES: tuple[str, ...] = ("background", "myocardium", "scar", "edema")
 MODALITIES: tuple[str, ...] = ("bSSFP", "LGE", "T2w")
 
 #: Reported evaluation groups: name -> label values that form the group's foreground.
+#: MyoPS 2020 reports "scar" and "scar+edema" (its edema includes the scar); our edema class is
+#: edema without scar, reported as "edema alone" so it is never mistaken for MyoPS's edema.
 EVAL_GROUPS: Mapping[str, tuple[int, ...]] = {
     "myocardium": (NORMAL_MYOCARDIUM,),
     "scar": (SCAR,),
-    "edema": (EDEMA,),
+    "edema alone": (EDEMA,),
     "scar+edema": (SCAR, EDEMA),
     "whole myocardium": (NORMAL_MYOCARDIUM, SCAR, EDEMA),
 }
+#: The two groups the MyoPS 2020 challenge ranks by.
+MYOPS_GROUPS: tuple[str, ...] = ("scar", "scar+edema")
 
 #: MyoPS 2020 ground-truth codes -> training labels (LV and RV blood pools become background).
 MYOPS2020_CODES: Mapping[int, int] = {

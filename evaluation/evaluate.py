@@ -84,8 +84,22 @@ def fold_runs(run_dir: str | Path) -> list[Path]:
     would silently be another experiment.
     """
     run_dir = Path(run_dir)
-    folds = sorted((p for p in run_dir.glob("fold*") if p.is_dir() and p.name[4:].isdigit()),
+    found = sorted((p for p in run_dir.glob("fold*") if p.is_dir() and p.name[4:].isdigit()),
                    key=lambda p: int(p.name[4:]))
+    if not found:
+        return []
+    # The fold count the runs were trained with, not the folders that happen to exist.
+    counts = set()
+    for fold in found:
+        try:
+            counts.add(int(json.loads((fold / "config.json").read_text())["folds"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    if len(counts) > 1:
+        raise ValueError(f"{run_dir}: its folds were trained with different fold counts "
+                         f"{sorted(counts)}")
+    total = counts.pop() if counts else len(found)
+    folds = [run_dir / f"fold{k}" for k in range(total)]
     unfinished = [str(p) for p in folds if not (p / CHECKPOINT_FINAL).is_file()]
     if unfinished:
         raise ValueError(f"{run_dir}: fold(s) without {CHECKPOINT_FINAL}: {unfinished} (train "

@@ -208,7 +208,7 @@ class MetricAccumulator:
                                          "std": float(values.std()), "n": int(values.size)}
         return result
 
-    def mean_dice(self, groups: Sequence[str] = ("scar", "edema")) -> float:
+    def mean_dice(self, groups: Sequence[str] = ("scar", "edema alone")) -> float:
         """Mean over ``groups`` of each group's mean Dice; the best-model selection score."""
         if isinstance(groups, str) or not groups:
             raise ValueError(f"groups must be a non-empty sequence of group names, got {groups!r}")

@@ -90,7 +90,7 @@ def test_empty_mask_rule_applies_inside_group_scores() -> None:
     pred = np.zeros_like(gt)
     scores = group_scores(pred, gt, (10.0, 1.0, 1.0))
     assert scores["scar"] == {"dice": 0.0, "hd95": pytest.approx(math.sqrt(20.0**2 + 25 + 25))}
-    assert scores["edema"] == {"dice": 1.0, "hd95": 0.0}
+    assert scores["edema alone"] == {"dice": 1.0, "hd95": 0.0}
 
 
 def test_bad_inputs_raise() -> None:
@@ -124,7 +124,7 @@ def test_group_union_scar_plus_edema() -> None:
     scores = group_scores(pred, gt, SPACING)
     assert set(scores) == set(EVAL_GROUPS)
     assert scores["scar"]["dice"] == 0.0
-    assert scores["edema"]["dice"] == 0.0
+    assert scores["edema alone"]["dice"] == 0.0
     assert scores["scar+edema"]["dice"] == 1.0
     assert scores["scar+edema"]["hd95"] == 0.0
     # Myocardium: 4 of 8 voxels kept -> 2 * 4 / (4 + 8).
@@ -155,7 +155,7 @@ CASES = {
 
 @pytest.fixture
 def filled() -> MetricAccumulator:
-    acc = MetricAccumulator(groups={"scar": (SCAR,), "edema": (EDEMA,)})
+    acc = MetricAccumulator(groups={"scar": (SCAR,), "edema alone": (EDEMA,)})
     for case_id, (shift, cols, *_) in CASES.items():
         acc.update(case_id, *_case(shift, cols), SPACING)
     return acc
@@ -170,17 +170,17 @@ def test_accumulator_mean_std_match_numpy(filled: MetricAccumulator) -> None:
     rows = filled.per_case()
     assert [row["case"] for row in rows] == order
     assert [row["scar_hd95"] for row in rows] == pytest.approx(scar_hd.tolist())
-    assert [row["edema_dice"] for row in rows] == pytest.approx(edema_dice.tolist())
+    assert [row["edema alone_dice"] for row in rows] == pytest.approx(edema_dice.tolist())
 
     summary = filled.summary()
     assert summary["scar"]["dice"] == {"mean": pytest.approx(scar_dice.mean()),
                                        "std": pytest.approx(scar_dice.std()), "n": 3}
     assert summary["scar"]["hd95"]["mean"] == pytest.approx(3.0)
     assert summary["scar"]["hd95"]["std"] == pytest.approx(math.sqrt((9 + 9 + 0) / 3))
-    assert summary["edema"]["dice"]["mean"] == pytest.approx(edema_dice.mean())
-    assert summary["edema"]["dice"]["std"] == pytest.approx(edema_dice.std())
+    assert summary["edema alone"]["dice"]["mean"] == pytest.approx(edema_dice.mean())
+    assert summary["edema alone"]["dice"]["std"] == pytest.approx(edema_dice.std())
     assert filled.mean_dice() == pytest.approx((scar_dice.mean() + edema_dice.mean()) / 2)
-    assert filled.mean_dice(("edema",)) == pytest.approx(edema_dice.mean())
+    assert filled.mean_dice(("edema alone",)) == pytest.approx(edema_dice.mean())
 
 
 def test_accumulator_is_independent_of_update_order(filled: MetricAccumulator) -> None:
@@ -225,7 +225,7 @@ def test_csv_and_json_round_trip(filled: MetricAccumulator, tmp_path) -> None:
     payload = json.loads(json_path.read_text())
     assert payload["summary"] == filled.summary()
     assert payload["cases"] == expected
-    assert payload["groups"] == {"scar": [SCAR], "edema": [EDEMA]}
+    assert payload["groups"] == {"scar": [SCAR], "edema alone": [EDEMA]}
 
 
 def test_table_lists_every_group() -> None:

@@ -81,7 +81,14 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path, model, chang
     compared = 0
     for key, value in one["model"].items():
         if value.is_floating_point():
-            torch.testing.assert_close(two["model"][key], value, rtol=1e-4, atol=atol,
+            # BatchNorm running statistics: the global-batch norm of two processes forms the
+            # variance from all-reduced sums (E[x^2] - E[x]^2), one process with torch's own
+            # kernel. Features of zeroed (absent) sequences are nearly constant, where the two
+            # differ by cancellation error (measured up to 1.1e-4 after these 4 steps, while
+            # every weight agrees to 6e-6), so those buffers get a bound of their own.
+            statistic = key.endswith(("running_mean", "running_var"))
+            torch.testing.assert_close(two["model"][key], value, rtol=1e-4,
+                                       atol=max(atol, 5e-4) if statistic else atol,
                                        msg=lambda text, key=key: f"{key}: {text}")
             compared += 1
     assert compared > 10

@@ -230,8 +230,8 @@ def test_validate_background_only_prediction(label_volumes):
     assert not model.training
     rows = {row["case"]: row for row in metrics.per_case()}
     # Case a has every class: all Dice 0. Case b has no scar/edema: empty vs empty -> 1.
-    assert rows["a"]["scar_dice"] == 0.0 and rows["a"]["edema_dice"] == 0.0
-    assert rows["b"]["scar_dice"] == 1.0 and rows["b"]["edema_dice"] == 1.0
+    assert rows["a"]["scar_dice"] == 0.0 and rows["a"]["edema alone_dice"] == 0.0
+    assert rows["b"]["scar_dice"] == 1.0 and rows["b"]["edema alone_dice"] == 1.0
     assert rows["b"]["myocardium_dice"] == 0.0
     assert metrics.mean_dice() == pytest.approx(0.5)
 
