@@ -104,3 +104,12 @@ myops_cv_train: myops_data
 			--seed 1234 --val_every 0 --val_fraction 0 --num_workers 0 \
 			--folds $(MYOPS_FOLDS) --output_dir $(MYOPS_CV_RUNS)/$$model --resume; \
 	done
+
+# Out-of-fold scores of every model (each case by the fold that held it out, label-free, native
+# space), then the comparison table.
+myops_cv: myops_cv_train
+	set -e; for model in $(MYOPS_CV_MODELS); do \
+		$(PY) test.py --run_dir $(MYOPS_CV_RUNS)/$$model --output_dir $(MYOPS_CV_RUNS)/$$model/test; \
+	done
+	$(PY) -m bench.results_table $(foreach m,$(MYOPS_CV_MODELS),$(m)=$(MYOPS_CV_RUNS)/$(m)/test) \
+		$(if $(filter immseg,$(MYOPS_CV_MODELS)),--paired immseg)
