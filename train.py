@@ -19,6 +19,7 @@ from datasets.labels import MODALITIES
 from networks.factory import list_models
 from networks.variants import VARIANTS
 from trainer import (
+    CHECKPOINT_BEST,
     CHECKPOINT_FINAL,
     CHECKPOINT_LAST,
     DATASETS,
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--resume", action="store_true",
                         help="continue <output_dir>/checkpoint_last.pth exactly")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in a folder that holds a run (its checkpoints are "
+                             "removed first)")
     return parser
 
 
@@ -131,10 +135,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train_one(args: argparse.Namespace, output_dir: str, fold: int | None,
                resume: bool) -> int:
-    if os.environ.get("RANK", "0") == "0":
-        setup_logging(Path(output_dir) / "log.txt")
-    else:  # torchrun's other processes: warnings and errors only, and not into the log file
-        setup_logging(level=logging.WARNING)
+    main_rank = os.environ.get("RANK", "0") == "0"
+    # Stderr first: a bad argument must not leave a run folder or log behind.
+    setup_logging(level=logging.INFO if main_rank else logging.WARNING)
     try:
         config = TrainConfig(
             dataset=args.dataset, model=args.model, vit_name=args.vit_name,
@@ -156,12 +159,40 @@ def _train_one(args: argparse.Namespace, output_dir: str, fold: int | None,
             vit_dropout=args.vit_dropout, val_every=args.val_every,
             val_fraction=args.val_fraction, patience=args.patience, amp=not args.no_amp,
             device=args.device)
-        result = train(config, resume=resume)
+        if main_rank:
+            claim_run_dir(Path(output_dir), resume=resume, overwrite=args.overwrite)
+            setup_logging(Path(output_dir) / "log.txt")
+        result = train(config, resume=resume, replace=args.overwrite)
     except (ValueError, OSError, FloatingPointError) as error:
         log.error("%s", error)
         return 1
+    except KeyboardInterrupt:
+        log.error("interrupted; %s holds the last finished epoch: continue with --resume",
+                  Path(output_dir) / CHECKPOINT_LAST)
+        return 130
     print(f"checkpoint: {result.checkpoint}")
     return 0
+
+
+def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a new run over a folder that holds one, unless asked.
+
+    ``--resume`` continues it; ``--overwrite`` starts afresh (the trainer removes the old run's
+    checkpoints when the new run writes its first one, so a failed start destroys nothing and
+    no old ``checkpoint_best.pth`` survives beside the new run's). A path that is a file fails
+    here with its name.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"{run_dir}: is a file, not a run folder")
+    old = [run_dir / name for name in (CHECKPOINT_LAST, CHECKPOINT_FINAL, CHECKPOINT_BEST,
+                                       "config.json")] if run_dir.is_dir() else []
+    old = [path for path in old if path.exists()]
+    if resume or not old:
+        return
+    if not overwrite:
+        raise ValueError(f"{run_dir}: holds a run ({', '.join(p.name for p in old)}); pass "
+                         "--resume to continue it, --overwrite to replace it, or another "
+                         "--output_dir")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ from training.validation import (
     validate,
     validation_volumes,
 )
-from utils import resolve_device, seed_everything, write_json
+from utils import require_finite_fields, resolve_device, seed_everything, write_json
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +149,8 @@ class TrainConfig:
         for name in ("batch_size", "max_epochs", "num_classes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.base_lr > 0 or self.weight_decay < 0 or self.poly_power < 0:
-            raise ValueError("base_lr must be > 0, weight_decay and poly_power >= 0")
+        require_finite_fields(self, "base_lr", positive=True)
+        require_finite_fields(self, "weight_decay", "poly_power")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.optimizer not in OPTIMIZERS:
@@ -211,21 +211,23 @@ class TrainResult:
     best_epoch: int | None = None
 
 
-def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
+def train(config: TrainConfig, *, resume: bool = False, replace: bool = False) -> TrainResult:
     """Train ``config.model`` on the processed training slices; one process or torchrun's N.
 
     Under torchrun each process trains on its share of every global batch of
     ``config.batch_size`` slices (DistributedDataParallel, SyncBatchNorm, Dice over the global
     batch), so N processes compute what one would. Rank 0 logs, validates and saves.
-    ``resume`` continues from ``<output_dir>/checkpoint_last.pth`` exactly.
+    ``resume`` continues from ``<output_dir>/checkpoint_last.pth`` exactly. ``replace``: the
+    folder may hold an older run, whose best and final checkpoints are removed once this run
+    writes its first checkpoint (never before: a run that fails to start destroys nothing).
     """
     start_time = time.perf_counter()
     with distributed_session(resolve_device(config.device)) as context:
-        return _train(config, context, resume, start_time)
+        return _train(config, context, resume, start_time, replace)
 
 
 def _train(config: TrainConfig, context: DistContext, resume: bool,
-           start_time: float) -> TrainResult:
+           start_time: float, replace: bool = False) -> TrainResult:
     device = context.device
     if config.batch_size % context.world_size:
         raise ValueError(f"batch_size {config.batch_size} must be divisible by the "
@@ -307,6 +309,9 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
              "volumes, device %s) -> %s", describe(model), len(dataset), context.world_size,
              max_iterations, iteration, len(validation), device, run_dir)
 
+    # Checkpoints of an older run in this folder, removed at this run's first save.
+    stale = {CHECKPOINT_BEST, CHECKPOINT_FINAL} if replace and not resume else set()
+
     def save(path: Path, epoch: int, resumable: bool = False) -> None:
         # A finite last loss does not make the step after it finite: never save broken weights
         # over the last good checkpoint.
@@ -320,6 +325,9 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
             iteration=iteration, train_config=config.to_dict(), schedule=schedule,
             tracker=tracker.state_dict(), priors=prior_record,
             preprocess=layout.recorded_preprocessing(), resumable=resumable)
+        for name in stale - {path.name}:
+            (run_dir / name).unlink(missing_ok=True)
+        stale.clear()
 
     loss_value, completed = math.nan, start_epoch
     final = run_dir / CHECKPOINT_FINAL

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from preprocessing.affine_registration import AffineRegistrationConfig
 from preprocessing.mask_affine import MaskAffineConfig
 from preprocessing.ngf_affine import NGFAffineConfig
+from utils import require_finite_fields
 
 #: Affine metrics by name, dispatched by :func:`preprocessing.registration.affine_fits`.
 AFFINE_METRICS: tuple[str, ...] = ("ngf", "mattes", "consensus", "segmentation")
@@ -40,13 +41,11 @@ class PreprocessConfig:
         if self.affine_metric not in AFFINE_METRICS:
             raise ValueError(f"affine_metric must be one of {AFFINE_METRICS}, got "
                              f"{self.affine_metric!r}")
-        if self.pixel_spacing_mm <= 0:
-            raise ValueError(f"pixel_spacing_mm must be > 0, got {self.pixel_spacing_mm}")
+        require_finite_fields(self, "pixel_spacing_mm", "max_slice_distance_mm", positive=True)
+        require_finite_fields(self, "low_percentile", "high_percentile")
         if not 0 < self.roi_size <= self.crop_size:
             raise ValueError(f"need 0 < roi_size <= crop_size, got {self.roi_size}, "
                              f"{self.crop_size}")
-        if self.max_slice_distance_mm <= 0:
-            raise ValueError("max_slice_distance_mm must be > 0")
         if not 0 <= self.low_percentile < self.high_percentile <= 100:
             raise ValueError("percentiles must satisfy 0 <= low < high <= 100")
         if self.affine.pixel_spacing_mm != self.pixel_spacing_mm:

@@ -12,7 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from datasets.raw import Volume
+from datasets.raw import RawDataError, Volume
+
+#: Largest angle (degrees) between two stacks' slice normals that still counts as the same view.
+#: Short-axis stacks of one examination are planned alike (a few degrees apart); a sagittal or
+#: long-axis stack is 60-90 degrees off, and matching its slices "by distance" to short-axis
+#: centres would pair every slice with one column of it.
+MAX_NORMAL_ANGLE_DEG = 20.0
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,23 @@ class SliceMatch:
         return tuple(k for k, partner in enumerate(self.partner) if partner is not None)
 
 
+def normal_angle_deg(reference: Volume, other: Volume) -> float:
+    """Angle between the two stacks' slice planes in degrees (0..90; slice order ignored)."""
+    cosine = abs(float(reference.slice_normal @ other.slice_normal))
+    return float(np.degrees(np.arccos(min(cosine, 1.0))))
+
+
+def check_same_view(reference: Volume, other: Volume,
+                    max_angle_deg: float = MAX_NORMAL_ANGLE_DEG) -> None:
+    """Refuse a stack whose slices are not (nearly) parallel to the reference's."""
+    angle = normal_angle_deg(reference, other)
+    if angle > max_angle_deg:
+        raise RawDataError(
+            f"{other.source}: its slices lie {angle:.0f} degrees off those of "
+            f"{reference.source} (at most {max_angle_deg:.0f} allowed): not the same short-axis "
+            "view (a sagittal or long-axis stack?); slices cannot be matched")
+
+
 def plane_distances(reference: Volume, other: Volume) -> np.ndarray:
     """``[Z_ref, Z_other]`` distances (mm) from each reference slice centre to each other plane."""
     centres = reference.slice_centres()
@@ -39,11 +62,14 @@ def plane_distances(reference: Volume, other: Volume) -> np.ndarray:
 def match_slices(reference: Volume, other: Volume, max_distance_mm: float) -> SliceMatch:
     """Nearest-plane partner in ``other`` for every slice of ``reference``.
 
+    The stacks must show the same view (:func:`check_same_view`).
+
     Each other slice may serve several reference slices only if they are equally close; in
     practice reference stacks are the sparser ones, so partners are unique.
     """
-    if max_distance_mm <= 0:
-        raise ValueError(f"max_distance_mm must be positive, got {max_distance_mm}")
+    if not max_distance_mm > 0 or not np.isfinite(max_distance_mm):
+        raise ValueError(f"max_distance_mm must be a positive number, got {max_distance_mm}")
+    check_same_view(reference, other)
     distances = plane_distances(reference, other)
     nearest = distances.argmin(axis=1)
     best = distances[np.arange(len(nearest)), nearest]

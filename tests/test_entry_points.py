@@ -43,7 +43,8 @@ def test_poly_lr_known_values():
 
 @pytest.mark.parametrize("change", [
     {"vit_name": "R99"}, {"img_size": 120}, {"batch_size": 0}, {"dataset": "Synapse"},
-    {"base_lr": 0.0}, {"model": "unet"},
+    {"base_lr": 0.0}, {"base_lr": float("inf")}, {"weight_decay": float("nan")},
+    {"model": "unet"},
     {"model": "transunet", "priors_path": "bank.pt"}, {"model": "transunet", "aux_weight": -1.0},
     {"model": "transunet", "temperature": 0.0}, {"class_weights": (1.0, 2.0)}])
 def test_train_config_rejects_bad_values(change):
@@ -181,4 +182,35 @@ def test_training_starts_from_a_google_layout_npz(processed_root, tmp_path):
     # With a vanishing learning rate the encoder still holds the file's ResNet weights.
     root_key = next(k for k in trained if k.startswith("encoder.") and k.endswith("conv.weight"))
     assert torch.allclose(trained[root_key], source.state_dict()[root_key], atol=1e-6)
-    assert train_script.main([*args[:-1], str(tmp_path / "missing.npz")]) == 1
+    assert train_script.main([*args[:-1], str(tmp_path / "missing.npz"), "--overwrite"]) == 1
+    # The failed restart destroyed nothing: the finished run's checkpoint is still the one.
+    assert torch.equal(torch.load(run / CHECKPOINT_FINAL, weights_only=False)["model"][root_key],
+                       trained[root_key])
+
+
+def test_a_finished_run_is_never_clobbered(processed_root, tmp_path, capsys):
+    """Rerunning into a finished run folder without --resume used to replace its last and final
+    checkpoints while checkpoint_best stayed from the old run."""
+    run = tmp_path / "run"
+    args = ["--model", "transunet", "--vit_name", "tiny", "--root_path", str(processed_root),
+            "--img_size", "32", "--batch_size", "6", "--max_epochs", "2", "--num_workers", "0",
+            "--val_every", "1", "--val_fraction", "0.3", "--output_dir", str(run)]
+    assert train_script.main(args) == 0
+    before = {path.name: path.read_bytes() for path in run.glob("checkpoint_*.pth")}
+    assert "checkpoint_best.pth" in before
+    capsys.readouterr()
+    assert train_script.main([*args, "--max_epochs", "1"]) == 1
+    assert "holds a run" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in run.glob("checkpoint_*.pth")} == before
+    # --overwrite starts afresh; no checkpoint of the old run survives beside the new ones.
+    assert train_script.main([*args[:-6], "--val_every", "0", "--val_fraction", "0",
+                              "--output_dir", str(run), "--overwrite"]) == 0
+    assert sorted(path.name for path in run.glob("checkpoint_*.pth")) == [
+        "checkpoint_final.pth", "checkpoint_last.pth"]
+    # Bad arguments leave no run folder behind; an output path that is a file is named.
+    assert train_script.main([*args[:-1], str(tmp_path / "new"), "--base_lr", "inf"]) == 1
+    assert not (tmp_path / "new").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert train_script.main([*args[:-1], str(blocker)]) == 1
+    assert f"{blocker}: is a file" in capsys.readouterr().err

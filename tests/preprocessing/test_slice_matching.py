@@ -39,3 +39,32 @@ def test_reference_is_fewest_slices_with_labelled_tie_break():
 def test_threshold_must_be_positive():
     with pytest.raises(ValueError, match="positive"):
         match_slices(_stack(2, 0, 1), _stack(2, 0, 1), 0.0)
+
+
+def _rotated(volume: Volume, degrees: float, path: str) -> Volume:
+    """``volume`` with its slice planes turned by ``degrees`` about the world x axis."""
+    angle = np.radians(degrees)
+    turn = np.eye(4)
+    turn[1:3, 1:3] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    return Volume(volume.array, turn @ volume.affine, Path(path))
+
+
+def test_a_stack_of_another_view_is_refused_naming_its_file():
+    """A sagittal T2w stack with a consistent affine used to be matched "at 0.31 mm" to one of
+    its columns for every LGE slice; now its file is named and nothing is matched."""
+    reference = _stack(3, z0=0.0, dz=10.0)
+    sagittal = Volume(np.zeros((200, 8, 8), np.float32),
+                      np.array([[0, 0, 1.0, -100], [1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1]]),
+                      Path("t2w_sagittal.nii.gz"))
+    with pytest.raises(ValueError, match=r"t2w_sagittal.nii.gz: its slices lie 90 degrees off"):
+        match_slices(reference, sagittal, max_distance_mm=5.0)
+    # A few degrees of planning difference are normal; 30 degrees is another view.
+    assert match_slices(reference, _rotated(reference, 8.0, "tilted"), 5.0).partner[1] == 1
+    with pytest.raises(ValueError, match="tilted: its slices lie 30 degrees"):
+        match_slices(reference, _rotated(reference, 30.0, "tilted"), 5.0)
+    # Reversed slice order is the same view.
+    flipped = Volume(reference.array, reference.affine @ np.diag([1, 1, -1, 1.0]), Path("f"))
+    assert match_slices(reference, flipped, 5.0).matched == (0,)
+    for bad in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(ValueError, match="positive"):
+            match_slices(reference, reference, bad)
