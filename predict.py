@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as error:
         log.error("%s", error)
         return 1
+    except KeyboardInterrupt:
+        log.error("interrupted; the cases already written are complete, no other was written")
+        return 130
     return 0
 
 

@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, OSError, FloatingPointError) as error:
         log.error("%s", error)
         return 1
+    except KeyboardInterrupt:
+        log.error("interrupted; finished cases are kept, rerun the same command to continue")
+        return 130
     done = [r for r in results if not r.skipped]
     seconds = sum(r.seconds for r in done) / max(len(done), 1)
     log.info("%d cases (%d train, %d test), %d skipped as finished, %.2f s per processed case "

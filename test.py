@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as error:
         log.error("%s", error)
         return 1
+    except KeyboardInterrupt:
+        log.error("interrupted; no results were written")
+        return 130
     kind = (f"out of fold over {len(paths)} folds" if out_of_fold
             else f"ensemble of {len(paths)}" if len(paths) > 1 else "one model")
     settings = {"checkpoints": [str(p) for p in paths], "evaluation": kind,

@@ -53,7 +53,13 @@ from training.validation import (
     validate,
     validation_volumes,
 )
-from utils import require_finite_fields, resolve_device, seed_everything, write_json
+from utils import (
+    remove_stale_temporaries,
+    require_finite_fields,
+    resolve_device,
+    seed_everything,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +245,8 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
                if resume else None)
     if context.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for path in remove_stale_temporaries(run_dir, "checkpoint_*"):
+            log.info("removed %s, left by a save that was killed", path.name)
         write_json(run_dir / "config.json", config.to_dict())
 
     layout = ProcessedLayout(Path(config.root_path),
@@ -248,6 +256,7 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
     context.barrier()
     names = layout.names("train", create=False)
     layout.check_disjoint()
+    layout.check_slices(names)
     train_names, val_names = split_validation_cases(
         names, config.val_fraction if config.val_every else 0.0)
     # Dropout masks, like augmentation, are functions of (seed, epoch, sample index): the same

@@ -39,8 +39,27 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates owner-only files
         os.replace(tmp, target)
+    except OSError as error:
+        # A full disk or a lost mount surfaces from deep inside a writer (h5py, torch, zipfile)
+        # often without any path: say which file could not be written.
+        if str(target) in str(error):
+            raise
+        raise OSError(error.errno, f"{target}: cannot write ({error.strerror or error})"
+                      ) from error
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str], pattern: str = "*") -> list[Path]:
+    """Delete the temporaries :func:`atomic_path` left for targets matching ``pattern`` in
+    ``folder`` when a process was killed mid-write (SIGKILL skips the clean-up). Only for
+    folders one process writes, e.g. a run folder at the start of training."""
+    removed = []
+    for path in Path(folder).glob(f".{pattern}.*.tmp*"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def _current_umask() -> int:

@@ -15,6 +15,7 @@ labelled reference) is the one returned. Our volumes carry an optional ``spacing
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,13 +153,26 @@ class ProcessedLayout:
             try:
                 with np.load(path) as data:
                     image, this_label = data["image"], data["label"]
-            except (OSError, KeyError, ValueError) as error:
-                raise ProcessedDataError(f"{path}: unreadable training slice ({error})") from error
+            except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as error:
+                # A truncated or empty .npz raises BadZipFile or EOFError, not OSError.
+                raise ProcessedDataError(f"{path}: unreadable training slice "
+                                         f"({type(error).__name__}: {error})") from error
             images.append(_check_image(image, path, ndim=2))
+            if images[-1].shape != images[0].shape:
+                raise ProcessedDataError(f"{path}: slice of size {image.shape}, but the "
+                                         f"{self.modalities[0]} slice {name} is "
+                                         f"{images[0].shape}")
             if label is None or modality == LABEL_SOURCE:
                 label = _check_label(this_label, image.shape, path)
         assert label is not None
         return np.stack(images), label
+
+    def check_slices(self, names: Sequence[str]) -> None:
+        """Read every listed training slice once, before training: a truncated file or a slice
+        whose sequences differ in size must stop the run at its start with the path, not hours
+        into it."""
+        for name in names:
+            self.read_slice(name)
 
     def read_volume(self, name: str) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
         """One test volume: image ``[D, S, H, W]`` in [0, 1], label ``[D, H, W]``, spacing (mm)."""

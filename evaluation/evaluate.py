@@ -133,6 +133,13 @@ def load_checkpoint(path: str | Path, device: torch.device) -> LoadedCheckpoint:
     missing = [key for key in _REQUIRED_KEYS if key not in payload]
     if missing:
         raise ValueError(f"{path}: not a checkpoint of this framework (missing {missing})")
+    state = payload["model"]
+    broken = [name for name, value in (state.items() if isinstance(state, dict) else ())
+              if torch.is_tensor(value) and value.is_floating_point()
+              and not bool(torch.isfinite(value).all())]
+    if broken:
+        raise ValueError(f"{path}: {len(broken)} weight tensor(s) hold NaN/Inf ({broken[0]}, "
+                         "...); predictions from it would be meaningless")
     try:
         model = network_from_record(payload["network"], payload["model"])
     except (ValueError, KeyError, RuntimeError) as error:

@@ -119,7 +119,8 @@ def slice_name(case_id: str, index: int) -> str:
 
 
 def write_case(layout: ProcessedLayout, processed: ProcessedCase | None, test: TestForm,
-               split: str, qa: bool = True, voxelmorph_sha256: str | None = None) -> None:
+               split: str, qa: bool = True, voxelmorph_sha256: str | None = None,
+               sources_sha256: dict[str, str] | None = None) -> None:
     """Write one case's training slices (unless ``processed`` is None) and test volume; the
     manifest goes last as the completion mark.
 
@@ -127,6 +128,12 @@ def write_case(layout: ProcessedLayout, processed: ProcessedCase | None, test: T
     checkpoint of the non-rigid network used (None: none).
     """
     manifest: dict[str, Any] = dict(test.manifest)
+    # Incomplete until the manifest is written again; the old slices go first (a case may now
+    # have fewer), so no file of the previous version survives beside the new ones.
+    manifest_path(layout.root, test.case_id).unlink(missing_ok=True)
+    for modality in MODALITIES:
+        for old in (layout.root / modality / "train_npz").glob(f"{test.case_id}_slice*.npz"):
+            old.unlink()
     if processed is not None:
         for modality, stack in processed.images.items():
             for index in range(stack.shape[0]):
@@ -147,7 +154,7 @@ def write_case(layout: ProcessedLayout, processed: ProcessedCase | None, test: T
         "format": CASE_FORMAT, "split": split,
         "forms": ["train", "test_vol"] if processed is not None else ["test_vol"],
         "num_slices": 0 if processed is None else processed.label.shape[0],
-        "voxelmorph_sha256": voxelmorph_sha256})
+        "voxelmorph_sha256": voxelmorph_sha256, "sources_sha256": sources_sha256})
 
 
 @dataclass
@@ -212,8 +219,9 @@ def _run(raw_root: str | Path, out_root: Path, config: PreprocessConfig,
     results: dict[str, CaseResult] = {}
     errors: dict[str, str] = {}
     todo = []
+    fingerprints = {case_id: source_fingerprints(files) for case_id, files in cases.items()}
     for case_id, files in cases.items():
-        finished = _finished(out_root, case_id, config, network)
+        finished = _finished(out_root, case_id, config, network, fingerprints[case_id])
         if finished is not None and not options.overwrite:
             results[case_id] = CaseResult(case_id, splits[case_id], finished, 0.0, skipped=True)
         else:
@@ -246,14 +254,23 @@ def _run(raw_root: str | Path, out_root: Path, config: PreprocessConfig,
 
     finish_seconds = _parallel(
         "register+write", _finish_from_disk,
-        {i: (cases[i], config, work, out_root, splits[i], model, network, options)
-         for i in aligned_ids},
+        {i: (cases[i], config, work, out_root, splits[i], model, network, options,
+             fingerprints[i]) for i in aligned_ids},
         options.workers if model is None else 1, errors)
     for case_id, (seconds, num_slices) in finish_seconds.items():
         results[case_id] = CaseResult(case_id, splits[case_id], num_slices,
                                       align_seconds[case_id][0] + seconds, skipped=False)
     if work.is_dir() and not any(work.iterdir()):
         work.rmdir()
+    for case_id in errors:
+        # A case that failed this time but whose earlier, complete version is on disk (its
+        # manifest is written last and removed before any rewrite) stays listed.
+        path = manifest_path(out_root, case_id)
+        if case_id not in results and path.is_file():
+            manifest = json.loads(path.read_text())
+            if manifest.get("format") == CASE_FORMAT:
+                results[case_id] = CaseResult(case_id, splits[case_id],
+                                              int(manifest["num_slices"]), 0.0, skipped=True)
     ordered = [results[case_id] for case_id in sorted(results)]
     _write_lists(ProcessedLayout(out_root), ordered, options.folds)
     if errors:
@@ -262,8 +279,14 @@ def _run(raw_root: str | Path, out_root: Path, config: PreprocessConfig,
     return ordered
 
 
+def source_fingerprints(files: CaseFiles) -> dict[str, str]:
+    """SHA-256 of every raw file of a case: what its processed files were made from."""
+    paths = dict(files.images) | ({"label": files.label} if files.label is not None else {})
+    return {name: file_sha256(path) for name, path in sorted(paths.items())}
+
+
 def _finished(out_root: Path, case_id: str, config: PreprocessConfig,
-              network: str | None) -> int | None:
+              network: str | None, sources: dict[str, str]) -> int | None:
     """Training-slice count of a case already written in this format with these settings and
     non-rigid network (checkpoint SHA-256, None for none), else None: a case written with other
     settings, e.g. another registration metric, or through another network is done again. Its
@@ -277,6 +300,10 @@ def _finished(out_root: Path, case_id: str, config: PreprocessConfig,
         return None
     if manifest.get("config") != _as_json(config.to_dict()):
         log.info("%s: written with other settings, preprocessing it again", case_id)
+        return None
+    if manifest.get("sources_sha256") != sources:
+        log.info("%s: its raw files differ from those it was made from (another raw root, or "
+                 "a corrected file), preprocessing it again", case_id)
         return None
     if manifest.get("voxelmorph_sha256") != network and "train" in manifest.get("forms", ()):
         log.info("%s: written through another non-rigid network, preprocessing it again",
@@ -418,8 +445,8 @@ def _voxelmorph_model(checkpoint: Path, reuse: bool, work: Path, aligned_ids: li
 
 
 def _finish_from_disk(files: CaseFiles, config: PreprocessConfig, work: Path, out_root: Path,
-                      split: str, model, network: str | None,
-                      options: RunOptions) -> tuple[float, int]:
+                      split: str, model, network: str | None, options: RunOptions,
+                      sources: dict[str, str] | None = None) -> tuple[float, int]:
     """Stage 3 for one case: non-rigid fields, final resampling, files, manifest (``network``:
     the SHA-256 of ``model``'s checkpoint, None without the non-rigid step)."""
     start = time.perf_counter()
@@ -428,7 +455,7 @@ def _finish_from_disk(files: CaseFiles, config: PreprocessConfig, work: Path, ou
     processed = None if aligned is None else finish_case(case, aligned, config, model,
                                                          torch.device(options.device))
     write_case(ProcessedLayout(out_root), processed, test_form(case, config), split,
-               qa=options.qa, voxelmorph_sha256=network)
+               qa=options.qa, voxelmorph_sha256=network, sources_sha256=sources)
     _work_path(work, files.case_id).unlink(missing_ok=True)
     return time.perf_counter() - start, 0 if processed is None else processed.label.shape[0]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ from preprocessing.affine_registration import check_pyramid
 from utils import (
     atomic_path,
     file_sha256,
+    remove_stale_temporaries,
     require_finite,
     require_finite_fields,
     write_json,
@@ -81,3 +83,24 @@ def test_file_sha256_known_value_and_change(tmp_path):
     before = file_sha256(path)
     path.write_bytes(b"abd")
     assert file_sha256(path) != before
+
+
+def test_a_failed_write_names_its_file(tmp_path):
+    """Disk-full errors come from deep inside writers without a path; atomic_path adds it."""
+    target = tmp_path / "summary.json"
+    target.write_text("old")
+    expected = r"summary.json: cannot write \(No space left on device\)"
+    with pytest.raises(OSError, match=expected), atomic_path(target):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert target.read_text() == "old"
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_stale_temporaries_of_a_killed_save_are_removed(tmp_path):
+    (tmp_path / ".checkpoint_last.pth.abc123.tmp.pth").write_bytes(b"half")
+    (tmp_path / ".log.txt.x.tmp.txt").write_bytes(b"other target")
+    (tmp_path / "checkpoint_last.pth").write_bytes(b"good")
+    removed = remove_stale_temporaries(tmp_path, "checkpoint_*")
+    assert [p.name for p in removed] == [".checkpoint_last.pth.abc123.tmp.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".log.txt.x.tmp.txt",
+                                                          "checkpoint_last.pth"]

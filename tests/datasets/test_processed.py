@@ -123,3 +123,24 @@ def test_a_case_in_both_lists_is_refused(tmp_path):
     layout.list_path("test_vol").write_text("case0003\n")
     write_ring_dataset(tmp_path, train_cases=0, slices_per_case=2, test_cases=("case0003",))
     layout.check_disjoint()
+
+
+def test_broken_training_slices_are_named_before_training(tmp_path):
+    """A 0-byte or truncated .npz raised BadZipFile/EOFError mid-epoch without its path."""
+    write_ring_dataset(tmp_path, train_cases=2, slices_per_case=2)
+    layout = ProcessedLayout(tmp_path)
+    names = layout.names("train")
+    layout.check_slices(names)
+    empty = layout.item_path("T2w", "train", names[1])
+    empty.write_bytes(b"")
+    with pytest.raises(ProcessedDataError, match=str(empty)):
+        layout.check_slices(names)
+    truncated = layout.item_path("LGE", "train", names[2])
+    write_training_slice(empty, np.zeros((32, 32)), np.zeros((32, 32)))
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    with pytest.raises(ProcessedDataError, match=str(truncated)):
+        layout.check_slices(names)
+    # Sequences of one slice that differ in size: named, not a numpy error.
+    write_training_slice(truncated, np.zeros((24, 24)), np.zeros((24, 24)))
+    with pytest.raises(ProcessedDataError, match=rf"{truncated}: slice of size \(24, 24\)"):
+        layout.read_slice(names[2])

@@ -107,6 +107,14 @@ def test_bad_input_exits_1_with_a_message(root, tmp_path, capsys):
     message = error_of(["--checkpoint", str(missing), "--device", "cpu"])
     assert str(missing) in message and "checkpoint not found" in message
     assert "batch_size" in error_of([*base, "--batch_size", "0"])
+    # A checkpoint with NaN weights is refused, not scored.
+    payload = torch.load(checkpoint, weights_only=False)
+    key = next(k for k, v in payload["model"].items() if v.is_floating_point())
+    payload["model"][key] = torch.full_like(payload["model"][key], float("nan"))
+    broken = tmp_path / "nan.pth"
+    torch.save(payload, broken)
+    assert f"{broken}: 1 weight tensor(s) hold NaN/Inf ({key}" in error_of(
+        ["--checkpoint", str(broken), "--device", "cpu"])
     assert not (tmp_path / "o").exists()
     with pytest.raises(SystemExit):  # argparse: the two ways of choosing sequences conflict
         test_script.main([*base, "--sequences", "LGE", "--all_subsets"])

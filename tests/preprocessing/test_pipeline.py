@@ -5,6 +5,7 @@ import logging
 import shutil
 from dataclasses import replace
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -170,3 +171,34 @@ def test_voxelmorph_checkpoint_is_reused_only_with_its_training_settings(tmp_pat
     assert not any(r.skipped for r in run_preprocessing(
         raw, out, replace(other, nonrigid_registration=False), options))
     assert network_of_cases() == {None}
+
+
+def test_reruns_follow_the_raw_files_and_a_failed_overwrite_keeps_the_lists(myops2020_dir,
+                                                                            tmp_path):
+    """Reruns used to compare settings only: a corrected raw file was "skipped as finished",
+    and a failed --overwrite run emptied train.txt although the old files were intact."""
+    raw = tmp_path / "raw"
+    for case in ("Case3001", "Case3002"):
+        shutil.copytree(myops2020_dir / case, raw / case)
+    out = tmp_path / "out"
+    config = PreprocessConfig(affine_registration=False, nonrigid_registration=False)
+    options = RunOptions(test_every=0, folds=0, qa=False)
+    run_preprocessing(raw, out, config, options)
+    listed = (out / "lists" / "train.txt").read_text()
+    assert listed.count("Case3001_slice") and listed.count("Case3002_slice")
+    # A corrected T2 of one case: that case is done again, the other is not.
+    t2 = raw / "Case3002" / "Case3002_T2.nii.gz"
+    image = nib.load(str(t2))
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj) * 2, image.affine, image.header),
+             str(t2))
+    again = {r.case_id: r.skipped for r in run_preprocessing(raw, out, config, options)}
+    assert again == {"Case3001": True, "Case3002": False}
+    manifest = json.loads((out / "manifests" / "Case3002.json").read_text())
+    assert manifest["sources_sha256"]["T2w"] == file_sha256(t2)
+    # Every case fails under --overwrite: the complete earlier versions stay listed.
+    for case in ("Case3001", "Case3002"):
+        (raw / case / f"{case}_LGE.nii.gz").write_bytes(b"broken")
+    with pytest.raises(RuntimeError, match="2 of 2 cases failed"):
+        run_preprocessing(raw, out, config, RunOptions(test_every=0, folds=0, qa=False,
+                                                       overwrite=True))
+    assert (out / "lists" / "train.txt").read_text() == listed
