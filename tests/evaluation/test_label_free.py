@@ -206,3 +206,37 @@ def test_test_and_predict_give_the_same_native_labels(roots, myops2020_dir, tmp_
     assert predict.main(["--checkpoint", str(checkpoint), "--device", "cpu", "--lge", str(lge),
                          "--out", str(lge), "--overwrite"]) == 1
     assert lge.read_bytes() == before
+
+
+def test_predict_a_folder_of_cases_and_score_it_in_both_raw_layouts(roots, myops2020_dir,
+                                                                     tmp_path, capsys):
+    """predict.py --out_dir writes one native label map per case of a raw root; score_folder
+    scores them against the raw labels, in the MyoPS 2020 and the MyoPS380 layout alike."""
+    cases = ("Case3001", "Case3002")
+    myops2020 = tmp_path / "myops2020"
+    myops380 = tmp_path / "MyoPS380" / "Raw_data"
+    folders = {"C0": "bSSFP", "LGE": "LGE", "T2": "T2w"}
+    for case in cases:
+        (myops2020 / case).mkdir(parents=True)
+        for path in (myops2020_dir / case).iterdir():
+            (myops2020 / case / path.name).symlink_to(path)
+            code = path.name[len(case) + 1:].split(".")[0]
+            folder, name = ((folders[code], f"{case}.nii.gz") if code in folders
+                            else ("label", f"{case}_gt.nii.gz"))
+            (myops380 / folder).mkdir(parents=True, exist_ok=True)
+            (myops380 / folder / name).symlink_to(path)
+    checkpoint = _checkpoint(tmp_path / "model.pth", roots["original"])
+    scores = {}
+    for layout, raw in (("myops2020", myops2020), ("myops380", myops380.parent)):
+        out = tmp_path / f"pred_{layout}"
+        assert predict.main(["--checkpoint", str(checkpoint), "--device", "cpu",
+                             "--case_dir", str(raw), "--out_dir", str(out)]) == 0
+        assert sorted(p.name for p in out.glob("*.nii.gz")) == [f"{c}.nii.gz" for c in cases]
+        for case in cases:
+            written = nib.load(str(out / f"{case}.nii.gz"))
+            truth = nib.load(str(myops2020_dir / case / f"{case}_gd.nii.gz"))
+            assert written.shape == truth.shape
+            np.testing.assert_allclose(written.affine, truth.affine, atol=1e-4)
+        scores[layout] = score_folder(out, raw).per_case()
+    assert scores["myops2020"] == scores["myops380"]
+    assert [row["case"] for row in scores["myops2020"]] == list(cases)
