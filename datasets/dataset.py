@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -116,20 +115,3 @@ class SliceDataset(Dataset):
                 "label": torch.from_numpy(np.ascontiguousarray(label).astype(np.int64)),
                 "sequence_mask": torch.from_numpy(present),
                 "name": name}
-
-
-@dataclass(frozen=True)
-class TestVolume:
-    """One held-out volume: image ``[D, S, H, W]`` in [0, 1], label ``[D, H, W]``, spacing mm."""
-
-    name: str
-    image: np.ndarray
-    label: np.ndarray
-    spacing: tuple[float, float, float]
-
-
-def iter_test_volumes(layout: ProcessedLayout, names: list[str]):
-    """Yield :class:`TestVolume` one at a time (volumes are read lazily, files closed at once)."""
-    for name in names:
-        image, label, spacing = layout.read_volume(name)
-        yield TestVolume(name, image, label, spacing)

@@ -19,6 +19,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -120,28 +121,25 @@ class ProcessedLayout:
         return self.root / "manifests"
 
     def recorded_preprocessing(self) -> dict | None:
-        """The preprocessing config stored in the first readable case manifest, if any.
+        """The preprocessing config stored in the case manifests, if any.
 
         Every case of a root is written with one config; a checkpoint keeps it so that
         prediction on new patients can rebuild the grid the network was trained on.
         """
-        for path in sorted(self.manifest_dir().glob("*.json")):
-            try:
-                config = json.loads(path.read_text()).get("config")
-            except (OSError, ValueError, AttributeError):
-                continue
-            if isinstance(config, dict):
-                return config
-        return None
+        return self._recorded("config", dict)
 
     def recorded_voxelmorph(self) -> str | None:
         """SHA-256 of the non-rigid network the case manifests record (None: none recorded)."""
+        return self._recorded("voxelmorph_sha256", str)
+
+    def _recorded(self, key: str, kind: type) -> Any:
+        """``key`` of the first readable case manifest that holds one of type ``kind``."""
         for path in sorted(self.manifest_dir().glob("*.json")):
             try:
-                value = json.loads(path.read_text()).get("voxelmorph_sha256")
+                value = json.loads(path.read_text()).get(key)
             except (OSError, ValueError, AttributeError):
                 continue
-            if isinstance(value, str):
+            if isinstance(value, kind):
                 return value
         return None
 

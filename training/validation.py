@@ -87,8 +87,9 @@ def split_validation_cases(train_names: list[str],
 class ValidationVolume:
     """One validation case: image ``[D, S, H, W]`` in [0, 1], label ``[D, H, W]``, spacing mm.
 
-    The same fields and formats as :class:`datasets.dataset.TestVolume`, so the same inference and
-    metric code serve both; ``slice_names`` records which slices were stacked, in order.
+    The same fields and formats as a test case whose ROI was given
+    (:class:`evaluation.test_cases.TestCase`), so the same inference and metric code serve
+    both; ``slice_names`` records which slices were stacked, in order.
     """
 
     name: str

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, SequentialSampler
 
 from datasets.augment import AugmentConfig, drop_sequences
-from datasets.dataset import EpochIndices, SliceDataset, iter_test_volumes, resize_slice
+from datasets.dataset import EpochIndices, SliceDataset, resize_slice
 from datasets.labels import MODALITIES
 from datasets.processed import ProcessedLayout, write_test_volume, write_training_slice
 
@@ -61,12 +61,6 @@ def test_resize_keeps_labels_integral():
     assert image.shape == (3, 64, 64) and resized.shape == (64, 64)
     assert set(np.unique(resized)) == {0, 3}
     assert (resized == 3).sum() == 4 * (label == 3).sum()
-
-
-def test_test_volumes_iterate_lazily(layout):
-    volumes = list(iter_test_volumes(layout, layout.names("test_vol")))
-    assert [v.name for v in volumes] == ["case0002"]
-    assert volumes[0].image.shape == (2, 3, 32, 32) and volumes[0].spacing == (8.0, 1.0, 1.0)
 
 
 def test_empty_list_raises(layout):
