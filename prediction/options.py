@@ -41,11 +41,15 @@ def predict_config(args: argparse.Namespace, payload: dict,
     """The label-free path's settings: the training data's preprocessing (from the checkpoint
     or the training manifests), ``overrides`` and the flags."""
     preprocess, source = preprocess_config_for(payload, overrides)
-    if args.register == "off":
+    register = args.register
+    if register == "auto" and source == "defaults":
+        # Nothing says how the training data were registered: do not guess.
+        register = "off"
+    if register == "off":
         preprocess = dataclasses.replace(preprocess, affine_registration=False,
                                          nonrigid_registration=False)
-    elif args.register == "on":
+    elif register == "on":
         preprocess = dataclasses.replace(preprocess, affine_registration=True)
     return PredictConfig(preprocess=preprocess, stride=args.stride, weighting=args.weighting,
-                         register=args.register != "off", batch_size=args.batch_size,
+                         register=register != "off", batch_size=args.batch_size,
                          tta=args.tta), source

@@ -179,8 +179,9 @@ def test_form(case: RawCase, config: PreprocessConfig) -> TestForm:
     spacing = (reference.spacing[0], config.pixel_spacing_mm, config.pixel_spacing_mm)
     manifest = {
         "case_id": case.case_id, "config": config.to_dict(),
-        "sources": {name: str(v.source) for name, v in case.images.items()}
-        | {"label": str(case.label.source)},
+        # Absolute: test.py reads them from wherever it runs, for registration and native scores.
+        "sources": {name: str(Path(v.source).resolve()) for name, v in case.images.items()}
+        | {"label": str(Path(case.label.source).resolve())},
         "label_modality": case.label_modality,
         "test_volume": stacks.record() | {"spacing": list(spacing)},
     }
