@@ -214,3 +214,20 @@ def test_a_finished_run_is_never_clobbered(processed_root, tmp_path, capsys):
     blocker.write_text("x")
     assert train_script.main([*args[:-1], str(blocker)]) == 1
     assert f"{blocker}: is a file" in capsys.readouterr().err
+
+
+def test_ctrl_c_ends_every_command_with_a_message_and_code_130(processed_root, tmp_path,
+                                                               monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_script, "train", interrupted)
+    code = train_script.main(["--model", "transunet", "--vit_name", "tiny", "--root_path",
+                              str(processed_root), "--output_dir", str(tmp_path / "run")])
+    assert code == 130
+    assert "interrupted" in capsys.readouterr().err
+    monkeypatch.setattr(test_script, "checkpoint_paths", interrupted)
+    assert test_script.main(["--checkpoint", "x.pth"]) == 130
+    monkeypatch.setattr(preprocess_data, "run_preprocessing", interrupted)
+    assert preprocess_data.main(["--raw_root", str(tmp_path)]) == 130
+    assert "rerun the same command" in capsys.readouterr().err

@@ -195,6 +195,12 @@ def test_reruns_follow_the_raw_files_and_a_failed_overwrite_keeps_the_lists(myop
     assert again == {"Case3001": True, "Case3002": False}
     manifest = json.loads((out / "manifests" / "Case3002.json").read_text())
     assert manifest["sources_sha256"]["T2w"] == file_sha256(t2)
+    # A rewrite removes the case's old slices first (a stale extra slice would otherwise train).
+    stale = out / "LGE" / "train_npz" / "Case3001_slice042.npz"
+    shutil.copy(next((out / "LGE" / "train_npz").glob("Case3001_slice000.npz")), stale)
+    run_preprocessing(raw, out, config, RunOptions(test_every=0, folds=0, qa=False,
+                                                   overwrite=True))
+    assert not stale.exists()
     # Every case fails under --overwrite: the complete earlier versions stay listed.
     for case in ("Case3001", "Case3002"):
         (raw / case / f"{case}_LGE.nii.gz").write_bytes(b"broken")
