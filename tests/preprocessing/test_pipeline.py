@@ -112,12 +112,15 @@ def test_runner_packs_layout_skips_finished_and_reports_bad_cases(myops2020_dir,
     assert manifest["config"]["affine_registration"] is False
     assert all(r.skipped for r in run_preprocessing(raw, out, other, options))
 
-    # A corrupt file fails its case only; the others stay written and listed.
+    # A corrupt file fails its case only; the others are written again, and the failed case's
+    # complete earlier version (untouched: it failed before any rewrite) stays listed.
+    before = (out / "manifests" / "Case3002.json").read_text()
     (raw / "Case3002" / "Case3002_T2.nii.gz").write_bytes(b"broken")
     with pytest.raises(RuntimeError, match=r"Case3002: .*Case3002_T2.nii.gz: unreadable"):
         run_preprocessing(raw, out, config, RunOptions(test_every=3, overwrite=True))
     assert layout.names("test_vol") == ["Case3001"]
-    assert all(name.startswith("Case3004") for name in layout.names("train"))
+    assert {name.split("_")[0] for name in layout.names("train")} == {"Case3002", "Case3004"}
+    assert (out / "manifests" / "Case3002.json").read_text() == before
 
 
 def test_voxelmorph_checkpoint_is_reused_only_with_its_training_settings(tmp_path, caplog):
