@@ -68,10 +68,15 @@ def _current_umask() -> int:
     return mask
 
 
+def json_text(payload: Any) -> str:
+    """``payload`` as the indented, key-sorted JSON every file of the framework uses."""
+    return json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n"
+
+
 def write_json(target: str | os.PathLike[str], payload: Any) -> None:
     """Write ``payload`` as indented JSON atomically."""
     with atomic_path(target) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n")
+        tmp.write_text(json_text(payload))
 
 
 def write_text(target: str | os.PathLike[str], text: str) -> None:

@@ -19,6 +19,7 @@ intensity windows, registration) goes into the JSON record written beside the la
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -48,7 +49,7 @@ from preprocessing.config import PreprocessConfig
 from preprocessing.grid_stacks import GridStacks
 from preprocessing.pipeline import grid_stacks
 from preprocessing.registration import Segmenter, register_sequences
-from utils import atomic_path, file_sha256, write_json
+from utils import atomic_path, file_sha256, json_text
 
 log = logging.getLogger(__name__)
 
@@ -236,25 +237,28 @@ def output_paths(out: str | os.PathLike[str]) -> dict[str, Path]:
 
 def write_prediction(prediction: Prediction, out: str | os.PathLike[str],
                      save_probabilities: bool = False) -> dict[str, Path]:
-    """Write the label map on the reference's native grid (same shape and affine), atomically.
+    """Write the label map on the output sequence's native grid (same shape and affine), the
+    probability map (float32, ``[X, Y, Z, K]``) when asked for, and the JSON record.
 
-    The probability map (float32, ``[X, Y, Z, K]``) comes first when asked for and the JSON
-    record last, so a record's presence means the outputs beside it are complete.
+    All of them are written to temporaries first and put in place only once every one is
+    complete: a full disk or a crash leaves the previous outputs (and their record) untouched,
+    never a mix of old and new.
     """
     paths = output_paths(out)
-    # An old record beside half-replaced outputs would vouch for them; it goes first.
-    paths["record"].unlink(missing_ok=True)
     affine = prediction.reference.affine
-    written = {}
+    arrays = {"labels": prediction.labels.transpose(2, 1, 0).astype(np.uint8)}
     if save_probabilities:
-        _write_nifti(paths["probabilities"],
-                     prediction.probabilities.transpose(3, 2, 0, 1).astype(np.float32), affine)
-        written["probabilities"] = paths["probabilities"]
-    _write_nifti(paths["labels"], prediction.labels.transpose(2, 1, 0).astype(np.uint8), affine)
-    written["labels"] = paths["labels"]
-    write_json(paths["record"], prediction.record | {
-        "outputs": {key: str(path) for key, path in written.items()}})
-    written["record"] = paths["record"]
+        arrays["probabilities"] = prediction.probabilities.transpose(3, 2, 0, 1).astype(
+            np.float32)
+    written = {key: paths[key] for key in arrays} | {"record": paths["record"]}
+    with contextlib.ExitStack() as stack:
+        # Entered in this order, renamed in reverse: the record lands first, then the maps;
+        # nothing is renamed unless every temporary was written.
+        temporaries = {key: stack.enter_context(atomic_path(paths[key])) for key in written}
+        for key, array in arrays.items():
+            nifti_image(array, affine).to_filename(str(temporaries[key]))
+        temporaries["record"].write_text(json_text(prediction.record | {
+            "outputs": {key: str(path) for key, path in written.items() if key != "record"}}))
     return written
 
 
@@ -284,11 +288,6 @@ def preprocess_config_for(payload: dict, overrides: dict[str, Any] | None = None
         values["affine"] = dataclasses.replace(default.affine,
                                                pixel_spacing_mm=values["pixel_spacing_mm"])
     return dataclasses.replace(default, **values), source
-
-
-def _write_nifti(path: Path, xyz: np.ndarray, affine: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        nifti_image(xyz, affine).to_filename(str(tmp))
 
 
 def registration_networks(payload: dict, preprocess: PreprocessConfig, device: torch.device,

@@ -207,3 +207,29 @@ def test_preprocess_config_from_training_manifests(tmp_path):
     stored = PreprocessConfig(roi_size=112).to_dict()
     config, source = preprocess_config_for(payload | {"preprocess": stored})
     assert (source, config.roi_size, config.pixel_spacing_mm) == ("checkpoint", 112, 1.0)
+
+
+def test_a_failed_write_leaves_the_previous_outputs_whole(off_centre, tmp_path, monkeypatch):
+    """A full disk used to delete the old JSON record before the new write failed."""
+    import errno
+
+    import prediction.pipeline as pipeline
+
+    prediction = off_centre[0]
+    out = tmp_path / "pred.nii.gz"
+    written = write_prediction(prediction, out, save_probabilities=True)
+    before = {key: path.read_bytes() for key, path in written.items()}
+
+    class FullDisk:
+        def __init__(self, *args):
+            pass
+
+        def to_filename(self, name):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "nifti_image", FullDisk)
+    with pytest.raises(OSError, match="No space left"):
+        write_prediction(prediction, out, save_probabilities=True)
+    assert {key: path.read_bytes() for key, path in written.items()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "pred.json", "pred.nii.gz", "pred_probabilities.nii.gz"]  # no temporaries left
