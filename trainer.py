@@ -28,6 +28,7 @@ from datasets.dataset import EpochIndices, SliceDataset
 from datasets.folds import check_fold, fold_list_dir
 from datasets.labels import NUM_CLASSES
 from datasets.processed import ProcessedLayout
+from datasets.sequence_jitter import JitterConfig
 from evaluation.inference import predict_volume
 from networks.factory import list_models
 from networks.objective import ObjectiveConfig, TrainingForward, TrainingObjective
@@ -123,6 +124,9 @@ class TrainConfig:
     # Probability that a training sample loses a random non-empty proper subset of its
     # sequences (zeroed channels; the I_MMSeg variants also get the presence mask).
     sequence_dropout: float = 0.0
+    # Probability that bSSFP and T2w (each on its own) are moved off LGE and the label by a
+    # random misalignment (datasets.sequence_jitter): training for unregistered inputs.
+    sequence_jitter: float = 0.0
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -174,6 +178,8 @@ class TrainConfig:
         if isinstance(self.sequence_dropout, bool) or not 0 <= self.sequence_dropout < 1:
             raise ValueError(f"sequence_dropout must lie in [0, 1), got "
                              f"{self.sequence_dropout!r}")
+        if isinstance(self.sequence_jitter, bool) or not 0 <= self.sequence_jitter <= 1:
+            raise ValueError(f"sequence_jitter must lie in [0, 1], got {self.sequence_jitter!r}")
         if self.sequence_dropout > 0 and self.model == "transunet_single":
             raise ValueError("transunet_single reads one sequence: sequence_dropout would only "
                              "blank its input; use it with a multi-sequence variant")
@@ -263,7 +269,9 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
     # samples lose the same sequences on 1 or N processes, and a resumed epoch replays them.
     dataset = SliceDataset(layout, train_names, config.img_size,
                            AugmentConfig() if config.augment else None, seed=config.seed,
-                           sequence_dropout=config.sequence_dropout)
+                           sequence_dropout=config.sequence_dropout,
+                           jitter=JitterConfig(config.sequence_jitter)
+                           if config.sequence_jitter > 0 else None)
     # The shuffle is a pure function of (seed, epoch): a resumed epoch replays its batches. The
     # epoch travels with each index to the (persistent) workers.
     sampler = EpochIndices(DistributedSampler(

@@ -11,6 +11,7 @@ from torch.utils.data import Dataset, Sampler
 
 from datasets.augment import AugmentConfig, augment, drop_sequences
 from datasets.processed import ProcessedLayout
+from datasets.sequence_jitter import JitterConfig, jitter_sequences
 
 
 def resize_slice(image: np.ndarray, label: np.ndarray | None,
@@ -31,6 +32,8 @@ def resize_slice(image: np.ndarray, label: np.ndarray | None,
 #: Never 0: numpy's SeedSequence ignores trailing zeros, so 0 would replay the augmentation
 #: stream keyed by (seed, epoch, index).
 _DROPOUT_STREAM = 1
+#: Seed word of the per-sequence misalignment stream (datasets.sequence_jitter).
+_JITTER_STREAM = 2
 
 
 class EpochIndices(Sampler):
@@ -77,7 +80,7 @@ class SliceDataset(Dataset):
 
     def __init__(self, layout: ProcessedLayout, names: list[str], img_size: int,
                  augment_config: AugmentConfig | None = None, seed: int = 0,
-                 sequence_dropout: float = 0.0) -> None:
+                 sequence_dropout: float = 0.0, jitter: JitterConfig | None = None) -> None:
         if img_size < 1:
             raise ValueError(f"img_size must be >= 1, got {img_size}")
         if not names:
@@ -90,6 +93,7 @@ class SliceDataset(Dataset):
         self.augment_config = augment_config
         self.seed = seed
         self.sequence_dropout = float(sequence_dropout)
+        self.jitter = jitter
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -106,6 +110,9 @@ class SliceDataset(Dataset):
         if self.augment_config is not None:
             rng = np.random.default_rng([self.seed, epoch, index])
             image, label = augment(image, label, self.augment_config, rng)
+        if self.jitter is not None and self.jitter.probability > 0:
+            rng = np.random.default_rng([self.seed, epoch, index, _JITTER_STREAM])
+            image, _ = jitter_sequences(image, self.jitter, rng)
         present = np.ones(len(image), dtype=bool)
         if self.sequence_dropout > 0:
             rng = np.random.default_rng([self.seed, epoch, index, _DROPOUT_STREAM])

@@ -1,0 +1,64 @@
+"""Per-sequence misalignment in training: bSSFP and T2w move, LGE and the label do not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from datasets.dataset import SliceDataset
+from datasets.misalignment import warp_slice
+from datasets.processed import ProcessedLayout
+from datasets.sequence_jitter import JitterConfig, jitter_sequences
+from tests.helpers import ring_slice, write_ring_dataset
+
+
+def _slice(size: int = 64) -> np.ndarray:
+    image, _ = ring_slice(size, np.random.default_rng(0))
+    return image / 255.0
+
+
+def test_moving_sequences_are_warped_by_their_own_record_and_lge_is_untouched():
+    image = _slice()
+    out, records = jitter_sequences(image, JitterConfig(probability=1.0),
+                                    np.random.default_rng(3))
+    assert sorted(records) == ["T2w", "bSSFP"]
+    np.testing.assert_array_equal(out[1], image[1].astype(np.float32))  # LGE: the label's
+    for channel, name in ((0, "bSSFP"), (2, "T2w")):
+        expected = np.clip(warp_slice(image[channel].astype(np.float32), (1.0, 1.0),
+                                      records[name], is_label=False), 0, 1)
+        np.testing.assert_allclose(out[channel], expected, atol=1e-6)
+        assert np.abs(out[channel] - image[channel]).max() > 0.1
+        assert out[channel].min() >= 0.0 and out[channel].max() <= 1.0
+    # Independent draws: the two sequences move differently.
+    assert records["bSSFP"]["rotation_deg"] != records["T2w"]["rotation_deg"]
+    # Within the configured model: rotation <= 8 degrees, shift <= 5 mm, scale within 5 %.
+    for record in records.values():
+        assert abs(record["rotation_deg"]) <= 8.0 and abs(record["scale"] - 1) <= 0.05
+        assert np.hypot(*record["translation_mm"]) <= 5.0
+
+
+def test_probability_zero_is_the_identity_and_bad_settings_are_refused():
+    image = _slice()
+    out, records = jitter_sequences(image, JitterConfig(probability=0.0),
+                                    np.random.default_rng(0))
+    np.testing.assert_array_equal(out, image.astype(np.float32))
+    assert not records
+    for bad in (-0.1, 1.5, True):
+        with pytest.raises(ValueError, match="probability"):
+            JitterConfig(probability=bad)
+    with pytest.raises(ValueError, match="fixed"):
+        JitterConfig(fixed="T1")
+
+
+def test_the_dataset_jitters_reproducibly_and_leaves_the_label(tmp_path):
+    root = write_ring_dataset(tmp_path, train_cases=1, slices_per_case=2, size=48)
+    layout = ProcessedLayout(root)
+    names = layout.names("train")
+    plain = SliceDataset(layout, names, 48, seed=4)
+    jittered = SliceDataset(layout, names, 48, seed=4, jitter=JitterConfig(probability=1.0))
+    a, b = plain[(0, 1)], jittered[(0, 1)]
+    assert (a["label"] == b["label"]).all() and (a["image"][1] == b["image"][1]).all()
+    assert not (a["image"][0] == b["image"][0]).all()
+    again = SliceDataset(layout, names, 48, seed=4, jitter=JitterConfig(probability=1.0))
+    assert (again[(0, 1)]["image"] == b["image"]).all()  # a function of (seed, epoch, index)
+    assert not (jittered[(1, 1)]["image"] == b["image"]).all()  # another epoch, another draw
