@@ -17,6 +17,7 @@ from pathlib import Path
 
 from datasets.labels import MODALITIES
 from networks.factory import list_models
+from networks.objective import SCHEDULES
 from networks.variants import VARIANTS
 from trainer import (
     CHECKPOINT_BEST,
@@ -79,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                         default=defaults.contrastive_start_epoch,
                         help="0-based epoch from which the pixel-text contrastive term counts")
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--loss_schedule", choices=SCHEDULES, default=defaults.loss_schedule,
+                        help="constant (ours): one stage; release_staged: the released code's "
+                             "first third of the epochs on the per-sequence branches alone, "
+                             "then all terms (weights 1, 0.5 x sum, 0.05)")
     parser.add_argument("--class_weights", type=float, nargs="+", default=None,
                         help="cross-entropy weight per class (background, myocardium, scar, "
                              "edema)")
@@ -158,7 +163,8 @@ def _train_one(args: argparse.Namespace, output_dir: str, fold: int | None,
             ce_weight=args.ce_weight, dice_weight=args.dice_weight, aux_weight=args.aux_weight,
             contrastive_weight=args.contrastive_weight,
             contrastive_start_epoch=args.contrastive_start_epoch,
-            temperature=args.temperature, augment=not args.no_augment,
+            temperature=args.temperature, loss_schedule=args.loss_schedule,
+            augment=not args.no_augment,
             sequence_dropout=args.sequence_dropout, sequence_jitter=args.sequence_jitter,
             class_weights=tuple(args.class_weights) if args.class_weights else None,
             vit_dropout=args.vit_dropout, val_every=args.val_every,

@@ -114,6 +114,9 @@ class TrainConfig:
     contrastive_weight: float = _LOSS.contrastive_weight
     contrastive_start_epoch: int = _LOSS.contrastive_start_epoch
     temperature: float = _LOSS.temperature
+    #: "constant" (ours) or "release_staged" (the released code's two stages, see
+    #: networks.objective), scaled to max_epochs
+    loss_schedule: str = _LOSS.schedule
     class_weights: tuple[float, ...] | None = None  # cross-entropy weights per class
     vit_dropout: float | None = None  # overrides the backbone's transformer dropout
     val_every: int = 5  # epochs between validations; 0 turns validation off
@@ -189,7 +192,8 @@ class TrainConfig:
             ce_weight=self.ce_weight, dice_weight=self.dice_weight, aux_weight=self.aux_weight,
             contrastive_weight=self.contrastive_weight,
             contrastive_start_epoch=self.contrastive_start_epoch, temperature=self.temperature,
-            class_weights=self.class_weights)
+            class_weights=self.class_weights, schedule=self.loss_schedule,
+            max_epochs=self.max_epochs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,11 +1,20 @@
 """The training objective of every variant: weighted CE + Dice, per-sequence deep supervision and
-the pixel-text contrastive term, on the released schedule by default.
+the pixel-text contrastive term.
 
-``total = seg(main) + aux_weight * mean_s seg(aux_s) + w_c(epoch) * mean_s contrastive_s``
+Two schedules (``ObjectiveConfig.schedule``):
 
-where ``seg = ce_weight * CE + dice_weight * Dice`` and ``w_c`` is ``contrastive_weight`` from
-``contrastive_start_epoch`` on (the released recipe: 0.1 from the 21st epoch, i.e. 0-based epoch
-20) and 0 before, so the pixel embeddings first learn from the segmentation signal. Networks
+* ``constant`` (ours, the default):
+  ``total = seg(main) + aux_weight * mean_s seg(aux_s) + w_c(epoch) * mean_s contrastive_s``
+  with ``w_c`` = ``contrastive_weight`` from ``contrastive_start_epoch`` on and 0 before. The
+  weights are the release's, its staging is not: one stage is simpler to tune on short budgets.
+* ``release_staged`` (the released I_MMSeg code's, scaled to the run's length): during the first
+  third of the epochs (0-99 of 300 in the release) only the per-sequence branches train,
+  ``total = sum_s seg(aux_s) + 0.1 * c``; afterwards
+  ``total = seg(main) + 0.5 * sum_s seg(aux_s) + 0.05 * c``, with ``c`` the contrastive term
+  (counted from ``contrastive_start_epoch``). Per-sequence losses are *summed* there, as
+  released, over the sequences present.
+
+``seg = ce_weight * CE + dice_weight * Dice``. Networks
 without auxiliary outputs (the TransUNet baselines) get the main term only. Auxiliary logits at
 H/4 are upsampled to the label size rather than the labels shrunk: shrinking labels by nearest
 sampling drops most of a two-pixel-thick scar.
@@ -28,6 +37,20 @@ from networks.prior_attention import check_sequence_mask
 from utils import require_finite_fields
 
 Outputs = Tensor | IMMSegOutput
+SCHEDULES: tuple[str, ...] = ("constant", "release_staged")
+#: The release's stage boundary: epoch 100 of 300.
+_RELEASE_STAGE_FRACTION = 100 / 300
+
+
+@dataclass(frozen=True)
+class TermWeights:
+    """Weights of one epoch: main term, per-sequence term (``aux_sum``: summed over present
+    sequences rather than averaged), contrastive term."""
+
+    main: float
+    aux: float
+    aux_sum: bool
+    contrastive: float
 
 
 @dataclass(frozen=True)
@@ -41,8 +64,16 @@ class ObjectiveConfig:
     contrastive_start_epoch: int = 20
     temperature: float = 0.07
     class_weights: tuple[float, ...] | None = None
+    #: "constant" (ours) or "release_staged" (see the module docstring)
+    schedule: str = "constant"
+    #: the run's length, which the staged schedule's first third is taken of
+    max_epochs: int = 300
 
     def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if isinstance(self.max_epochs, bool) or self.max_epochs < 1:
+            raise ValueError(f"max_epochs must be an int >= 1, got {self.max_epochs!r}")
         require_finite_fields(self, "ce_weight", "dice_weight", "aux_weight", "contrastive_weight")
         if isinstance(self.contrastive_start_epoch, bool) or self.contrastive_start_epoch < 0:
             raise ValueError(f"contrastive_start_epoch must be an int >= 0, got "
@@ -106,9 +137,19 @@ class TrainingObjective(nn.Module):
 
     def contrastive_weight(self, epoch: int) -> float:
         """Weight of the contrastive term in 0-based ``epoch``."""
-        if epoch < self.config.contrastive_start_epoch:
-            return 0.0
-        return self.config.contrastive_weight
+        return self.weights(epoch).contrastive
+
+    def weights(self, epoch: int) -> TermWeights:
+        """Every term's weight in 0-based ``epoch`` under the configured schedule."""
+        config = self.config
+        started = epoch >= config.contrastive_start_epoch
+        if config.schedule == "constant":
+            return TermWeights(1.0, config.aux_weight, False,
+                               config.contrastive_weight if started else 0.0)
+        stage_end = max(1, round(config.max_epochs * _RELEASE_STAGE_FRACTION))
+        if epoch < stage_end:
+            return TermWeights(0.0, 1.0, True, 0.1 if started else 0.0)
+        return TermWeights(1.0, 0.5, True, 0.05 if started else 0.0)
 
     def forward(self, outputs: Outputs, labels: Tensor, epoch: int,
                 sequence_mask: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
@@ -119,17 +160,19 @@ class TrainingObjective(nn.Module):
         if not isinstance(outputs, IMMSegOutput):
             raise ValueError(f"outputs must be logits or IMMSegOutput, got "
                              f"{type(outputs).__name__}")
+        weights = self.weights(epoch)
         main, main_parts = self.segmentation(outputs.logits, labels)
-        total = main
+        total = weights.main * main
         parts = {"seg": main_parts["total"], "ce": main_parts["ce"], "dice": main_parts["dice"]}
         present = _presence(sequence_mask, labels, len(outputs.aux_logits))
 
-        if self.config.aux_weight > 0 and outputs.aux_logits:
-            aux = self._auxiliary(outputs.aux_logits, labels, present)
-            total = total + self.config.aux_weight * aux
+        if weights.aux > 0 and outputs.aux_logits:
+            aux, count = self._auxiliary(outputs.aux_logits, labels, present)
+            # Summed over the sequences present (release_staged), else their mean.
+            total = total + weights.aux * (aux * count if weights.aux_sum else aux)
             parts["aux"] = float(aux.detach())
 
-        weight = self.contrastive_weight(epoch)
+        weight = weights.contrastive
         if weight > 0 and outputs.pixel_embeddings:
             term = self._pixel_text(outputs.pixel_embeddings, outputs.class_embeddings, labels,
                                     present)
@@ -142,8 +185,9 @@ class TrainingObjective(nn.Module):
         return total, parts
 
     def _auxiliary(self, aux_logits: Sequence[Tensor], labels: Tensor,
-                   present: Tensor) -> Tensor:
-        """Mean over sequences of :class:`SegmentationLoss` on each one's present rows.
+                   present: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean over sequences of :class:`SegmentationLoss` on each one's present rows, and how
+        many sequences are present in the global batch.
 
         Each sequence's loss comes from its global-batch sums (``SegmentationLoss.statistics``).
         """
@@ -154,7 +198,7 @@ class TrainingObjective(nn.Module):
             for logits, rows in zip(aux_logits, present, strict=True)])
         totals = global_sum(sums)
         loss, _, _ = seg.from_statistics(totals[:, 1:])
-        return _mean_over_present(loss, totals[:, 0])
+        return _mean_over_present(loss, totals[:, 0]), (totals[:, 0] > 0).sum()
 
     def _pixel_text(self, pixel_embeddings: Sequence[Tensor], class_embeddings: Tensor,
                     labels: Tensor, present: Tensor) -> Tensor:

@@ -149,3 +149,34 @@ def test_forward_outputs_prefers_forward_train():
     assert forward_outputs(WithTrain(), torch.zeros(1)) == "train"
     with pytest.raises(ValueError, match="sequence mask"):
         forward_outputs(torch.nn.Identity(), torch.zeros(1), torch.ones(1, 3, dtype=torch.bool))
+
+
+def test_the_release_staged_schedule_by_hand():
+    """The released code: the first third of the epochs trains the per-sequence branches alone
+    (losses summed, contrastive 0.1), then main + 0.5 x sum + 0.05 x contrastive."""
+    outputs, labels = _outputs(seed=3)
+    seg = SegmentationLoss(4, 0.2, 0.8)
+    contrastive = PixelTextContrastiveLoss(0.07)
+    main = seg(outputs.logits, labels)[0]
+    aux_sum = torch.stack([seg(F.interpolate(a, size=(16, 16), mode="bilinear"), labels)[0]
+                           for a in outputs.aux_logits]).sum()
+    pixel_text = torch.stack([contrastive(p, outputs.class_embeddings, labels)[0]
+                              for p in outputs.pixel_embeddings]).mean()
+    objective = TrainingObjective(4, ObjectiveConfig(schedule="release_staged", max_epochs=30,
+                                                     contrastive_start_epoch=5))
+    # 30 epochs: the first stage is 0-based epochs 0..9 (0-99 of 300 scaled).
+    torch.testing.assert_close(objective(outputs, labels, epoch=0)[0], aux_sum)
+    torch.testing.assert_close(objective(outputs, labels, epoch=9)[0],
+                               aux_sum + 0.1 * pixel_text)
+    torch.testing.assert_close(objective(outputs, labels, epoch=10)[0],
+                               main + 0.5 * aux_sum + 0.05 * pixel_text)
+    assert [objective.weights(e).main for e in (0, 9, 10, 29)] == [0.0, 0.0, 1.0, 1.0]
+    # A sequence absent from the whole batch drops out of the sum.
+    mask = torch.tensor([[True, True, False], [True, True, False]])
+    partial = torch.stack([seg(F.interpolate(a, size=(16, 16), mode="bilinear"), labels)[0]
+                           for a in outputs.aux_logits[:2]]).sum()
+    torch.testing.assert_close(objective(outputs, labels, epoch=0, sequence_mask=mask)[0],
+                               partial)
+    with pytest.raises(ValueError, match="schedule"):
+        ObjectiveConfig(schedule="cosine")
+    assert ObjectiveConfig().schedule == "constant"
