@@ -107,7 +107,8 @@ class TrainConfig:
     seed: int = 1234
     num_workers: int = 2
     pretrained_path: str | None = None
-    # Loss settings: the objective's own defaults (the released recipe), kept in one place.
+    # Loss settings: the objective's own defaults (the release's weights; its two-stage schedule
+    # is the loss_schedule option), kept in one place.
     ce_weight: float = _LOSS.ce_weight
     dice_weight: float = _LOSS.dice_weight
     aux_weight: float = _LOSS.aux_weight
