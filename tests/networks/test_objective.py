@@ -29,17 +29,26 @@ def _outputs(seed: int = 0, batch: int = 2, size: int = 16) -> tuple[IMMSegOutpu
     return outputs, labels
 
 
-def test_total_is_the_documented_weighted_sum():
-    outputs, labels = _outputs()
-    config = ObjectiveConfig(aux_weight=0.4, contrastive_weight=0.1, contrastive_start_epoch=3)
-    objective = TrainingObjective(4, config)
+def _terms(outputs: IMMSegOutput, labels: torch.Tensor, sequences: int = 3
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """By hand: the main loss, each sequence's auxiliary loss ``[S]`` (first ``sequences``) and
+    the mean pixel-text term, with the released weights (0.2 CE + 0.8 Dice, tau 0.07)."""
     seg = SegmentationLoss(4, 0.2, 0.8)
     contrastive = PixelTextContrastiveLoss(0.07)
     main = seg(outputs.logits, labels)[0]
     aux = torch.stack([seg(F.interpolate(a, size=(16, 16), mode="bilinear"), labels)[0]
-                       for a in outputs.aux_logits]).mean()
+                       for a in outputs.aux_logits[:sequences]])
     pixel_text = torch.stack([contrastive(p, outputs.class_embeddings, labels)[0]
                               for p in outputs.pixel_embeddings]).mean()
+    return main, aux, pixel_text
+
+
+def test_total_is_the_documented_weighted_sum():
+    outputs, labels = _outputs()
+    config = ObjectiveConfig(aux_weight=0.4, contrastive_weight=0.1, contrastive_start_epoch=3)
+    objective = TrainingObjective(4, config)
+    main, per_sequence, pixel_text = _terms(outputs, labels)
+    aux = per_sequence.mean()
 
     before, parts_before = objective(outputs, labels, epoch=2)
     torch.testing.assert_close(before, main + 0.4 * aux)
@@ -155,13 +164,8 @@ def test_the_release_staged_schedule_by_hand():
     """The released code: the first third of the epochs trains the per-sequence branches alone
     (losses summed, contrastive 0.1), then main + 0.5 x sum + 0.05 x contrastive."""
     outputs, labels = _outputs(seed=3)
-    seg = SegmentationLoss(4, 0.2, 0.8)
-    contrastive = PixelTextContrastiveLoss(0.07)
-    main = seg(outputs.logits, labels)[0]
-    aux_sum = torch.stack([seg(F.interpolate(a, size=(16, 16), mode="bilinear"), labels)[0]
-                           for a in outputs.aux_logits]).sum()
-    pixel_text = torch.stack([contrastive(p, outputs.class_embeddings, labels)[0]
-                              for p in outputs.pixel_embeddings]).mean()
+    main, per_sequence, pixel_text = _terms(outputs, labels)
+    aux_sum = per_sequence.sum()
     objective = TrainingObjective(4, ObjectiveConfig(schedule="release_staged", max_epochs=30,
                                                      contrastive_start_epoch=5))
     # 30 epochs: the first stage is 0-based epochs 0..9 (0-99 of 300 scaled).
@@ -173,8 +177,7 @@ def test_the_release_staged_schedule_by_hand():
     assert [objective.weights(e).main for e in (0, 9, 10, 29)] == [0.0, 0.0, 1.0, 1.0]
     # A sequence absent from the whole batch drops out of the sum.
     mask = torch.tensor([[True, True, False], [True, True, False]])
-    partial = torch.stack([seg(F.interpolate(a, size=(16, 16), mode="bilinear"), labels)[0]
-                           for a in outputs.aux_logits[:2]]).sum()
+    partial = _terms(outputs, labels, sequences=2)[1].sum()
     torch.testing.assert_close(objective(outputs, labels, epoch=0, sequence_mask=mask)[0],
                                partial)
     with pytest.raises(ValueError, match="schedule"):
