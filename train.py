@@ -18,6 +18,7 @@ from pathlib import Path
 from datasets.labels import MODALITIES
 from networks.factory import list_models
 from networks.objective import SCHEDULES
+from networks.prior_attention import CROSS_ATTENTION
 from networks.variants import VARIANTS
 from trainer import (
     CHECKPOINT_BEST,
@@ -50,6 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="input of the transunet_single variant")
     parser.add_argument("--share_encoder", action="store_true",
                         help="immseg: one encoder for all sequences")
+    parser.add_argument("--cross_attention", choices=CROSS_ATTENTION,
+                        default=defaults.cross_attention,
+                        help="immseg: how sequences exchange information at the bottleneck: "
+                             "sequence (ours: attention over the 3 sequences at each pixel) or "
+                             "pixel (the release's: every pixel against every pixel of the "
+                             "other sequences)")
+    parser.add_argument("--pixel_values", choices=("own", "partner"),
+                        default=defaults.pixel_values,
+                        help="with --cross_attention pixel: aggregate the sequence's own "
+                             "features (as released) or the partner's")
     parser.add_argument("--root_path", default=None,
                         help="processed data root (default: the dataset's default root)")
     parser.add_argument("--list_dir", default=None, help="lists folder (default: <root>/lists)")
@@ -152,7 +163,8 @@ def _train_one(args: argparse.Namespace, output_dir: str, fold: int | None,
         config = TrainConfig(
             dataset=args.dataset, model=args.model, vit_name=args.vit_name,
             priors_path=args.priors_path, sequence=args.sequence,
-            share_encoder=args.share_encoder,
+            share_encoder=args.share_encoder, cross_attention=args.cross_attention,
+            pixel_values=args.pixel_values,
             root_path=args.root_path or DATASETS[args.dataset]["root_path"],
             list_dir=args.list_dir, folds=args.folds, fold=fold, output_dir=output_dir,
             img_size=args.img_size,

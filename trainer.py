@@ -89,6 +89,10 @@ class TrainConfig:
     priors_path: str | None = None
     sequence: str = "LGE"  # the input of the single-sequence variant
     share_encoder: bool = False
+    #: immseg's exchange between sequences: "sequence" (ours) or "pixel" (the release's N x N
+    #: attention), and what the pixel exchange aggregates ("own", as released, or "partner")
+    cross_attention: str = "sequence"
+    pixel_values: str = "own"
     root_path: str = "data/phantom/Processed_data"
     #: lists folder; default <root>/lists, or the fold's lists under cross-validation
     list_dir: str | None = None
@@ -182,6 +186,10 @@ class TrainConfig:
         if isinstance(self.sequence_dropout, bool) or not 0 <= self.sequence_dropout < 1:
             raise ValueError(f"sequence_dropout must lie in [0, 1), got "
                              f"{self.sequence_dropout!r}")
+        if ((self.cross_attention, self.pixel_values) != ("sequence", "own")
+                and self.model not in ("immseg", "immseg_noprior")):
+            raise ValueError(f"cross_attention and pixel_values choose immseg's exchange "
+                             f"between sequences; the {self.model} model has none")
         if isinstance(self.sequence_jitter, bool) or not 0 <= self.sequence_jitter <= 1:
             raise ValueError(f"sequence_jitter must lie in [0, 1], got {self.sequence_jitter!r}")
         if self.sequence_dropout > 0 and self.model == "transunet_single":
@@ -295,7 +303,9 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
                            num_classes=config.num_classes, sequence=config.sequence,
                            priors=priors, share_encoder=config.share_encoder,
                            pretrained=None if resume else config.pretrained_path,
-                           dropout_rate=config.vit_dropout)
+                           dropout_rate=config.vit_dropout,
+                           cross_attention=config.cross_attention,
+                           pixel_values=config.pixel_values)
     # Early-fusion TransUNet sees only the zeroed channels; the I_MMSeg variants get the mask.
     pass_mask = config.sequence_dropout > 0 and accepts_sequence_mask(model)
     if context.distributed:

@@ -32,7 +32,9 @@ from networks.class_modulation import ClassFeatureModulation, DynamicHead
 from networks.configs import NUM_SKIPS, TransUNetConfig, _check_int, _from_mapping
 from networks.npz_loader import LoadReport, load_google_npz
 from networks.prior_attention import (
+    CROSS_ATTENTION,
     CrossModalFeatureEnhancement,
+    PixelPairAttention,
     check_sequence_mask,
     presence_weights,
 )
@@ -62,6 +64,10 @@ class IMMSegConfig:
     embed_dim: int = 256
     aux_channels: int = 64
     dynamic_hidden: int = 8
+    #: CMFE's exchange between sequences: "sequence" (ours) or "pixel" (the release's N x N
+    #: attention; see networks.prior_attention), and what the pixel exchange aggregates
+    cross_attention: str = "sequence"
+    pixel_values: str = "own"
 
     def __post_init__(self) -> None:
         if not isinstance(self.backbone, TransUNetConfig):
@@ -86,6 +92,12 @@ class IMMSegConfig:
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("prior_dim", "embed_dim", "aux_channels", "dynamic_hidden"):
             _check_int(name, getattr(self, name))
+        if self.cross_attention not in CROSS_ATTENTION:
+            raise ValueError(f"cross_attention must be one of {CROSS_ATTENTION}, got "
+                             f"{self.cross_attention!r}")
+        if self.pixel_values not in PixelPairAttention.VALUES:
+            raise ValueError(f"pixel_values must be one of {PixelPairAttention.VALUES}, got "
+                             f"{self.pixel_values!r}")
 
     @property
     def num_classes(self) -> int:
@@ -232,7 +244,8 @@ class IMMSeg(nn.Module):
         hidden, skip_channels = first.out_channels, first.skip_channels
         self.cmfe = CrossModalFeatureEnhancement(
             hidden, len(seqs), config.prior_dim, config.embed_dim, backbone.vit.num_heads,
-            shared=shared,
+            shared=shared, cross_attention=config.cross_attention,
+            pixel_values=config.pixel_values,
         )
         self.skip_fusion = SkipFusion(skip_channels, len(seqs), backbone.decoder.n_skip)
         self.decoder = TransUNetDecoder(hidden, skip_channels, backbone.decoder)

@@ -3,7 +3,14 @@
 Each MR sequence (bSSFP, LGE, T2w) shows the myocardium with its own intensity signature; the
 text prior of a sequence says what to look for ("scar is bright on LGE"). CMFE uses that prior to
 gate the sequence's own features (channel and spatial attention), lets the sequences exchange
-information pixel by pixel (attention over the sequence axis), then fuses them into one map.
+information, then fuses them into one map. Two exchanges (``cross_attention``):
+
+* ``"sequence"`` (ours): attention over the three sequence tokens at each pixel;
+* ``"pixel"`` (the release's): every pixel of one sequence against every pixel of each other
+  sequence (``N x N`` absolute-cosine similarity, softmax over the partner's pixels), which can
+  reach across a residual misregistration; the release aggregates the query sequence's *own*
+  features with those weights (``pixel_values="own"``), ``"partner"`` aggregates the partner's
+  (ordinary cross-attention). See :class:`PixelPairAttention`.
 
 Everything is computed from the input's own ``h x w``, so any image size works; a missing
 sequence can be masked out of the exchange and the fusion (training with sequence dropout).
@@ -19,6 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from networks.configs import _check_int
+
+#: The exchanges between sequences CMFE offers (see the module docstring).
+CROSS_ATTENTION: tuple[str, ...] = ("sequence", "pixel")
 
 
 def check_sequence_mask(mask: Tensor | None, batch: int, num_sequences: int) -> Tensor | None:
@@ -129,6 +139,59 @@ class CrossSequenceAttention(nn.Module):
         return tokens.reshape(batch, height, width, seqs, channels).permute(0, 3, 4, 1, 2)
 
 
+class PixelPairAttention(nn.Module):
+    """The release's non-local exchange between sequences, at any bottleneck size.
+
+    For sequence ``m`` and each other sequence ``p``: ``A[i, j] = softmax_j |cos(g_m[i], g_p[j])|``
+    over the ``N = h * w`` pixels (no temperature, as released), then ``e_mp[i] = sum_j A[i, j]
+    v[j]`` with ``v = g_m`` (``values="own"``, as released) or ``g_p`` (``"partner"``). Each
+    sequence's map and its enhanced maps are concatenated and reduced by a 1x1 conv + BN + ReLU
+    of its own (the release's ``mix``), no residual. An absent partner's enhanced map is zero.
+    """
+
+    VALUES = ("own", "partner")
+
+    def __init__(self, channels: int, num_sequences: int, values: str = "own") -> None:
+        super().__init__()
+        for name, value in (("channels", channels), ("num_sequences", num_sequences)):
+            _check_int(name, value)
+        if values not in self.VALUES:
+            raise ValueError(f"values must be one of {self.VALUES}, got {values!r}")
+        self.values = values
+        self.mix = nn.ModuleList(nn.Sequential(
+            nn.Conv2d(num_sequences * channels, channels, kernel_size=1, bias=False),
+            nn.BatchNorm2d(channels), nn.ReLU(inplace=True)) for _ in range(num_sequences))
+
+    @staticmethod
+    def attention(query: Tensor, key: Tensor) -> Tensor:
+        """``[B, N, N]``: softmax over ``key``'s pixels of the absolute cosine similarity between
+        the pixels of ``query`` and ``key`` (``[B, C, N]`` each)."""
+        q = F.normalize(query, dim=1, eps=1e-8)
+        k = F.normalize(key, dim=1, eps=1e-8)
+        return torch.softmax(torch.einsum("bci,bcj->bij", q, k).abs(), dim=-1)
+
+    def forward(self, features: Tensor, sequence_mask: Tensor | None = None) -> Tensor:
+        """``features`` [B, S, C, h, w] -> same shape; ``sequence_mask`` [B, S] bool or None."""
+        seqs, height, width = features.shape[1], features.shape[3], features.shape[4]
+        flat = features.flatten(3)  # [B, S, C, N]
+        out = []
+        for m in range(seqs):
+            parts = [features[:, m]]
+            for p in range(seqs):
+                if p == m:
+                    continue
+                weights = self.attention(flat[:, m], flat[:, p])
+                values = flat[:, m] if self.values == "own" else flat[:, p]
+                enhanced = torch.einsum("bij,bcj->bci", weights, values).unflatten(
+                    2, (height, width))
+                if sequence_mask is not None:
+                    enhanced = enhanced * sequence_mask[:, p, None, None, None].to(
+                        enhanced.dtype)
+                parts.append(enhanced)
+            out.append(self.mix[m](torch.cat(parts, dim=1)))
+        return torch.stack(out, dim=1)
+
+
 class CrossModalFeatureEnhancement(nn.Module):
     """CMFE: prior-guided attention per sequence, cross-sequence attention, 1x1 fusion.
 
@@ -145,9 +208,14 @@ class CrossModalFeatureEnhancement(nn.Module):
         embed_dim: int,
         num_heads: int,
         shared: bool = False,
+        cross_attention: str = "sequence",
+        pixel_values: str = "own",
     ) -> None:
         super().__init__()
         _check_int("num_sequences", num_sequences)
+        if cross_attention not in CROSS_ATTENTION:
+            raise ValueError(f"cross_attention must be one of {CROSS_ATTENTION}, got "
+                             f"{cross_attention!r}")
         if not isinstance(shared, bool):
             raise ValueError(f"shared must be a bool, got {shared!r}")
         self.channels = channels
@@ -159,7 +227,10 @@ class CrossModalFeatureEnhancement(nn.Module):
             else [first, *(PriorGuidedAttention(channels, prior_dim, embed_dim)
                            for _ in range(num_sequences - 1))]
         )
-        self.cross_attention = CrossSequenceAttention(channels, num_sequences, num_heads)
+        self.cross_attention = (
+            CrossSequenceAttention(channels, num_sequences, num_heads)
+            if cross_attention == "sequence"
+            else PixelPairAttention(channels, num_sequences, pixel_values))
         self.fusion = nn.Sequential(
             nn.Conv2d(num_sequences * channels, channels, kernel_size=1, bias=False),
             nn.BatchNorm2d(channels),

@@ -83,11 +83,16 @@ def create_network(
     share_encoder: bool = False,
     pretrained: str | os.PathLike[str] | None = None,
     dropout_rate: float | None = None,
+    cross_attention: str = "sequence",
+    pixel_values: str = "own",
 ) -> nn.Module:
     """Build ``variant`` on ``backbone``; ``pretrained`` is a Google R50+ViT npz for every encoder.
 
     ``dropout_rate`` replaces the backbone's transformer dropout (0 makes training deterministic
     across process counts, which the distributed tests rely on).
+
+    ``cross_attention`` and ``pixel_values`` choose the I_MMSeg variants' exchange between
+    sequences (see :mod:`networks.prior_attention`).
 
     ``priors`` is required by ``immseg`` and refused by the others, so a run cannot silently
     train without the text it was meant to use (or pretend to use text it ignores).
@@ -116,7 +121,8 @@ def create_network(
     else:
         immseg_config = IMMSegConfig(
             backbone=config, sequences=sequences, share_encoder=share_encoder,
-            use_priors=variant == "immseg",
+            use_priors=variant == "immseg", cross_attention=cross_attention,
+            pixel_values=pixel_values,
             prior_dim=priors.dim if priors is not None else IMMSegConfig().prior_dim)
         model = IMMSeg(
             immseg_config,

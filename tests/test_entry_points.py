@@ -44,7 +44,8 @@ def test_poly_lr_known_values():
 @pytest.mark.parametrize("change", [
     {"vit_name": "R99"}, {"img_size": 120}, {"batch_size": 0}, {"dataset": "Synapse"},
     {"base_lr": 0.0}, {"base_lr": float("inf")}, {"weight_decay": float("nan")},
-    {"model": "unet"},
+    {"model": "unet"}, {"model": "transunet", "cross_attention": "pixel"},
+    {"cross_attention": "global"}, {"sequence_jitter": 1.5},
     {"model": "transunet", "priors_path": "bank.pt"}, {"model": "transunet", "aux_weight": -1.0},
     {"model": "transunet", "temperature": 0.0}, {"class_weights": (1.0, 2.0)}])
 def test_train_config_rejects_bad_values(change):

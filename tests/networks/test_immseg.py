@@ -65,7 +65,8 @@ def test_output_shapes(img_size: int, batch: int) -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [{}, {"use_priors": False}, {"share_encoder": True},
-     {"sequences": ("LGE", "T2w"), "share_encoder": True, "use_priors": False}],
+     {"sequences": ("LGE", "T2w"), "share_encoder": True, "use_priors": False},
+     {"cross_attention": "pixel"}, {"cross_attention": "pixel", "pixel_values": "partner"}],
 )
 def test_gradients_reach_every_trainable_parameter(kwargs: dict) -> None:
     model = _model(**kwargs).train()
@@ -256,3 +257,21 @@ def test_config_validation() -> None:
     assert _config().num_classes == K
     with pytest.raises(ValueError, match="config"):
         IMMSeg(_config().backbone, *_priors())  # type: ignore[arg-type]
+
+
+def test_the_release_pixel_exchange_at_any_size_and_through_a_checkpoint_record():
+    """cross_attention="pixel": the release's N x N exchange, at bottlenecks the release's
+    hard-wired 8 x 8 could not take, rebuilt from its record with the same outputs."""
+    from networks.variants import network_from_record, network_record
+
+    for size in (32, 48):
+        model = _model(size, cross_attention="pixel").eval()
+        x = torch.randn(2, 3, size, size)
+        assert model(x).shape == (2, K, size, size)
+    model.variant = "immseg"
+    record = network_record(model)
+    assert record["config"]["cross_attention"] == "pixel"
+    rebuilt = network_from_record(network_record(model), model.state_dict()).eval()
+    torch.testing.assert_close(rebuilt(x), model(x))
+    with pytest.raises(ValueError, match="cross_attention"):
+        _config(cross_attention="global")

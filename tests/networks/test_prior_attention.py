@@ -145,3 +145,42 @@ def test_presence_weights_keep_scale() -> None:
     weights = presence_weights(mask, 3)
     torch.testing.assert_close(weights, torch.tensor([[1.0, 1, 1], [3, 0, 0], [0, 1.5, 1.5]]))
     torch.testing.assert_close(weights.sum(dim=1), torch.full((3,), 3.0))
+
+
+def test_pixel_pair_attention_by_hand():
+    """The release's exchange: softmax over the partner's pixels of |cos|, values from the query
+    sequence itself (as released) or from the partner."""
+    from networks.prior_attention import PixelPairAttention
+
+    torch.manual_seed(0)
+    features = torch.randn(2, 3, 4, 2, 3)  # B, S, C, h, w: N = 6 pixels
+    for values in ("own", "partner"):
+        module = PixelPairAttention(4, 3, values).eval()
+        got = module(features)
+        flat = features.flatten(3)
+        for b in range(2):
+            for m in range(3):
+                parts = [features[b, m]]
+                for p in (q for q in range(3) if q != m):
+                    weights = torch.empty(6, 6)
+                    for i in range(6):
+                        for j in range(6):
+                            a, c = flat[b, m, :, i], flat[b, p, :, j]
+                            weights[i, j] = abs(float(a @ c) / float(a.norm() * c.norm()))
+                    weights = torch.softmax(weights, dim=1)
+                    source = flat[b, m] if values == "own" else flat[b, p]
+                    parts.append((source @ weights.T).reshape(4, 2, 3))
+                expected = module.mix[m](torch.cat(parts)[None])[0]
+                torch.testing.assert_close(got[b, m], expected, atol=1e-5, rtol=1e-5)
+    # An absent partner contributes zeros; any bottleneck size works.
+    module = PixelPairAttention(4, 3).eval()
+    mask = torch.tensor([[True, False, True], [True, True, True]])
+    alone = module(features, mask)
+    flat0 = features[0].flatten(2)
+    weights = PixelPairAttention.attention(flat0[0][None], flat0[2][None])[0]
+    enhanced = (flat0[0] @ weights.T).reshape(4, 2, 3)
+    expected = module.mix[0](torch.cat([features[0, 0], torch.zeros(4, 2, 3), enhanced])[None])
+    torch.testing.assert_close(alone[0, 0], expected[0], atol=1e-5, rtol=1e-5)
+    assert module(torch.randn(1, 3, 4, 5, 7)).shape == (1, 3, 4, 5, 7)
+    with pytest.raises(ValueError, match="values"):
+        PixelPairAttention(4, 3, "mean")
