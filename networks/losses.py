@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from utils import require_finite
 
-LossOutput = Tensor | tuple[Tensor, dict[str, float]]
 #: Floor of a denominator that can be zero (a class weighted 0 everywhere, an all-absent batch).
 TINY = 1e-12
 
@@ -35,9 +34,13 @@ def _check_logits_target(logits: Tensor, target: Tensor, num_classes: int) -> No
                          f"{tuple(target.shape)} in batch or spatial size")
     if target.dtype.is_floating_point or target.dtype == torch.bool or target.is_complex():
         raise ValueError(f"target must hold integer class labels, got dtype {target.dtype}")
-    low, high = int(target.min()), int(target.max())
-    if low < 0 or high >= num_classes:
-        raise ValueError(f"target labels span {low}..{high}, expected 0..{num_classes - 1}")
+    if target.device.type == "cpu":
+        # On an accelerator this check would wait for the device at every step; the labels
+        # there come from the processed-layout readers, which have refused anything outside
+        # 0..3 already.
+        low, high = int(target.min()), int(target.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"target labels span {low}..{high}, expected 0..{num_classes - 1}")
 
 
 def _check_num_classes(num_classes: int) -> None:
@@ -183,59 +186,3 @@ class SegmentationLoss(nn.Module):
         ce = statistics[..., 0] / statistics[..., 1].clamp_min(TINY)
         dice = self.dice.from_statistics(statistics[..., 2:])
         return self.ce_weight * ce + self.dice_weight * dice, ce, dice
-
-
-def _level_weights(count: int, weights: Sequence[float] | None) -> list[float]:
-    if weights is None:
-        # Coarser heads see a blurrier target, so they count less (1, 1/2, 1/4, ...).
-        weights = [0.5**i for i in range(count)]
-    values = [float(w) for w in weights]
-    if len(values) != count:
-        raise ValueError(f"{len(values)} weights for {count} outputs")
-    if not all(math.isfinite(w) and w >= 0 for w in values) or sum(values) <= 0:
-        raise ValueError(f"weights must be finite, >= 0 and sum to > 0, got {values}")
-    total = sum(values)
-    return [w / total for w in values]
-
-
-def _resize_target(target: Tensor, size: torch.Size) -> Tensor:
-    if tuple(size) == tuple(target.shape[1:]):
-        return target
-    if len(size) != target.ndim - 1 or any(s > t for s, t in zip(size, target.shape[1:],
-                                                                   strict=True)):
-        raise ValueError(f"output spatial size {tuple(size)} cannot be reached by shrinking "
-                         f"target {tuple(target.shape)}")
-    # Labels are categorical: nearest neighbour keeps them valid (no interpolated class ids).
-    resized = F.interpolate(target[:, None].float(), size=tuple(size), mode="nearest")
-    return resized[:, 0].to(target.dtype)
-
-
-def deep_supervision_loss(
-    loss_fn: Callable[[Tensor, Tensor], LossOutput],
-    outputs: Sequence[Tensor],
-    target: Tensor,
-    weights: Sequence[float] | None = None,
-) -> tuple[Tensor, dict[str, float]]:
-    """Weighted sum of ``loss_fn`` over several logits maps, weights normalised to sum 1.
-
-    ``outputs[0]`` is the full-resolution head; smaller maps are scored against the target shrunk
-    with nearest-neighbour sampling. ``weights`` defaults to 1, 1/2, 1/4, ... When ``loss_fn``
-    returns ``(loss, parts)`` the parts are combined with the same weights, so logs keep the same
-    keys with or without deep supervision; otherwise the dict holds ``total`` only.
-    """
-    if not outputs:
-        raise ValueError("deep supervision needs at least one output")
-    level_weights = _level_weights(len(outputs), weights)
-    total: Tensor | None = None
-    parts: dict[str, float] = {}
-    for output, weight in zip(outputs, level_weights, strict=True):
-        result = loss_fn(output, _resize_target(target, output.shape[2:]))
-        loss, level_parts = result if isinstance(result, tuple) else (result, None)
-        if level_parts is None:
-            level_parts = {"total": float(loss.detach())}
-        for name, value in level_parts.items():
-            parts[name] = parts.get(name, 0.0) + weight * value
-        total = weight * loss if total is None else total + weight * loss
-    assert total is not None
-    _check_finite(parts)
-    return total, parts

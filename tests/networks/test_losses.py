@@ -1,4 +1,4 @@
-"""Known-value tests for DiceLoss, SegmentationLoss and deep_supervision_loss."""
+"""Known-value tests for DiceLoss and SegmentationLoss."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from networks.losses import DiceLoss, SegmentationLoss, deep_supervision_loss
+from networks.losses import DiceLoss, SegmentationLoss
 
 S = 1e-5  # DiceLoss default smooth
 
@@ -129,39 +129,3 @@ def test_segmentation_loss_raises_on_non_finite() -> None:
         SegmentationLoss(4)(logits, COARSE)
 
 
-def test_deep_supervision_with_a_half_resolution_map() -> None:
-    # Nearest shrinking by 2 keeps every second voxel: COARSE sits there, other labels between.
-    target = ((COARSE + 1) % 4).repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
-    target[:, ::2, ::2] = COARSE
-    full = _perfect_logits(target)
-    loss_fn = DiceLoss(4)
-
-    total, parts = deep_supervision_loss(loss_fn, [full, _perfect_logits(COARSE)], target)
-    assert total.item() == pytest.approx(0.0, abs=1e-6)
-
-    uniform_half = torch.zeros(1, 4, 4, 4)
-    total, parts = deep_supervision_loss(loss_fn, [full, uniform_half], target, weights=[3, 1])
-    assert total.item() == pytest.approx(0.25 * _uniform_dice_loss([8, 4, 2, 2]), abs=1e-6)
-    assert parts["total"] == pytest.approx(total.item())
-    # Default weights 1 and 1/2, normalised: the half map counts 1/3.
-    total, _ = deep_supervision_loss(loss_fn, [full, uniform_half], target)
-    assert total.item() == pytest.approx(_uniform_dice_loss([8, 4, 2, 2]) / 3, abs=1e-6)
-
-
-def test_deep_supervision_combines_components_and_validates() -> None:
-    target = COARSE.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
-    outputs = [torch.zeros(1, 4, 8, 8, requires_grad=True), torch.zeros(1, 4, 4, 4)]
-    total, parts = deep_supervision_loss(SegmentationLoss(4), outputs, target, weights=[1, 1])
-    assert set(parts) == {"ce", "dice", "total"}
-    # Both maps are uniform, so CE is ln 4 at both levels.
-    assert parts["ce"] == pytest.approx(math.log(4))
-    total.backward()
-    assert outputs[0].grad is not None
-    with pytest.raises(ValueError):
-        deep_supervision_loss(DiceLoss(4), [], target)
-    with pytest.raises(ValueError):
-        deep_supervision_loss(DiceLoss(4), outputs, target, weights=[1.0])
-    with pytest.raises(ValueError):
-        deep_supervision_loss(DiceLoss(4), outputs, target, weights=[0.0, 0.0])
-    with pytest.raises(ValueError, match="shrinking"):
-        deep_supervision_loss(DiceLoss(4), [torch.zeros(1, 4, 16, 16)], target)
