@@ -42,7 +42,6 @@ from datasets.misalignment import (
     apply_slice_misalignment,
     sample_slice_misalignment,
 )
-from datasets.processed import ProcessedLayout
 from datasets.raw import Volume, discover_cases, load_case
 from evaluation.evaluate import LoadedCheckpoint, checkpoint_paths, load_checkpoint
 from evaluation.metrics import MetricAccumulator
@@ -112,17 +111,16 @@ def draw_records(label: Volume, depth: int, per: str, config: MisalignmentConfig
 
 def _models(args: argparse.Namespace, device: torch.device
             ) -> list[tuple[LoadedCheckpoint, list[str] | None]]:
-    """``(model, the cases it may be tested on)``: each fold its own test cases; one model
-    every case (None)."""
-    paths = checkpoint_paths(args)
-    if len(paths) == 1:
-        return [(load_checkpoint(paths[0], device), None)]
+    """``(model, the cases it may be tested on)``: each its own test list when its training
+    data's lists are at hand (a fold run: its fold's), else every case (None)."""
     models = []
-    for path in paths:
+    for path in checkpoint_paths(args):
         loaded = load_checkpoint(path, device)
         train = loaded.payload.get("train_config") or {}
-        layout = ProcessedLayout(Path(train["root_path"]), list_dir=Path(train["list_dir"]))
-        models.append((loaded, layout.names("test_vol", create=False)))
+        root = Path(train.get("root_path") or "")
+        lists = Path(train["list_dir"]) if train.get("list_dir") else root / "lists"
+        tested = lists / "test_vol.txt"
+        models.append((loaded, tested.read_text().split() if tested.is_file() else None))
     return models
 
 
