@@ -207,8 +207,10 @@ def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"{run_dir}: is a file, not a run folder")
-    old = [run_dir / name for name in (CHECKPOINT_LAST, CHECKPOINT_FINAL, CHECKPOINT_BEST,
-                                       "config.json")] if run_dir.is_dir() else []
+    # Checkpoints are what a run has to lose; a config.json alone (a run killed in its first
+    # epoch) is rewritten by the new one.
+    old = [run_dir / name for name in (CHECKPOINT_LAST, CHECKPOINT_FINAL, CHECKPOINT_BEST)
+           ] if run_dir.is_dir() else []
     old = [path for path in old if path.exists()]
     if resume or not old:
         return

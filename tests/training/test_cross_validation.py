@@ -94,3 +94,13 @@ def test_an_unfinished_fold_is_refused_and_an_ensemble_warns_about_leaks(process
     assert "ensemble of 5" in capsys.readouterr().err
     assert out.is_file()
     assert train_script.main(["--fold", "1"]) == 2  # --fold needs --folds
+
+
+def test_a_fold_killed_before_its_first_checkpoint_starts_again(processed, tmp_path):
+    """`make myops_cv` reruns with --resume: a fold that left only config.json (killed in its
+    first epoch) starts afresh instead of being refused as a run to protect."""
+    run = tmp_path / "cv"
+    (run / "fold0").mkdir(parents=True)
+    (run / "fold0" / "config.json").write_text("{}")
+    assert _train(processed, run, "--fold", "0", "--resume") == 0
+    assert (run / "fold0" / CHECKPOINT_FINAL).is_file()
