@@ -1,9 +1,11 @@
 """One registration dispatch for training preprocessing, test volumes and new patients.
 
-Every path that registers bSSFP/T2w onto the fixed sequence goes through
-:func:`register_sequences`: the same metric names (``PreprocessConfig.affine_metric``), the same
-defaults, the same plausibility fall-backs, and the non-rigid step when a network is given. The
-only thing that differs between the paths is where the *myocardium* comes from:
+Every path that registers bSSFP/T2w onto the fixed sequence goes through this module:
+:func:`affine_fits` (the one dispatch over ``PreprocessConfig.affine_metric``: same names, same
+defaults, same plausibility fall-backs) and :func:`nonrigid_fields` (step 4). Training
+preprocessing calls them in two stages, because the non-rigid network is trained in between;
+:func:`register_sequences` chains them for the label-free path. The only thing that differs
+between the paths is where the *myocardium* comes from:
 
 * training cases: the label (allowed: a training label shapes training inputs only);
 * test volumes and new patients: the network's own first-pass prediction on the ROI, never a
