@@ -18,7 +18,7 @@ from pathlib import Path
 from datasets.labels import MODALITIES
 from networks.factory import list_models
 from networks.objective import SCHEDULES
-from networks.prior_attention import CROSS_ATTENTION
+from networks.prior_attention import CROSS_ATTENTION, PixelPairAttention
 from networks.variants import VARIANTS
 from trainer import (
     CHECKPOINT_BEST,
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "sequence (ours: attention over the 3 sequences at each pixel) or "
                              "pixel (the release's: every pixel against every pixel of the "
                              "other sequences)")
-    parser.add_argument("--pixel_values", choices=("own", "partner"),
+    parser.add_argument("--pixel_values", choices=PixelPairAttention.VALUES,
                         default=defaults.pixel_values,
                         help="with --cross_attention pixel: aggregate the sequence's own "
                              "features (as released) or the partner's")
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="continue <output_dir>/checkpoint_last.pth exactly")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh in a folder that holds a run (its checkpoints are "
-                             "removed first)")
+                             "removed when the new run writes its first one)")
     return parser
 
 

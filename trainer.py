@@ -55,6 +55,7 @@ from training.validation import (
     validation_volumes,
 )
 from utils import (
+    non_finite_tensors,
     remove_stale_temporaries,
     require_finite_fields,
     resolve_device,
@@ -347,8 +348,7 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
     def save(path: Path, epoch: int, resumable: bool = False) -> None:
         # A finite last loss does not make the step after it finite: never save broken weights
         # over the last good checkpoint.
-        bad = [name for name, value in model.state_dict().items()
-               if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+        bad = non_finite_tensors(model.state_dict())
         if bad:
             raise FloatingPointError(f"non-finite weights after epoch {epoch} ({bad[:3]}...); "
                                      f"{path.name} not written, the previous one is kept")

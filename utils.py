@@ -119,6 +119,14 @@ def require_finite_fields(owner: object, *names: str, positive: bool = False) ->
     require_finite(positive=positive, **{name: getattr(owner, name) for name in names})
 
 
+def non_finite_tensors(state: Any) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold NaN or Inf."""
+    items = state.items() if isinstance(state, dict) else ()
+    return [name for name, value in items
+            if torch.is_tensor(value) and value.is_floating_point()
+            and not bool(torch.isfinite(value).all())]
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices) for reproducible runs."""
     random.seed(seed)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 from pathlib import Path
 
 import numpy as np
@@ -52,10 +51,10 @@ from prediction.pipeline import (
     predict_patient,
     preprocess_config_for,
 )
+from preprocessing.resample import antialias_sigma
 
 #: MyoPS380's in-plane pixel sizes (mm) for the moved sequences.
 TARGET_SPACING = {"bSSFP": 1.172, "T2w": 0.8929}
-_FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 
 def warp_model(strength: float, nonrigid_mm: float) -> MisalignmentConfig:
@@ -77,8 +76,7 @@ def moved_volume(volume: Volume, spacing_mm: float, records: list[dict] | None) 
     for k in range(depth):
         source = points if records is None else apply_slice_misalignment(records[k], points)
         image = volume.array[k].astype(np.float64)
-        ratio = (spacing_mm / sy, spacing_mm / sx)
-        sigma = [math.sqrt(max(r * r - 1.0, 0.0)) / _FWHM_PER_SIGMA for r in ratio]
+        sigma = [antialias_sigma(spacing_mm / sy), antialias_sigma(spacing_mm / sx)]
         if any(sigma):
             image = ndimage.gaussian_filter(image, sigma)
         coords = np.stack([source[:, 1] / sy, source[:, 0] / sx])

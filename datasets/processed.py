@@ -175,9 +175,7 @@ class ProcessedLayout:
     def read_volume(self, name: str) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
         """One test volume: image ``[D, S, H, W]`` in [0, 1], label ``[D, H, W]``, spacing (mm)."""
         stored = self.read_stored_volume(name)
-        images = np.stack([_check_image(stored.images[:, i], stored.paths[i], ndim=3)
-                           for i in range(stored.images.shape[1])], axis=1)
-        return images, stored.label, stored.spacing
+        return stored.unit_images(), stored.label, stored.spacing
 
     def read_stored_volume(self, name: str) -> StoredVolume:
         """One test volume as stored (images not rescaled), in ``[D, ...]`` slice order.
@@ -235,6 +233,11 @@ class StoredVolume:
     spacing: tuple[float, float, float]
     paths: list[Path]
 
+    def unit_images(self) -> np.ndarray:
+        """``images`` in [0, 1], each sequence by :func:`_unit_range`."""
+        return np.stack([_unit_range(self.images[:, i]) for i in range(self.images.shape[1])],
+                        axis=1)
+
 
 def write_test_volume(path: Path, image: np.ndarray, label: np.ndarray,
                       spacing: Sequence[float]) -> None:
@@ -271,7 +274,11 @@ def _check_image(image: np.ndarray, path: Path, ndim: int) -> np.ndarray:
     image = image.astype(np.float32, copy=False)
     if not np.all(np.isfinite(image)):
         raise ProcessedDataError(f"{path}: image holds NaN/Inf")
-    # Seed files are in [0, 255]; files already in [0, 1] are accepted unchanged.
+    return _unit_range(image)
+
+
+def _unit_range(image: np.ndarray) -> np.ndarray:
+    """Seed files are in [0, 255]; files already in [0, 1] are accepted unchanged."""
     return image / 255.0 if image.max(initial=0.0) > 1.0 else image
 
 

@@ -36,7 +36,7 @@ from networks.variants import input_size, network_from_record
 from prediction.native import labels_from_probabilities, probabilities_to_native
 from prediction.pipeline import PredictConfig, Registration, predict_stacks
 from trainer import CHECKPOINT_FINAL
-from utils import atomic_path, read_checkpoint, write_json
+from utils import atomic_path, non_finite_tensors, read_checkpoint, write_json
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +133,7 @@ def load_checkpoint(path: str | Path, device: torch.device) -> LoadedCheckpoint:
     missing = [key for key in _REQUIRED_KEYS if key not in payload]
     if missing:
         raise ValueError(f"{path}: not a checkpoint of this framework (missing {missing})")
-    state = payload["model"]
-    broken = [name for name, value in (state.items() if isinstance(state, dict) else ())
-              if torch.is_tensor(value) and value.is_floating_point()
-              and not bool(torch.isfinite(value).all())]
+    broken = non_finite_tensors(payload["model"])
     if broken:
         raise ValueError(f"{path}: {len(broken)} weight tensor(s) hold NaN/Inf ({broken[0]}, "
                          "...); predictions from it would be meaningless")
@@ -251,12 +248,12 @@ def evaluate_subsets(model: nn.Module, layout: ProcessedLayout, names: list[str]
             scores.grid.update(case.name, grid, case.label, case.spacing)
             if case.roi_given:
                 scores.roi_given.append(case.name)
-            if native is not None and case.native is not None:
+            if native is not None:  # the case's raw label and grid are at hand
                 scores.native.update(case.name, native, case.native.label.array,
                                      case.native.spacing)
             if subset in prediction_dirs:
                 write_prediction_nifti(prediction_dirs[subset], case, grid)
-                if native is not None and case.native is not None:
+                if native is not None:
                     write_native_nifti(prediction_dirs[subset] / f"{case.name}_native_pred.nii.gz",
                                        native, case.native.volume)
     return results

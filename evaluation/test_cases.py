@@ -72,15 +72,12 @@ def read_test_case(layout: ProcessedLayout, name: str, *, native: bool = True) -
     manifest = _manifest(layout, name)
     record = (manifest or {}).get("test_volume")
     if record is None:
-        # As given: the release's files are in [0, 255], files already in [0, 1] pass unchanged.
-        scale = 255.0 if float(stored.images.max(initial=0.0)) > 1.0 else 1.0
-        return TestCase(name, stored.images / np.float32(scale), stored.label, stored.spacing,
-                        None, None)
+        return TestCase(name, stored.unit_images(), stored.label, stored.spacing, None, None)
     sources = manifest.get("sources", {})
     volumes = _readable({key: sources[key] for key in record["present"] if key in sources}, name)
     # Our label-free volumes hold exactly what grid_stacks made of the raw files ([0, 255]).
     stacks = GridStacks.from_record(record, stored.images, volumes)
-    image = stored.images / np.float32(255.0)
+    image = stored.unit_images()
     truth = None
     label_source, owner = sources.get("label"), manifest.get("label_modality")
     if native and label_source and owner in volumes:

@@ -49,6 +49,7 @@ from preprocessing.config import PreprocessConfig
 from preprocessing.grid_stacks import GridStacks
 from preprocessing.pipeline import grid_stacks
 from preprocessing.registration import Segmenter, register_sequences
+from preprocessing.runner import VOXELMORPH_CHECKPOINT
 from utils import atomic_path, file_sha256, json_text
 
 log = logging.getLogger(__name__)
@@ -301,7 +302,7 @@ def registration_networks(payload: dict, preprocess: PreprocessConfig, device: t
     voxelmorph = None
     if preprocess.nonrigid_registration:
         root = (payload.get("train_config") or {}).get("root_path")
-        path = Path(root) / "voxelmorph.pth" if root else None
+        path = Path(root) / VOXELMORPH_CHECKPOINT if root else None
         recorded = ProcessedLayout(Path(root)).recorded_voxelmorph() if root else None
         if path is None or not path.is_file():
             log.warning("the training data were registered non-rigidly but %s is not here: the "

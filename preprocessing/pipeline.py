@@ -107,13 +107,6 @@ def align_case(case: RawCase, config: PreprocessConfig,
     reference, kept, partners, grids = (stacks.reference, list(stacks.kept), stacks.partners,
                                         stacks.grids)
     ref_volume = volumes[reference]
-
-    def resample(name: str, fields: list[np.ndarray] | None = None) -> np.ndarray:
-        return np.stack([
-            sample_slice(volumes[name], partners[name][i], grid, is_label=False,
-                         field=None if fields is None else fields[i])
-            for i, grid in enumerate(grids)])
-
     full = {name: stacks.channel(name) for name in MODALITIES}
     label_full = stacks.label_on_grids(case.label, case.label_modality)
     windows = stacks.windows
@@ -138,7 +131,7 @@ def align_case(case: RawCase, config: PreprocessConfig,
     images = {}
     for name in MODALITIES:
         if name in registrations:
-            stack = apply_window(resample(name, affine_fields[name]), windows[name])
+            stack = stacks.resample(name, affine_fields[name])
         else:
             stack = full[name][roi]
         images[name] = np.ascontiguousarray(stack)

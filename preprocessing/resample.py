@@ -86,13 +86,13 @@ def sample_slice(volume: Volume, index: int, grid: PlaneGrid, *, is_label: bool,
         sampled = ndimage.map_coordinates(source, coords, order=0, mode="constant", cval=0)
         return sampled.reshape(shape).astype(np.uint8)
     _, row_mm, col_mm = volume.spacing
-    sigma = [_antialias_sigma(grid.spacing / row_mm), _antialias_sigma(grid.spacing / col_mm)]
+    sigma = [antialias_sigma(grid.spacing / row_mm), antialias_sigma(grid.spacing / col_mm)]
     if max(sigma) > 0:
         source = ndimage.gaussian_filter(source, sigma=sigma, mode="nearest")
     sampled = ndimage.map_coordinates(source, coords, order=1, mode="constant", cval=0.0)
     return sampled.reshape(shape).astype(np.float32)
 
 
-def _antialias_sigma(ratio: float) -> float:
+def antialias_sigma(ratio: float) -> float:
     """Gaussian sigma (source pixels) whose FWHM closes the gap to the coarser target pixel."""
     return float(np.sqrt(ratio**2 - 1.0) / _FWHM_PER_SIGMA) if ratio > 1.0 else 0.0
