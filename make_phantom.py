@@ -9,7 +9,8 @@ import argparse
 import logging
 import sys
 
-from datasets.phantom import PhantomConfig, write_phantom_dataset
+from datasets.phantom import write_phantom_dataset
+from datasets.phantom_config import PhantomConfig
 from utils import setup_logging
 
 log = logging.getLogger("make_phantom")

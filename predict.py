@@ -25,11 +25,16 @@ from pathlib import Path
 
 from datasets.labels import MODALITIES
 from datasets.raw import discover_cases
-from evaluation.evaluate import add_checkpoint_arguments, checkpoint_paths, load_ensemble
+from networks.checkpoint import load_ensemble
 from networks.sequences import parse_sequences
 from networks.variants import describe
 from prediction.inputs import case_dir_files, load_patient
-from prediction.options import add_prediction_arguments, predict_config
+from prediction.options import (
+    add_checkpoint_arguments,
+    add_prediction_arguments,
+    checkpoint_paths,
+    predict_config,
+)
 from prediction.pipeline import (
     output_paths,
     predict_patient,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from preprocessing.pipeline import AFFINE_METRICS, PreprocessConfig
 from preprocessing.runner import RunOptions, run_preprocessing
-from preprocessing.voxelmorph import VoxelMorphConfig
+from preprocessing.voxelmorph_net import VoxelMorphConfig
 from utils import setup_logging
 
 log = logging.getLogger("preprocess_data")

@@ -27,19 +27,22 @@ from datasets.labels import MODALITIES
 from datasets.processed import ProcessedLayout, case_of
 from evaluation.evaluate import (
     Scores,
-    add_checkpoint_arguments,
     all_subsets,
-    checkpoint_paths,
     evaluate_subsets,
     format_subset_table,
-    load_ensemble,
     subset_label,
     write_results,
     write_subset_table,
 )
+from networks.checkpoint import load_ensemble
 from networks.sequences import parse_sequences
 from networks.variants import describe
-from prediction.options import add_prediction_arguments, predict_config
+from prediction.options import (
+    add_checkpoint_arguments,
+    add_prediction_arguments,
+    checkpoint_paths,
+    predict_config,
+)
 from prediction.pipeline import registration_networks
 from utils import resolve_device, setup_logging
 

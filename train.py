@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from datasets.labels import MODALITIES
-from networks.factory import list_models
+from networks.backbones import list_backbones
 from networks.objective import SCHEDULES
 from networks.prior_attention import CROSS_ATTENTION, PixelPairAttention
 from networks.variants import VARIANTS
@@ -40,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default=defaults.dataset, choices=sorted(DATASETS))
     parser.add_argument("--model", default=defaults.model, choices=sorted(VARIANTS),
-                        help="network variant: " + "; ".join(f"{k}: {v}"
+                        help="network variant: " + "; ".join(f"{k}: {v.description}"
                                                              for k, v in VARIANTS.items()))
-    parser.add_argument("--vit_name", default=defaults.vit_name, choices=list_models(),
+    parser.add_argument("--vit_name", default=defaults.vit_name, choices=list_backbones(),
                         help="encoder backbone of every variant")
     parser.add_argument("--priors_path", default=None,
                         help="prior bank (.pt) from `python -m prompts.encode`; immseg only "

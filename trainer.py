@@ -29,18 +29,22 @@ from datasets.folds import check_fold, fold_list_dir
 from datasets.labels import NUM_CLASSES
 from datasets.processed import ProcessedLayout
 from datasets.sequence_jitter import JitterConfig
-from evaluation.inference import predict_volume
-from networks.factory import list_models
-from networks.objective import ObjectiveConfig, TrainingForward, TrainingObjective
-from networks.sequences import accepts_sequence_mask
-from networks.variants import VARIANTS, create_network, describe
-from prompts.bank import load_prior_bank
-from prompts.texts import canonical_names
-from training.checkpoint import (
+from networks.backbones import list_backbones
+from networks.capabilities import capabilities_of
+from networks.checkpoint import (
+    CHECKPOINT_BEST,
+    CHECKPOINT_FINAL,
+    CHECKPOINT_LAST,
     load_training_checkpoint,
     restore_rng_state,
     save_training_checkpoint,
 )
+from networks.inference import predict_volume
+from networks.objective import ObjectiveConfig, TrainingForward, TrainingObjective
+from networks.sequences import accepts_sequence_mask
+from networks.variants import VARIANTS, check_options, create_network, describe
+from prompts.bank import load_prior_bank
+from prompts.texts import canonical_names
 from training.distributed import (
     DistContext,
     broadcast_flag,
@@ -71,9 +75,6 @@ DATASETS: dict[str, dict[str, Any]] = {
 }
 #: Where the immseg model looks for its prior bank unless told (``python -m prompts.encode``).
 DEFAULT_PRIORS_PATH = "priors/biomedclip.pt"
-CHECKPOINT_LAST = "checkpoint_last.pth"
-CHECKPOINT_FINAL = "checkpoint_final.pth"
-CHECKPOINT_BEST = "checkpoint_best.pth"
 OPTIMIZERS = ("adamw", "sgd")
 _LOSS = ObjectiveConfig()
 #: The best model is the one with the highest mean Dice over these groups.
@@ -143,11 +144,12 @@ class TrainConfig:
             raise ValueError(f"unknown dataset {self.dataset!r}; known: {sorted(DATASETS)}")
         if self.model not in VARIANTS:
             raise ValueError(f"unknown model {self.model!r}; known: {sorted(VARIANTS)}")
-        if self.vit_name not in list_models():
-            raise ValueError(f"unknown vit_name {self.vit_name!r}; known: {list_models()}")
-        if self.model == "immseg" and self.priors_path is None:
+        spec = VARIANTS[self.model]
+        if self.vit_name not in list_backbones():
+            raise ValueError(f"unknown vit_name {self.vit_name!r}; known: {list_backbones()}")
+        if spec.text_priors and self.priors_path is None:
             object.__setattr__(self, "priors_path", DEFAULT_PRIORS_PATH)
-        if self.model != "immseg" and self.priors_path is not None:
+        if not spec.text_priors and self.priors_path is not None:
             raise ValueError(f"the {self.model} model uses no text priors; drop priors_path "
                              f"({self.priors_path})")
         if self.folds:
@@ -187,15 +189,17 @@ class TrainConfig:
         if isinstance(self.sequence_dropout, bool) or not 0 <= self.sequence_dropout < 1:
             raise ValueError(f"sequence_dropout must lie in [0, 1), got "
                              f"{self.sequence_dropout!r}")
-        if ((self.cross_attention, self.pixel_values) != ("sequence", "own")
-                and self.model not in ("immseg", "immseg_noprior")):
-            raise ValueError(f"cross_attention and pixel_values choose immseg's exchange "
-                             f"between sequences; the {self.model} model has none")
+        check_options(self.model, self.network_options())
         if isinstance(self.sequence_jitter, bool) or not 0 <= self.sequence_jitter <= 1:
             raise ValueError(f"sequence_jitter must lie in [0, 1], got {self.sequence_jitter!r}")
-        if self.sequence_dropout > 0 and self.model == "transunet_single":
+        if self.sequence_dropout > 0 and spec.capabilities.single_sequence:
             raise ValueError("transunet_single reads one sequence: sequence_dropout would only "
                              "blank its input; use it with a multi-sequence variant")
+
+    def network_options(self) -> dict[str, Any]:
+        """The variant-specific build options (networks.variants.VariantSpec.options)."""
+        return {"share_encoder": self.share_encoder, "cross_attention": self.cross_attention,
+                "pixel_values": self.pixel_values}
 
     def objective(self) -> ObjectiveConfig:
         return ObjectiveConfig(
@@ -302,11 +306,9 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
               if config.priors_path is not None else None)
     model = create_network(config.model, backbone=config.vit_name, img_size=config.img_size,
                            num_classes=config.num_classes, sequence=config.sequence,
-                           priors=priors, share_encoder=config.share_encoder,
+                           priors=priors,
                            pretrained=None if resume else config.pretrained_path,
-                           dropout_rate=config.vit_dropout,
-                           cross_attention=config.cross_attention,
-                           pixel_values=config.pixel_values)
+                           dropout_rate=config.vit_dropout, **config.network_options())
     # Early-fusion TransUNet sees only the zeroed channels; the I_MMSeg variants get the mask.
     pass_mask = config.sequence_dropout > 0 and accepts_sequence_mask(model)
     if context.distributed:
@@ -329,7 +331,7 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
         # Before the contrastive term starts, immseg's embedding layers get no gradient.
         step = DistributedDataParallel(
             step, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=hasattr(model, "forward_train"))
+            find_unused_parameters=capabilities_of(model).training_outputs)
     objective = TrainingObjective(config.num_classes, config.objective()).to(device)
     max_iterations = config.max_epochs * len(loader)
     schedule = {"kind": "poly", "base_lr": config.base_lr, "power": config.poly_power,

@@ -104,6 +104,14 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
 
 
+def check_int(name: str, value: Any, minimum: int = 1) -> None:
+    """Refuse anything but an int >= ``minimum``; bool counts as a mistake, not an int."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
 def require_finite(*, positive: bool = False, **values: object) -> None:
     """Raise ``ValueError`` naming the first of ``values`` that is not a finite real number >= 0
     (> 0 with ``positive``). Bools are refused: ``True`` passed as a weight is a mistake."""
@@ -155,18 +163,20 @@ def setup_logging(log_file: str | os.PathLike[str] | None = None,
                         handlers=handlers, force=True)
 
 
-def read_checkpoint(path: str | os.PathLike[str], missing: str = "checkpoint not found") -> dict:
-    """The dict a framework checkpoint holds; clear errors for absent, corrupt or foreign files.
+def load_torch_file(path: str | os.PathLike[str], what: str, *, missing: str | None = None,
+                    unreadable: str | None = None, weights_only: bool = True) -> Any:
+    """The object a ``torch.save`` file holds, read on the CPU; every error names the file.
 
-    ``missing`` is the message for an absent file (what the caller was looking for).
+    ``what`` names the expected content; ``missing`` and ``unreadable`` replace the messages for
+    an absent file ("<what> not found") and an unreadable one ("unreadable <what>"). The one reader
+    behind checkpoints, VoxelMorph fields and prior banks, so that a truncated or foreign file
+    gives the same kind of message everywhere. ``weights_only=False`` is for the framework's own
+    checkpoints, which hold plain Python objects (the training RNG states).
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: {missing}")
+        raise FileNotFoundError(f"{path}: {missing or f'{what} not found'}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises several types for truncated/corrupt files
-        raise ValueError(f"{path}: unreadable checkpoint ({error})") from error
-    if not isinstance(payload, dict):
-        raise ValueError(f"{path}: not a checkpoint of this framework")
-    return payload
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as error:  # torch raises several types for truncated/foreign files
+        raise ValueError(f"{path}: {unreadable or f'unreadable {what}'} ({error})") from error

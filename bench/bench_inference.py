@@ -3,7 +3,7 @@
     python -m bench.bench_inference --model immseg --vit_name R50-ViT-B_16 --slices 12 \
         --img_size 128
 
-Both paths are those of :mod:`evaluation.inference` (``predict_volume`` and its slice-by-slice
+Both paths are those of :mod:`networks.inference` (``predict_volume`` and its slice-by-slice
 reference), timed with and without flip TTA on one random volume, with a randomly initialised
 network (and, for immseg, a random prior bank of BiomedCLIP's width: timing needs the shapes,
 not the meaning). The target is a batched speed-up of at least 3x; on a CPU with few cores a
@@ -28,8 +28,8 @@ from torch import nn
 
 from bench.measure import peak_rss_mb, sync
 from datasets.labels import MODALITIES
-from evaluation.inference import predict_volume, predict_volume_slicewise
-from networks.factory import list_models
+from networks.backbones import list_backbones
+from networks.inference import predict_volume, predict_volume_slicewise
 from networks.variants import VARIANTS, count_parameters, create_network
 from prompts.bank import random_prior_bank
 
@@ -79,7 +79,7 @@ def bench(model: nn.Module, image: np.ndarray, img_size: int, device: torch.devi
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="immseg", choices=sorted(VARIANTS))
-    parser.add_argument("--vit_name", default="R50-ViT-B_16", choices=list_models())
+    parser.add_argument("--vit_name", default="R50-ViT-B_16", choices=list_backbones())
     parser.add_argument("--slices", type=int, default=12, help="slices in the volume")
     parser.add_argument("--img_size", type=int, default=128, help="network input size")
     parser.add_argument("--volume_size", type=int, default=None,

@@ -42,9 +42,10 @@ from datasets.misalignment import (
     sample_slice_misalignment,
 )
 from datasets.raw import Volume, discover_cases, load_case
-from evaluation.evaluate import LoadedCheckpoint, checkpoint_paths, load_checkpoint
 from evaluation.metrics import MetricAccumulator
+from networks.checkpoint import LoadedCheckpoint, load_checkpoint
 from prediction.inputs import PatientImages
+from prediction.options import checkpoint_paths
 from prediction.pipeline import (
     PredictConfig,
     Registration,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.measure import sync
-from networks import create_model, list_models
+from networks import create_transunet, list_backbones
 
 
 def bench_variant(
@@ -34,7 +34,7 @@ def bench_variant(
 ) -> dict[str, Any]:
     """Median wall time of ``iters`` train steps after ``warmup`` untimed ones."""
     torch.manual_seed(0)
-    model = create_model(
+    model = create_transunet(
         name, img_size=img_size, in_channels=in_channels, num_classes=num_classes
     ).to(device)
     model.train()
@@ -79,10 +79,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.batch < 1 or args.iters < 1 or args.warmup < 0:
         parser.error("--batch and --iters must be >= 1, --warmup >= 0")
-    variants = args.variants or list_models()
-    unknown = sorted(set(variants) - set(list_models()))
+    variants = args.variants or list_backbones()
+    unknown = sorted(set(variants) - set(list_backbones()))
     if unknown:
-        parser.error(f"unknown variants {unknown}; known: {list_models()}")
+        parser.error(f"unknown variants {unknown}; known: {list_backbones()}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

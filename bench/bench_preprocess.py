@@ -27,7 +27,7 @@ from bench.measure import print_report
 from datasets.phantom import write_phantom_dataset
 from preprocessing.pipeline import AFFINE_METRICS, PreprocessConfig
 from preprocessing.runner import RunOptions, run_preprocessing
-from preprocessing.voxelmorph import VoxelMorphConfig
+from preprocessing.voxelmorph_net import VoxelMorphConfig
 
 #: Seconds per case the preprocessing should stay under (non-rigid training excluded).
 TARGET_SECONDS = 5.0

@@ -25,14 +25,9 @@ import torch
 
 from bench.measure import print_report
 from datasets.raw import discover_cases, load_case
+from preprocessing.affine_estimators import independent_estimators, reference_transforms
 from preprocessing.pipeline import PreprocessConfig, align_case
-from preprocessing.reference_agreement import (
-    heart_offsets,
-    independent_estimators,
-    myocardial_offsets,
-    reference_transforms,
-    split_agreement,
-)
+from preprocessing.reference_agreement import heart_offsets, myocardial_offsets, split_agreement
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -55,7 +55,9 @@ from datasets.raw import discover_cases, load_case
 from preprocessing.alignment_error import MyocardialErrors, myocardial_errors, plane_mm
 from preprocessing.pipeline import AFFINE_METRICS, PreprocessConfig, align_case, finish_case
 from preprocessing.runner import registration_pairs
-from preprocessing.voxelmorph import VoxelMorph2D, VoxelMorphConfig, train_voxelmorph
+from preprocessing.segmenter import CheckpointSegmenter
+from preprocessing.voxelmorph import train_voxelmorph
+from preprocessing.voxelmorph_net import VoxelMorph2D, VoxelMorphConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -257,8 +259,6 @@ def _report(args: argparse.Namespace, config: PreprocessConfig) -> dict:
     """Run the benchmark the parsed ``args`` describe and return its JSON report."""
     segmenter = None
     if args.affine_metric == "segmentation":
-        from preprocessing.segmenter import CheckpointSegmenter
-
         segmenter = CheckpointSegmenter(args.segmenter, torch.device("cpu"))
     case_ids = [case.strip() for case in args.case_ids.split(",")] if args.case_ids else None
     with tempfile.TemporaryDirectory() as tmp:

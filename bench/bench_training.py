@@ -42,7 +42,7 @@ from datasets.augment import AugmentConfig, drop_sequences
 from datasets.dataset import EpochIndices, SliceDataset
 from datasets.labels import MODALITIES, NUM_CLASSES
 from datasets.processed import ProcessedLayout, write_training_slice
-from networks.factory import list_models
+from networks.backbones import list_backbones
 from networks.objective import ObjectiveConfig, TrainingForward, TrainingObjective
 from networks.sequences import accepts_sequence_mask, zero_absent
 from networks.variants import VARIANTS, count_parameters, create_network
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="immseg", choices=sorted(VARIANTS))
-    parser.add_argument("--vit_name", default="R26-ViT-S_16", choices=list_models())
+    parser.add_argument("--vit_name", default="R26-ViT-S_16", choices=list_backbones())
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--img_size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from bench.measure import peak_rss_mb, sync
-from networks.factory import list_models, model_config
+from networks.backbones import backbone_config, list_backbones
 from networks.immseg import SkipFusion
 from networks.objective import ObjectiveConfig, TrainingObjective, forward_outputs
 from networks.transunet import SegmentationHead, TransUNetDecoder, TransUNetEncoder
@@ -43,7 +43,7 @@ class ThreeEncoders(nn.Module):
 
     def __init__(self, backbone: str, img_size: int, num_classes: int, sequences: int = 3):
         super().__init__()
-        config = model_config(backbone, img_size=img_size, in_channels=1,
+        config = backbone_config(backbone, img_size=img_size, in_channels=1,
                               num_classes=num_classes)
         self.encoders = nn.ModuleList(TransUNetEncoder.from_config(config, in_channels=1)
                                       for _ in range(sequences))
@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=[*VARIANTS, REFERENCE],
                         choices=[*VARIANTS, REFERENCE])
-    parser.add_argument("--backbone", default="R50-ViT-B_16", choices=list_models())
+    parser.add_argument("--backbone", default="R50-ViT-B_16", choices=list_backbones())
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--img-size", type=int, default=128)
     parser.add_argument("--iters", type=int, default=3)

@@ -33,9 +33,9 @@ import test as test_script
 import train as train_script
 from datasets.phantom import write_phantom_dataset
 from evaluation import score_folder
+from networks.checkpoint import CHECKPOINT_FINAL
 from preprocessing.pipeline import PreprocessConfig
 from preprocessing.runner import RunOptions, run_preprocessing
-from trainer import CHECKPOINT_FINAL
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "preprocess_data": preprocess_data.main, "train": train_script.main,

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from datasets.phantom import PhantomConfig
+from datasets.phantom_config import PhantomConfig
 
 # Regions of the model; each has a tissue (for contrast) and a MyoPS 2020 label code.
 (AIR, LUNG, FAT, MUSCLE, LIVER, MARROW, FLUID, VESSEL, WALL, LV_BLOOD, RV_BLOOD, MYO, EDEMA,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -27,9 +27,7 @@ from datasets.phantom_anatomy import (
     regions_at,
     uniform,
 )
-
-if TYPE_CHECKING:
-    from datasets.phantom import PhantomConfig
+from datasets.phantom_config import PhantomConfig
 
 
 def grid_axes(seq: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:

@@ -8,10 +8,8 @@ reported.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import itertools
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,136 +24,19 @@ from tqdm import tqdm
 from datasets.labels import MODALITIES
 from datasets.processed import ProcessedLayout
 from datasets.raw import Volume, nifti_image
-from evaluation.ensemble import Ensemble
-from evaluation.inference import predict_volume
 from evaluation.metrics import MetricAccumulator
 from evaluation.plots import dice_boxplot, dice_by_group
 from evaluation.test_cases import TestCase, iter_test_cases
+from networks.inference import predict_volume
 from networks.sequences import check_model_inputs, parse_sequences
-from networks.variants import input_size, network_from_record
 from prediction.native import labels_from_probabilities, probabilities_to_native
 from prediction.pipeline import PredictConfig, Registration, predict_stacks
-from trainer import CHECKPOINT_FINAL
-from utils import atomic_path, non_finite_tensors, read_checkpoint, write_json
+from utils import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
-_REQUIRED_KEYS = ("network", "model")
-
 #: Joins sequence names into a subset's label (``LGE+T2w``), used for table rows and folders.
 SUBSET_SEPARATOR = "+"
-
-
-@dataclass(frozen=True)
-class LoadedCheckpoint:
-    """A rebuilt network and the checkpoint it came from; ``payloads`` are every member's when
-    several checkpoints make one ensemble (``payload`` is the first's)."""
-
-    model: nn.Module
-    payload: dict
-    member_payloads: tuple[dict, ...] = ()
-
-    @property
-    def payloads(self) -> list[dict]:
-        return list(self.member_payloads) or [self.payload]
-
-    @property
-    def img_size(self) -> int:
-        return input_size(self.model)
-
-
-def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--checkpoint FILE [FILE ...]`` or ``--run_dir DIR`` (one required), for test.py and
-    predict.py. Several checkpoints, or a cross-validation folder, are used as an ensemble where
-    one model is asked for."""
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--checkpoint", nargs="+",
-                       help="checkpoint file(s) written by train.py; several are ensembled "
-                            "(mean of softmax)")
-    where.add_argument("--run_dir",
-                       help=f"run folder of train.py (uses {CHECKPOINT_FINAL}), or a "
-                            "cross-validation folder holding fold<k>/ runs")
-
-
-def fold_runs(run_dir: str | Path) -> list[Path]:
-    """The ``fold<k>`` runs of a cross-validation folder, in fold order ([] for a plain run).
-
-    Every fold must have finished: an ensemble or an out-of-fold score with a fold missing
-    would silently be another experiment.
-    """
-    run_dir = Path(run_dir)
-    found = sorted((p for p in run_dir.glob("fold*") if p.is_dir() and p.name[4:].isdigit()),
-                   key=lambda p: int(p.name[4:]))
-    if not found:
-        return []
-    # The fold count the runs were trained with, not the folders that happen to exist.
-    counts = set()
-    for fold in found:
-        try:
-            counts.add(int(json.loads((fold / "config.json").read_text())["folds"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    if len(counts) > 1:
-        raise ValueError(f"{run_dir}: its folds were trained with different fold counts "
-                         f"{sorted(counts)}")
-    total = counts.pop() if counts else len(found)
-    folds = [run_dir / f"fold{k}" for k in range(total)]
-    unfinished = [str(p) for p in folds if not (p / CHECKPOINT_FINAL).is_file()]
-    if unfinished:
-        raise ValueError(f"{run_dir}: fold(s) without {CHECKPOINT_FINAL}: {unfinished} (train "
-                         "them first: train.py --folds K --resume)")
-    return folds
-
-
-def checkpoint_paths(args: argparse.Namespace) -> list[Path]:
-    """The checkpoints named by :func:`add_checkpoint_arguments`' flags (folds in order)."""
-    if args.checkpoint:
-        return [Path(path) for path in args.checkpoint]
-    folds = fold_runs(args.run_dir)
-    if folds:
-        return [fold / CHECKPOINT_FINAL for fold in folds]
-    return [Path(args.run_dir) / CHECKPOINT_FINAL]
-
-
-def checkpoint_path(args: argparse.Namespace) -> Path:
-    """The one checkpoint named by the flags (the first of several)."""
-    return checkpoint_paths(args)[0]
-
-
-def load_checkpoint(path: str | Path, device: torch.device) -> LoadedCheckpoint:
-    """Rebuild the network described inside a checkpoint and load its weights (eval mode)."""
-    path = Path(path)
-    payload = read_checkpoint(path)
-    if "network" not in payload and {"model_name", "model_config"} <= set(payload):
-        # Written before variants existed: always an early-fusion TransUNet.
-        payload["network"] = {"variant": "transunet", "name": payload["model_name"],
-                              "config": payload["model_config"]}
-    missing = [key for key in _REQUIRED_KEYS if key not in payload]
-    if missing:
-        raise ValueError(f"{path}: not a checkpoint of this framework (missing {missing})")
-    broken = non_finite_tensors(payload["model"])
-    if broken:
-        raise ValueError(f"{path}: {len(broken)} weight tensor(s) hold NaN/Inf ({broken[0]}, "
-                         "...); predictions from it would be meaningless")
-    try:
-        model = network_from_record(payload["network"], payload["model"])
-    except (ValueError, KeyError, RuntimeError) as error:
-        raise ValueError(f"{path}: cannot rebuild its network ({error})") from error
-    return LoadedCheckpoint(model.to(device).eval(), payload)
-
-
-def load_ensemble(paths: Sequence[str | Path], device: torch.device) -> LoadedCheckpoint:
-    """One checkpoint, or several as an :class:`~evaluation.ensemble.Ensemble` (the first's
-    payload describes it: its training data and preprocessing)."""
-    loaded = [load_checkpoint(path, device) for path in paths]
-    if len(loaded) == 1:
-        return loaded[0]
-    preprocess = {json.dumps(item.payload.get("preprocess"), sort_keys=True) for item in loaded}
-    if len(preprocess) > 1:
-        raise ValueError(f"{', '.join(map(str, paths))}: trained on differently preprocessed "
-                         "data; their inputs differ and cannot be ensembled")
-    return LoadedCheckpoint(Ensemble([item.model for item in loaded]).to(device).eval(),
-                            loaded[0].payload, tuple(item.payload for item in loaded))
 
 
 def all_subsets(known: Sequence[str] = MODALITIES) -> list[tuple[str, ...]]:

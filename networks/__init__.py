@@ -1,13 +1,13 @@
-"""TransUNet (R50+ViT hybrid) networks: configs, building blocks, npz weights, factory."""
+"""TransUNet (R50+ViT hybrid) networks: configs, building blocks, npz weights, named backbones."""
 
-from networks.configs import DecoderConfig, ResNetConfig, TransUNetConfig, ViTConfig
-from networks.factory import (
-    create_model,
-    create_model_from_config,
-    list_models,
-    model_config,
-    register_model,
+from networks.backbones import (
+    backbone_config,
+    create_transunet,
+    list_backbones,
+    register_backbone,
+    transunet_from_config,
 )
+from networks.configs import DecoderConfig, ResNetConfig, TransUNetConfig, ViTConfig
 from networks.npz_loader import (
     LoadReport,
     export_google_weights,
@@ -32,13 +32,13 @@ __all__ = [
     "TransUNetEncoder",
     "ViTConfig",
     "VisionTransformer",
-    "create_model",
-    "create_model_from_config",
+    "backbone_config",
+    "create_transunet",
     "export_google_weights",
-    "list_models",
+    "list_backbones",
     "load_google_npz",
-    "model_config",
     "read_npz",
-    "register_model",
+    "register_backbone",
+    "transunet_from_config",
     "write_google_npz",
 ]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from networks.configs import _check_int
+from utils import check_int
 
 #: Scale of the last FiLM layer at init: gamma, beta start small (near identity) but non-zero so
 #: every layer of the MLP receives gradient from the first step.
@@ -51,7 +51,7 @@ class ClassFeatureModulation(nn.Module):
         super().__init__()
         for name, value in (("prior_dim", prior_dim), ("feature_dim", feature_dim),
                             ("embed_dim", embed_dim)):
-            _check_int(name, value)
+            check_int(name, value)
         self.prior_dim = prior_dim
         self.feature_dim = feature_dim
         self.embed_dim = embed_dim
@@ -116,7 +116,7 @@ class DynamicHead(nn.Module):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("embed_dim", embed_dim),
                             ("hidden", hidden)):
-            _check_int(name, value)
+            check_int(name, value)
         self.in_channels = in_channels
         self.embed_dim = embed_dim
         self.hidden = hidden

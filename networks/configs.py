@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from utils import check_int
+
 #: The hybrid encoder downsamples by 2 (root conv), 2 (max-pool), 2 and 2 (stages 2 and 3).
 RESNET_STRIDE = 16
 #: Decoder blocks double the resolution four times to climb back from H/16 to H.
@@ -20,14 +22,6 @@ NUM_DECODER_BLOCKS = 4
 NUM_SKIPS = 3
 
 _C = TypeVar("_C")
-
-
-def _check_int(name: str, value: Any, minimum: int = 1) -> None:
-    # bool is an int subclass; True as a width is always a mistake.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 def _check_rate(name: str, value: Any) -> None:
@@ -44,7 +38,7 @@ def _int_tuple(name: str, value: Any, length: int) -> tuple[int, ...]:
     if len(items) != length:
         raise ValueError(f"{name} must have {length} entries, got {len(items)}: {items}")
     for i, item in enumerate(items):
-        _check_int(f"{name}[{i}]", item)
+        check_int(f"{name}[{i}]", item)
     return items
 
 
@@ -74,8 +68,8 @@ class ResNetConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_units", _int_tuple("block_units", self.block_units, 3))
-        _check_int("width", self.width)
-        _check_int("gn_groups", self.gn_groups)
+        check_int("width", self.width)
+        check_int("gn_groups", self.gn_groups)
         if self.width % self.gn_groups:
             raise ValueError(
                 f"gn_groups={self.gn_groups} must divide width={self.width} "
@@ -114,7 +108,7 @@ class ViTConfig:
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "mlp_dim", "patch_size"):
-            _check_int(name, getattr(self, name))
+            check_int(name, getattr(self, name))
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}"
@@ -142,10 +136,10 @@ class DecoderConfig:
         object.__setattr__(
             self, "channels", _int_tuple("channels", self.channels, NUM_DECODER_BLOCKS)
         )
-        _check_int("n_skip", self.n_skip, minimum=0)
+        check_int("n_skip", self.n_skip, minimum=0)
         if self.n_skip > NUM_SKIPS:
             raise ValueError(f"n_skip must be in 0..{NUM_SKIPS}, got {self.n_skip}")
-        _check_int("head_channels", self.head_channels)
+        check_int("head_channels", self.head_channels)
 
 
 @dataclass(frozen=True)
@@ -163,7 +157,7 @@ class TransUNetConfig:
         for name, cls in (("resnet", ResNetConfig), ("vit", ViTConfig), ("decoder", DecoderConfig)):
             if not isinstance(getattr(self, name), cls):
                 raise ValueError(f"{name} must be a {cls.__name__}, got {getattr(self, name)!r}")
-        _check_int("img_size", self.img_size)
+        check_int("img_size", self.img_size)
         if self.img_size % RESNET_STRIDE:
             raise ValueError(
                 f"img_size must be a multiple of {RESNET_STRIDE}, got {self.img_size}"
@@ -173,8 +167,8 @@ class TransUNetConfig:
                 f"vit.patch_size must equal the ResNet stride {RESNET_STRIDE} in the hybrid "
                 f"model, got {self.vit.patch_size}"
             )
-        _check_int("in_channels", self.in_channels)
-        _check_int("num_classes", self.num_classes)
+        check_int("in_channels", self.in_channels)
+        check_int("num_classes", self.num_classes)
 
     @property
     def grid_size(self) -> int:

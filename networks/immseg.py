@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from networks.capabilities import Capabilities
 from networks.class_modulation import ClassFeatureModulation, DynamicHead
-from networks.configs import NUM_SKIPS, TransUNetConfig, _check_int, _from_mapping
+from networks.configs import NUM_SKIPS, TransUNetConfig, _from_mapping
 from networks.npz_loader import LoadReport, load_google_npz
 from networks.prior_attention import (
     CROSS_ATTENTION,
@@ -39,6 +40,7 @@ from networks.prior_attention import (
     presence_weights,
 )
 from networks.transunet import Conv2dNormReLU, TransUNetDecoder, TransUNetEncoder
+from utils import check_int
 
 #: Index of the H/4 skip in the encoder's highest-resolution-first skip list.
 AUX_SKIP = 1
@@ -91,7 +93,7 @@ class IMMSegConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("prior_dim", "embed_dim", "aux_channels", "dynamic_hidden"):
-            _check_int(name, getattr(self, name))
+            check_int(name, getattr(self, name))
         if self.cross_attention not in CROSS_ATTENTION:
             raise ValueError(f"cross_attention must be one of {CROSS_ATTENTION}, got "
                              f"{self.cross_attention!r}")
@@ -221,6 +223,8 @@ class IMMSeg(nn.Module):
     ``forward`` returns the main logits only; ``forward_train`` returns :class:`IMMSegOutput`.
     """
 
+    capabilities = Capabilities(sequence_mask=True, training_outputs=True)
+
     def __init__(
         self,
         config: IMMSegConfig,
@@ -276,6 +280,11 @@ class IMMSeg(nn.Module):
         for key, shape in shapes.items():
             # Same distribution as unit-norm sentence embeddings: the ablation differs in content.
             self.register_parameter(key, nn.Parameter(F.normalize(torch.randn(shape), dim=1)))
+
+    @property
+    def variant(self) -> str:
+        """``immseg``, or ``immseg_noprior`` for the learned-vector ablation."""
+        return "immseg" if self.config.use_priors else "immseg_noprior"
 
     @classmethod
     def from_state_dict(

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from networks.capabilities import capabilities_of
 from networks.contrastive import PixelTextContrastiveLoss, downsample_labels
 from networks.immseg import IMMSegOutput
 from networks.losses import SegmentationLoss, global_sum
@@ -88,10 +89,10 @@ class ObjectiveConfig:
 
 def forward_outputs(model: nn.Module, images: Tensor,
                     sequence_mask: Tensor | None = None) -> Outputs:
-    """Training outputs of any variant: everything ``forward_train`` gives, else the logits."""
-    forward_train = getattr(model, "forward_train", None)
-    if forward_train is not None:
-        return forward_train(images, sequence_mask)
+    """Training outputs of any variant: everything ``forward_train`` gives to a network that
+    declares ``training_outputs``, else the logits."""
+    if capabilities_of(model).training_outputs:
+        return model.forward_train(images, sequence_mask)
     if sequence_mask is not None:
         raise ValueError(f"{type(model).__name__} cannot take a sequence mask")
     return model(images)

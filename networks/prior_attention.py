@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from networks.configs import _check_int
+from utils import check_int
 
 #: The exchanges between sequences CMFE offers (see the module docstring).
 CROSS_ATTENTION: tuple[str, ...] = ("sequence", "pixel")
@@ -72,7 +72,7 @@ class PriorGuidedAttention(nn.Module):
         super().__init__()
         for name, value in (("channels", channels), ("prior_dim", prior_dim),
                             ("embed_dim", embed_dim)):
-            _check_int(name, value)
+            check_int(name, value)
         self.prior_dim = prior_dim
         self.prior_proj = nn.Linear(prior_dim, embed_dim)
         self.prior_norm = nn.LayerNorm(embed_dim)
@@ -113,7 +113,7 @@ class CrossSequenceAttention(nn.Module):
         super().__init__()
         for name, value in (("channels", channels), ("num_sequences", num_sequences),
                             ("num_heads", num_heads)):
-            _check_int(name, value)
+            check_int(name, value)
         if channels % num_heads:
             raise ValueError(f"num_heads={num_heads} must divide channels={channels}")
         self.num_heads = num_heads
@@ -154,7 +154,7 @@ class PixelPairAttention(nn.Module):
     def __init__(self, channels: int, num_sequences: int, values: str = "own") -> None:
         super().__init__()
         for name, value in (("channels", channels), ("num_sequences", num_sequences)):
-            _check_int(name, value)
+            check_int(name, value)
         if values not in self.VALUES:
             raise ValueError(f"values must be one of {self.VALUES}, got {values!r}")
         self.values = values
@@ -212,7 +212,7 @@ class CrossModalFeatureEnhancement(nn.Module):
         pixel_values: str = "own",
     ) -> None:
         super().__init__()
-        _check_int("num_sequences", num_sequences)
+        check_int("num_sequences", num_sequences)
         if cross_attention not in CROSS_ATTENTION:
             raise ValueError(f"cross_attention must be one of {CROSS_ATTENTION}, got "
                              f"{cross_attention!r}")

@@ -3,7 +3,7 @@
 An absent sequence is always represented the same way, whatever the variant:
 
 * its input channel is zero (the value a normalised slice never has everywhere), and
-* networks whose ``forward`` takes a ``sequence_mask`` (the I_MMSeg variants) also receive a
+* networks that declare a ``sequence_mask`` capability (the I_MMSeg variants) also receive a
   ``[B, S]`` bool mask, True where the sequence is present, so that they can drop its branch
   instead of reading an empty image.
 
@@ -13,13 +13,13 @@ what a zero channel means. Channel order is :data:`datasets.labels.MODALITIES`.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from datasets.labels import MODALITIES
+from networks.capabilities import capabilities_of
 
 
 def parse_sequences(text: str | Iterable[str], known: Sequence[str] = MODALITIES
@@ -49,8 +49,9 @@ def presence_vector(present: Sequence[str], known: Sequence[str] = MODALITIES) -
 
 
 def accepts_sequence_mask(model: nn.Module) -> bool:
-    """Whether ``model.forward`` takes a ``sequence_mask`` argument (I_MMSeg variants do)."""
-    return "sequence_mask" in inspect.signature(model.forward).parameters
+    """Whether ``model`` declares that its ``forward`` takes a ``sequence_mask`` (I_MMSeg
+    variants do; see :mod:`networks.capabilities`)."""
+    return capabilities_of(model).sequence_mask
 
 
 def zero_absent(images: Tensor, mask: Tensor) -> Tensor:
@@ -77,7 +78,6 @@ def forward_with_sequences(model: nn.Module, images: Tensor, mask: Tensor | None
 
 def check_model_inputs(model: nn.Module, present: Sequence[str]) -> None:
     """Refuse a single-sequence network whose one sequence is absent (it would read zeros)."""
-    sequence = getattr(model, "sequence", None)
-    if getattr(model, "variant", None) == "transunet_single" and sequence not in present:
-        raise ValueError(f"the model reads only {sequence}, which was not given "
+    if capabilities_of(model).single_sequence and model.sequence not in present:
+        raise ValueError(f"the model reads only {model.sequence}, which was not given "
                          f"(given: {', '.join(present)})")

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from networks.capabilities import Capabilities
 from networks.configs import (
     NUM_SKIPS,
     DecoderConfig,
@@ -171,8 +172,11 @@ class TransUNet(nn.Module):
     """Early-fusion TransUNet: the MR sequences are stacked as input channels.
 
     ``config`` and ``name`` are kept on the module so checkpoints can rebuild it
-    (see ``networks.factory.create_model_from_config``).
+    (see :func:`networks.backbones.transunet_from_config`).
     """
+
+    variant = "transunet"
+    capabilities = Capabilities()
 
     def __init__(self, config: TransUNetConfig, name: str = "custom") -> None:
         super().__init__()

@@ -1,6 +1,10 @@
-"""The network variants compared in the paper, built by name from one backbone name.
+"""The network variants compared in the paper: a registry of builders, chosen by name.
 
-``variant`` picks the architecture, ``backbone`` (``--vit_name``) the encoder size:
+``variant`` (``--model``) picks the architecture, ``backbone`` (``--vit_name``, see
+:mod:`networks.backbones`) the encoder size. Each variant is one :class:`VariantSpec` registered
+with :func:`register_variant`: its network class (whose ``capabilities`` say what it can do, see
+:mod:`networks.capabilities`), whether it needs a text prior bank, which build options it takes,
+and how to build it fresh or rebuild it from a checkpoint record. Registered:
 
 * ``immseg``: one encoder per sequence, text-prior-guided fusion and class modulation (needs a
   :class:`~prompts.bank.PriorBank`);
@@ -20,14 +24,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import types
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
 
 from datasets.labels import CLASS_NAMES, MODALITIES
+from networks.backbones import backbone_config, list_backbones, transunet_from_config
+from networks.capabilities import Capabilities
 from networks.configs import TransUNetConfig
-from networks.factory import create_model_from_config, list_models, model_config
 from networks.immseg import IMMSeg, IMMSegConfig
 from networks.npz_loader import load_google_npz, read_npz
 from networks.transunet import TransUNet
@@ -35,16 +42,70 @@ from prompts.bank import PriorBank
 
 log = logging.getLogger(__name__)
 
-VARIANTS: Mapping[str, str] = {
-    "immseg": "per-sequence encoders + text-prior fusion and class modulation",
-    "immseg_noprior": "immseg with learned vectors in place of the text priors (ablation)",
-    "transunet": "early-fusion TransUNet (sequences stacked as channels)",
-    "transunet_single": "TransUNet on one sequence",
-}
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """What :func:`create_network` was asked for, handed to a variant's builder."""
+
+    name: str  # the backbone's name (model.name)
+    config: TransUNetConfig  # the backbone, with the variant's input channel count
+    sequences: tuple[str, ...]
+    sequence: str
+    priors: PriorBank | None
+    options: Mapping[str, Any]  # the variant's own options (VariantSpec.options), as given
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """One registered architecture.
+
+    ``build`` makes a fresh network from a :class:`BuildRequest`; ``rebuild`` makes one from a
+    checkpoint record (and the state_dict, which holds immseg's frozen priors). ``options`` are
+    the build options only this variant understands, with their defaults: passing one of them
+    to another variant (other than at its default) is refused.
+    """
+
+    name: str
+    description: str
+    network: type[nn.Module]
+    build: Callable[[BuildRequest], nn.Module]
+    rebuild: Callable[[Mapping[str, Any], Mapping[str, Tensor] | None], nn.Module]
+    text_priors: bool = False
+    #: input channels of the backbone: one per sequence (early fusion) or 1 (per-sequence
+    #: encoders, or a single sequence)
+    stacked_input: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.network.capabilities
+
+
+_REGISTRY: dict[str, VariantSpec] = {}
+#: The registered variants by name (a read-only view of the registry).
+VARIANTS: Mapping[str, VariantSpec] = types.MappingProxyType(_REGISTRY)
+
+
+def register_variant(spec: VariantSpec) -> VariantSpec:
+    """Add ``spec`` to the registry (names are unique)."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"variant {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def variant_spec(variant: str) -> VariantSpec:
+    """The registered spec of ``variant``; a clear error naming the known ones otherwise."""
+    if variant not in _REGISTRY:
+        raise ValueError(f"unknown model variant {variant!r}; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[variant]
 
 
 class SingleSequenceTransUNet(TransUNet):
     """TransUNet that reads one channel of the multi-sequence input (a 1-channel network)."""
+
+    variant = "transunet_single"
+    capabilities = Capabilities(single_sequence=True)
 
     def __init__(self, config: TransUNetConfig, sequence: str,
                  sequences: Sequence[str] = MODALITIES, name: str = "transunet_single") -> None:
@@ -66,9 +127,60 @@ class SingleSequenceTransUNet(TransUNet):
         return super().forward(x[:, self.sequence_index:self.sequence_index + 1])
 
 
-def _check_variant(variant: str) -> None:
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown model variant {variant!r}; known: {sorted(VARIANTS)}")
+#: Build options of the I_MMSeg variants (see networks.prior_attention) and their defaults.
+_IMMSEG_OPTIONS = {"share_encoder": False, "cross_attention": "sequence", "pixel_values": "own"}
+
+
+def _build_immseg(request: BuildRequest, use_priors: bool) -> IMMSeg:
+    priors = request.priors
+    config = IMMSegConfig(
+        backbone=request.config, sequences=request.sequences, use_priors=use_priors,
+        prior_dim=priors.dim if priors is not None else IMMSegConfig().prior_dim,
+        **{**_IMMSEG_OPTIONS, **request.options})
+    num_classes = request.config.num_classes
+    return IMMSeg(
+        config,
+        modality_priors=priors.modality_matrix(request.sequences) if priors else None,
+        class_priors=priors.class_matrix(CLASS_NAMES[:num_classes]) if priors else None,
+        name=request.name)
+
+
+def _rebuild_immseg(record: Mapping[str, Any], state_dict: Mapping[str, Tensor] | None,
+                    use_priors: bool) -> IMMSeg:
+    config = IMMSegConfig.from_dict(record["config"])
+    if config.use_priors != use_priors:
+        raise ValueError(f"record says {record['variant']!r} but its config has use_priors="
+                         f"{config.use_priors}")
+    if not use_priors:
+        return IMMSeg(config, name=record["name"])
+    if state_dict is None:
+        raise ValueError("rebuilding immseg needs the state_dict (it holds the priors)")
+    return IMMSeg.from_state_dict(config, state_dict, name=record["name"])
+
+
+register_variant(VariantSpec(
+    "immseg", "per-sequence encoders + text-prior fusion and class modulation", IMMSeg,
+    build=lambda request: _build_immseg(request, use_priors=True),
+    rebuild=lambda record, state: _rebuild_immseg(record, state, use_priors=True),
+    text_priors=True, options=_IMMSEG_OPTIONS))
+register_variant(VariantSpec(
+    "immseg_noprior", "immseg with learned vectors in place of the text priors (ablation)",
+    IMMSeg,
+    build=lambda request: _build_immseg(request, use_priors=False),
+    rebuild=lambda record, state: _rebuild_immseg(record, state, use_priors=False),
+    options=_IMMSEG_OPTIONS))
+register_variant(VariantSpec(
+    "transunet", "early-fusion TransUNet (sequences stacked as channels)", TransUNet,
+    build=lambda request: TransUNet(request.config, name=request.name),
+    rebuild=lambda record, state: transunet_from_config(record["name"], record["config"]),
+    stacked_input=True))
+register_variant(VariantSpec(
+    "transunet_single", "TransUNet on one sequence", SingleSequenceTransUNet,
+    build=lambda request: SingleSequenceTransUNet(request.config, request.sequence,
+                                                  request.sequences, name=request.name),
+    rebuild=lambda record, state: SingleSequenceTransUNet(
+        TransUNetConfig.from_dict(record["config"]), record["sequence"], record["sequences"],
+        name=record["name"])))
 
 
 def create_network(
@@ -80,60 +192,55 @@ def create_network(
     sequences: Sequence[str] = MODALITIES,
     sequence: str = "LGE",
     priors: PriorBank | None = None,
-    share_encoder: bool = False,
     pretrained: str | os.PathLike[str] | None = None,
     dropout_rate: float | None = None,
-    cross_attention: str = "sequence",
-    pixel_values: str = "own",
+    **options: Any,
 ) -> nn.Module:
     """Build ``variant`` on ``backbone``; ``pretrained`` is a Google R50+ViT npz for every encoder.
 
     ``dropout_rate`` replaces the backbone's transformer dropout (0 makes training deterministic
-    across process counts, which the distributed tests rely on).
-
-    ``cross_attention`` and ``pixel_values`` choose the I_MMSeg variants' exchange between
-    sequences (see :mod:`networks.prior_attention`).
+    across process counts, which the distributed tests rely on). ``options`` are the variant's
+    own (:attr:`VariantSpec.options`; for the I_MMSeg variants ``share_encoder``,
+    ``cross_attention`` and ``pixel_values``, see :mod:`networks.prior_attention`).
 
     ``priors`` is required by ``immseg`` and refused by the others, so a run cannot silently
     train without the text it was meant to use (or pretend to use text it ignores).
     """
-    _check_variant(variant)
-    if backbone not in list_models():
-        raise ValueError(f"unknown backbone {backbone!r}; known: {list_models()}")
-    sequences = tuple(sequences)
-    if variant == "immseg" and priors is None:
-        raise ValueError("the immseg variant needs a prior bank (encode prompts/priors.toml "
+    spec = variant_spec(variant)
+    if backbone not in list_backbones():
+        raise ValueError(f"unknown backbone {backbone!r}; known: {list_backbones()}")
+    if spec.text_priors and priors is None:
+        raise ValueError(f"the {variant} variant needs a prior bank (encode prompts/priors.toml "
                          "with `python -m prompts.encode` and pass its file)")
-    if variant != "immseg" and priors is not None:
+    if not spec.text_priors and priors is not None:
         raise ValueError(f"the {variant} variant uses no text priors; do not pass a prior bank")
-
-    channels = len(sequences) if variant == "transunet" else 1
-    config = model_config(backbone, img_size=img_size, in_channels=channels,
-                          num_classes=num_classes)
+    check_options(variant, options)
+    sequences = tuple(sequences)
+    config = backbone_config(backbone, img_size=img_size,
+                             in_channels=len(sequences) if spec.stacked_input else 1,
+                             num_classes=num_classes)
     if dropout_rate is not None:
         config = dataclasses.replace(
             config, vit=dataclasses.replace(config.vit, dropout_rate=dropout_rate))
-    model: nn.Module
-    if variant == "transunet":
-        model = TransUNet(config, name=backbone)
-    elif variant == "transunet_single":
-        model = SingleSequenceTransUNet(config, sequence, sequences, name=backbone)
-    else:
-        immseg_config = IMMSegConfig(
-            backbone=config, sequences=sequences, share_encoder=share_encoder,
-            use_priors=variant == "immseg", cross_attention=cross_attention,
-            pixel_values=pixel_values,
-            prior_dim=priors.dim if priors is not None else IMMSegConfig().prior_dim)
-        model = IMMSeg(
-            immseg_config,
-            modality_priors=priors.modality_matrix(sequences) if priors is not None else None,
-            class_priors=priors.class_matrix(CLASS_NAMES[:num_classes])
-            if priors is not None else None,
-            name=backbone)
-    model.variant = variant
+    model = spec.build(BuildRequest(backbone, config, sequences, sequence, priors, options))
     if pretrained is not None:
         _load_pretrained(model, pretrained)
     return model
+
+
+def check_options(variant: str, options: Mapping[str, Any]) -> None:
+    """Refuse build options ``variant`` does not take (unless at their neutral defaults)."""
+    spec = variant_spec(variant)
+    known = {key for other in _REGISTRY.values() for key in other.options}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown build option(s) {unknown}; known: {sorted(known)}")
+    foreign = sorted(key for key, value in options.items() if key not in spec.options
+                     and any(value != other.options[key] for other in _REGISTRY.values()
+                             if key in other.options))
+    if foreign:
+        raise ValueError(f"{', '.join(foreign)} configure(s) a variant other than {variant}; "
+                         f"the {variant} model has no such setting")
 
 
 def _encoders(model: nn.Module) -> list[nn.Module]:
@@ -154,7 +261,9 @@ def _load_pretrained(model: nn.Module, path: str | os.PathLike[str]) -> None:
 def network_record(model: nn.Module) -> dict[str, Any]:
     """What a checkpoint needs besides the state_dict to rebuild ``model``."""
     variant = getattr(model, "variant", None)
-    _check_variant(variant)
+    spec = variant_spec(variant)
+    if not isinstance(model, spec.network):
+        raise ValueError(f"a {type(model).__name__} is not a {variant} network")
     record: dict[str, Any] = {"variant": variant, "name": model.name,
                               "config": model.config.to_dict()}
     if isinstance(model, SingleSequenceTransUNet):
@@ -169,28 +278,7 @@ def network_from_record(record: Mapping[str, Any],
 
     An ``immseg`` record needs the state_dict: its frozen priors live there.
     """
-    variant = record.get("variant")
-    _check_variant(variant)
-    name, config = record["name"], record["config"]
-    model: nn.Module
-    if variant in ("immseg", "immseg_noprior"):
-        immseg_config = IMMSegConfig.from_dict(config)
-        if immseg_config.use_priors != (variant == "immseg"):
-            raise ValueError(f"record says {variant!r} but its config has use_priors="
-                             f"{immseg_config.use_priors}")
-        if immseg_config.use_priors:
-            if state_dict is None:
-                raise ValueError("rebuilding immseg needs the state_dict (it holds the priors)")
-            model = IMMSeg.from_state_dict(immseg_config, state_dict, name=name)
-            state_dict = None
-        else:
-            model = IMMSeg(immseg_config, name=name)
-    elif variant == "transunet_single":
-        model = SingleSequenceTransUNet(TransUNetConfig.from_dict(config), record["sequence"],
-                                        record["sequences"], name=name)
-    else:
-        model = create_model_from_config(name, config)
-    model.variant = variant
+    model = variant_spec(record.get("variant")).rebuild(record, state_dict)
     if state_dict is not None:
         model.load_state_dict(state_dict)
     return model
@@ -209,5 +297,5 @@ def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
 
 def describe(model: nn.Module) -> str:
     """One log line: variant, backbone, parameters."""
-    return (f"{getattr(model, 'variant', '?')} on {model.name}: "
+    return (f"{model.variant} on {model.name}: "
             f"{count_parameters(model) / 1e6:.1f}M trainable parameters")

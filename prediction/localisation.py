@@ -28,7 +28,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from prediction.forward import window_probabilities
+from networks.inference import window_probabilities
 
 WEIGHTINGS: tuple[str, ...] = ("gaussian", "uniform")
 #: Gaussian sigma as a fraction of the window side (nnU-Net's choice for sliding windows).

@@ -1,4 +1,5 @@
-"""Command-line settings of the label-free path, shared by test.py and predict.py.
+"""Command-line settings of the label-free path, shared by test.py and predict.py: which
+checkpoints, and how the path runs.
 
 Both scripts build their :class:`~prediction.pipeline.PredictConfig` here, from the training
 data's preprocessing and the same flags, so a test score is obtained exactly as a user's
@@ -9,11 +10,38 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
+from networks.checkpoint import CHECKPOINT_FINAL, run_checkpoints
 from prediction.localisation import WEIGHTINGS
 from prediction.pipeline import PredictConfig, preprocess_config_for
 
 REGISTER_CHOICES = ("auto", "on", "off")
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint FILE [FILE ...]`` or ``--run_dir DIR`` (one required), for test.py and
+    predict.py. Several checkpoints, or a cross-validation folder, are used as an ensemble where
+    one model is asked for."""
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--checkpoint", nargs="+",
+                       help="checkpoint file(s) written by train.py; several are ensembled "
+                            "(mean of softmax)")
+    where.add_argument("--run_dir",
+                       help=f"run folder of train.py (uses {CHECKPOINT_FINAL}), or a "
+                            "cross-validation folder holding fold<k>/ runs")
+
+
+def checkpoint_paths(args: argparse.Namespace) -> list[Path]:
+    """The checkpoints named by :func:`add_checkpoint_arguments`' flags (folds in order)."""
+    if args.checkpoint:
+        return [Path(path) for path in args.checkpoint]
+    return run_checkpoints(args.run_dir)
+
+
+def checkpoint_path(args: argparse.Namespace) -> Path:
+    """The one checkpoint named by the flags (the first of several)."""
+    return checkpoint_paths(args)[0]
 
 
 def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:

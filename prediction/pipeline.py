@@ -35,8 +35,8 @@ from torch import nn
 from datasets.labels import CLASS_NAMES, MODALITIES
 from datasets.processed import ProcessedLayout
 from datasets.raw import Volume, nifti_image
+from networks.inference import window_probabilities
 from networks.sequences import check_model_inputs
-from prediction.forward import window_probabilities
 from prediction.inputs import PatientImages
 from prediction.localisation import (
     WEIGHTINGS,
@@ -50,6 +50,7 @@ from preprocessing.grid_stacks import GridStacks
 from preprocessing.pipeline import grid_stacks
 from preprocessing.registration import Segmenter, register_sequences
 from preprocessing.runner import VOXELMORPH_CHECKPOINT
+from preprocessing.segmenter import cached_segmenter
 from utils import atomic_path, file_sha256, json_text
 
 log = logging.getLogger(__name__)
@@ -320,7 +321,5 @@ def registration_networks(payload: dict, preprocess: PreprocessConfig, device: t
         if segmenter is None:
             raise ValueError("the training data were registered with affine_metric "
                              "'segmentation': pass --segmenter CHECKPOINT (or --register off)")
-        from preprocessing.segmenter import cached_segmenter
-
         network = cached_segmenter(str(segmenter), str(device))
     return Registration(voxelmorph=voxelmorph, segmenter=network)

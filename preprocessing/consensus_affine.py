@@ -17,6 +17,11 @@ from dataclasses import replace
 
 import numpy as np
 
+from preprocessing.affine_estimators import (
+    Estimator,
+    independent_estimators,
+    reference_transforms,
+)
 from preprocessing.affine_registration import (
     AffineRegistrationConfig,
     AffineResult,
@@ -24,11 +29,6 @@ from preprocessing.affine_registration import (
     implausibility,
 )
 from preprocessing.ngf_affine import NGFAffineConfig, mask_geometry
-from preprocessing.reference_agreement import (
-    Estimator,
-    independent_estimators,
-    reference_transforms,
-)
 from preprocessing.transforms import Affine2D
 
 

@@ -54,12 +54,9 @@ from preprocessing.pipeline import (
     grid_stacks,
 )
 from preprocessing.qa import write_qa_png
-from preprocessing.voxelmorph import (
-    VoxelMorphConfig,
-    checkpoint_provenance,
-    load_voxelmorph,
-    train_voxelmorph,
-)
+from preprocessing.segmenter import cached_segmenter
+from preprocessing.voxelmorph import checkpoint_provenance, load_voxelmorph, train_voxelmorph
+from preprocessing.voxelmorph_net import VoxelMorphConfig
 from utils import atomic_path, file_sha256, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -233,8 +230,6 @@ def _run(raw_root: str | Path, out_root: Path, config: PreprocessConfig,
         if options.segmenter_checkpoint is None:
             raise ValueError("affine_metric 'segmentation' needs a segmenter checkpoint "
                              "(--segmenter)")
-        from preprocessing.segmenter import cached_segmenter
-
         segmenter = str(options.segmenter_checkpoint)
         cached_segmenter(segmenter, options.device)  # a bad checkpoint fails before any case
     # A CUDA segmenter cannot cross a fork: with a GPU the align stage runs in this process.
@@ -399,8 +394,6 @@ def _align_to_disk(files: CaseFiles, config: PreprocessConfig, work: Path,
     start = time.perf_counter()
     network = None
     if segmenter is not None:
-        from preprocessing.segmenter import cached_segmenter
-
         network = cached_segmenter(segmenter, device)
     case = load_case(files)
     try:

@@ -17,18 +17,19 @@ import numpy as np
 import torch
 
 from datasets.labels import MODALITIES
+from networks.checkpoint import load_checkpoint
+from networks.inference import window_probabilities
+from networks.sequences import check_model_inputs
 
 
 class CheckpointSegmenter:
     """``segmenter(stack, sequence)``: ``[D, H, W]`` in [0, 255] -> myocardium ``[D, H, W]``.
 
-    ``tta`` averages the four flips (see :func:`evaluation.inference.predict_probabilities`).
+    ``tta`` averages the four flips (see :func:`networks.inference.predict_probabilities`).
     """
 
     def __init__(self, checkpoint: str | os.PathLike[str], device: torch.device,
                  tta: bool = True) -> None:
-        from evaluation.evaluate import load_checkpoint  # entry-point stack: import on use
-
         self.checkpoint = Path(checkpoint)
         self.device = device
         self.tta = tta
@@ -44,9 +45,6 @@ class CheckpointSegmenter:
                              "train with --sequence_dropout")
 
     def __call__(self, stack: np.ndarray, sequence: str) -> np.ndarray:
-        from networks.sequences import check_model_inputs
-        from prediction.forward import window_probabilities
-
         stack = np.asarray(stack, dtype=np.float32)
         if stack.ndim != 3:
             raise ValueError(f"expected a [D, H, W] stack of {sequence}, got {stack.shape}")

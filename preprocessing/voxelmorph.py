@@ -17,11 +17,9 @@ Conventions match :mod:`preprocessing.transforms`: a displacement ``u [B, 2, H, 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,95 +29,15 @@ from torch import Tensor
 from tqdm import tqdm
 
 from preprocessing.transforms import identity_field
-from preprocessing.voxelmorph_losses import SIMILARITIES, similarity_loss, smoothness_loss
-from preprocessing.voxelmorph_net import VoxelMorph2D
-from utils import atomic_path, require_finite_fields
+from preprocessing.voxelmorph_losses import similarity_loss, smoothness_loss
+from preprocessing.voxelmorph_net import VoxelMorph2D, VoxelMorphConfig
+from utils import atomic_path, load_torch_file
 
 #: Value of the ``kind`` entry that marks a checkpoint written by :func:`train_voxelmorph`.
 CHECKPOINT_KIND = VoxelMorph2D.name
 CHECKPOINT_VERSION = 1
 #: Input intensities live in [0, INTENSITY_MAX] (the pipeline's normalised range).
 INTENSITY_MAX = 255.0
-#: Scaling and squaring beyond this many steps changes nothing measurable at slice sizes.
-MAX_INTEGRATION_STEPS = 16
-
-
-@dataclass(frozen=True)
-class VoxelMorphConfig:
-    """Network, loss and training settings. ``to_dict`` is stored in every checkpoint.
-
-    ``encoder_channels[i]`` is the width after the ``i``-th stride-2 convolution, so images must
-    be a multiple of ``2 ** len(encoder_channels)`` (16 by default). ``decoder_channels[i]`` is
-    the width after the ``i``-th upsampling step. With fewer decoder than encoder levels the
-    displacement is predicted at ``1 / 2 ** (len(encoder) - len(decoder))`` resolution and
-    upsampled bilinearly: the misalignment is smooth, and the full-resolution convolutions are
-    the most expensive ones.
-    """
-
-    encoder_channels: tuple[int, ...] = (16, 32, 32, 32)
-    decoder_channels: tuple[int, ...] = (32, 32)
-    max_displacement_px: float = 4.0
-    smoothness_weight: float = 1.0
-    similarity: str = "ngf"
-    ngf_epsilon: float = 0.05
-    integration_steps: int = 0
-    iterations: int = 1500
-    batch_size: int = 8
-    learning_rate: float = 3e-3
-    augment: bool = True
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("encoder_channels", "decoder_channels"):
-            value = getattr(self, name)
-            if isinstance(value, str | bytes) or not isinstance(value, Sequence) or not value:
-                raise ValueError(f"{name} must be a non-empty sequence of ints, got {value!r}")
-            object.__setattr__(self, name, tuple(value))
-            for i, width in enumerate(getattr(self, name)):
-                _check_int(f"{name}[{i}]", width, minimum=1)
-        if len(self.decoder_channels) > len(self.encoder_channels):
-            raise ValueError("decoder_channels needs at most one entry per encoder level: got "
-                             f"{self.decoder_channels} for {self.encoder_channels}")
-        require_finite_fields(self, "max_displacement_px", "ngf_epsilon", "learning_rate",
-                              positive=True)
-        require_finite_fields(self, "smoothness_weight")
-        if self.similarity not in SIMILARITIES:
-            raise ValueError(f"unknown similarity {self.similarity!r}; known: {SIMILARITIES}")
-        _check_int("integration_steps", self.integration_steps, minimum=0)
-        if self.integration_steps > MAX_INTEGRATION_STEPS:
-            raise ValueError(f"integration_steps must be <= {MAX_INTEGRATION_STEPS}, "
-                             f"got {self.integration_steps}")
-        _check_int("iterations", self.iterations, minimum=1)
-        _check_int("batch_size", self.batch_size, minimum=1)
-        _check_int("seed", self.seed, minimum=0)
-        if not isinstance(self.augment, bool):
-            raise ValueError(f"augment must be a bool, got {self.augment!r}")
-
-    @property
-    def size_multiple(self) -> int:
-        """Image height and width must be multiples of this (one halving per encoder level)."""
-        return 2 ** len(self.encoder_channels)
-
-    def to_dict(self) -> dict[str, Any]:
-        values = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> VoxelMorphConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are named rather than silently dropped."""
-        if not isinstance(values, Mapping):
-            raise ValueError(f"VoxelMorphConfig expects a mapping, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown VoxelMorphConfig keys: {unknown}; known: {sorted(known)}")
-        return cls(**values)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    # bool is an int subclass; True as a count is always a mistake.
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,12 +183,7 @@ def checkpoint_provenance(path: str | Path) -> dict[str, Any]:
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: VoxelMorph checkpoint not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"{path}: unreadable VoxelMorph checkpoint ({error})") from error
+    payload = load_torch_file(path, "VoxelMorph checkpoint")
     if not isinstance(payload, dict) or payload.get("kind") != CHECKPOINT_KIND:
         found = payload.get("kind") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"{path}: not a VoxelMorph checkpoint (kind {found!r}, "

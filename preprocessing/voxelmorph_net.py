@@ -10,23 +10,100 @@ Each displacement vector is soft-clamped to a length ``m * tanh(|raw| / m)`` bel
 ``m = max_displacement_px``: a poorly trained model can only move pixels a few millimetres, never
 fold the slice wholesale. With ``integration_steps > 0`` the output is a stationary velocity
 integrated by scaling and squaring (:func:`integrate_velocity`), which gives a diffeomorphic
-(fold-free up to discretisation) map under the same bound. Configuration, training, checkpoints
-and prediction live in :mod:`preprocessing.voxelmorph`; the losses in
-:mod:`preprocessing.voxelmorph_losses`.
+(fold-free up to discretisation) map under the same bound. :class:`VoxelMorphConfig` (network,
+loss and training settings) lives here with the network it builds; training, checkpoints and
+prediction in :mod:`preprocessing.voxelmorph`; the losses in :mod:`preprocessing.voxelmorph_losses`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from preprocessing.voxelmorph_losses import edge_strength
+from preprocessing.voxelmorph_losses import SIMILARITIES, edge_strength
+from utils import check_int, require_finite_fields
 
-if TYPE_CHECKING:
-    from preprocessing.voxelmorph import VoxelMorphConfig
+#: Scaling and squaring beyond this many steps changes nothing measurable at slice sizes.
+MAX_INTEGRATION_STEPS = 16
+
+
+@dataclass(frozen=True)
+class VoxelMorphConfig:
+    """Network, loss and training settings. ``to_dict`` is stored in every checkpoint.
+
+    ``encoder_channels[i]`` is the width after the ``i``-th stride-2 convolution, so images must
+    be a multiple of ``2 ** len(encoder_channels)`` (16 by default). ``decoder_channels[i]`` is
+    the width after the ``i``-th upsampling step. With fewer decoder than encoder levels the
+    displacement is predicted at ``1 / 2 ** (len(encoder) - len(decoder))`` resolution and
+    upsampled bilinearly: the misalignment is smooth, and the full-resolution convolutions are
+    the most expensive ones.
+    """
+
+    encoder_channels: tuple[int, ...] = (16, 32, 32, 32)
+    decoder_channels: tuple[int, ...] = (32, 32)
+    max_displacement_px: float = 4.0
+    smoothness_weight: float = 1.0
+    similarity: str = "ngf"
+    ngf_epsilon: float = 0.05
+    integration_steps: int = 0
+    iterations: int = 1500
+    batch_size: int = 8
+    learning_rate: float = 3e-3
+    augment: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("encoder_channels", "decoder_channels"):
+            value = getattr(self, name)
+            if isinstance(value, str | bytes) or not isinstance(value, Sequence) or not value:
+                raise ValueError(f"{name} must be a non-empty sequence of ints, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+            for i, width in enumerate(getattr(self, name)):
+                check_int(f"{name}[{i}]", width, minimum=1)
+        if len(self.decoder_channels) > len(self.encoder_channels):
+            raise ValueError("decoder_channels needs at most one entry per encoder level: got "
+                             f"{self.decoder_channels} for {self.encoder_channels}")
+        require_finite_fields(self, "max_displacement_px", "ngf_epsilon", "learning_rate",
+                              positive=True)
+        require_finite_fields(self, "smoothness_weight")
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"unknown similarity {self.similarity!r}; known: {SIMILARITIES}")
+        check_int("integration_steps", self.integration_steps, minimum=0)
+        if self.integration_steps > MAX_INTEGRATION_STEPS:
+            raise ValueError(f"integration_steps must be <= {MAX_INTEGRATION_STEPS}, "
+                             f"got {self.integration_steps}")
+        check_int("iterations", self.iterations, minimum=1)
+        check_int("batch_size", self.batch_size, minimum=1)
+        check_int("seed", self.seed, minimum=0)
+        if not isinstance(self.augment, bool):
+            raise ValueError(f"augment must be a bool, got {self.augment!r}")
+
+    @property
+    def size_multiple(self) -> int:
+        """Image height and width must be multiples of this (one halving per encoder level)."""
+        return 2 ** len(self.encoder_channels)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> VoxelMorphConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are named rather than silently dropped."""
+        if not isinstance(values, Mapping):
+            raise ValueError(f"VoxelMorphConfig expects a mapping, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown VoxelMorphConfig keys: {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
 
 # --------------------------------------------------------------------------------------------
 # Spatial transformer

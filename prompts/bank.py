@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from datasets.labels import CLASS_NAMES, MODALITIES
 from prompts.texts import canonical_names, class_key, modality_key
-from utils import atomic_path
+from utils import atomic_path, load_torch_file
 
 FORMAT_VERSION = 1
 #: ``text_hash`` of a bank whose texts are not known (e.g. the released tensors).
@@ -164,13 +164,9 @@ def load_prior_bank(path: str | os.PathLike[str], *, required: Sequence[str] | N
     ``text_hash`` (from ``PromptSet.text_hash``) demands the bank was encoded from those texts.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: prior bank not found; create it with "
-                                f"`python -m prompts.encode --out {path}`")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for foreign or corrupt files
-        raise ValueError(f"{path}: not a prior bank (cannot be read: {error})") from error
+    payload = load_torch_file(path, "prior bank", unreadable="not a prior bank (cannot be read)",
+                              missing="prior bank not found; create it with "
+                                      f"`python -m prompts.encode --out {path}`")
     if not isinstance(payload, dict) or not set(payload) >= _PAYLOAD_KEYS:
         keys = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"{path}: not a prior bank (expected keys {sorted(_PAYLOAD_KEYS)}, "
@@ -229,12 +225,7 @@ def load_released_priors(directory: str | os.PathLike[str], *, normalize: bool =
     tensors: list[torch.Tensor] = []
     for name in (RELEASED_MODALITY_FILE, RELEASED_CLASS_FILE):
         path = directory / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: released prior tensor not found")
-        try:
-            tensor = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises several types for foreign or corrupt files
-            raise ValueError(f"{path}: cannot be read as a tensor ({error})") from error
+        tensor = load_torch_file(path, "released prior tensor")
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"{path}: expected a tensor, found {type(tensor).__name__}")
         tensors.append(tensor)

@@ -11,10 +11,10 @@ import preprocess_data
 import test as test_script
 import train as train_script
 from datasets.labels import EVAL_GROUPS
-from evaluation.evaluate import load_checkpoint
+from networks.checkpoint import CHECKPOINT_FINAL, CHECKPOINT_LAST, load_checkpoint
 from prompts.bank import save_prior_bank
 from tests.helpers import random_bank, write_ring_dataset
-from trainer import CHECKPOINT_FINAL, CHECKPOINT_LAST, TrainConfig, poly_lr
+from trainer import TrainConfig, poly_lr
 
 
 @pytest.fixture(scope="module")
@@ -167,10 +167,10 @@ def test_lists_naming_absent_files_and_diverging_losses_stop_cleanly(tmp_path, c
 
 
 def test_training_starts_from_a_google_layout_npz(processed_root, tmp_path):
-    from networks.factory import create_model
+    from networks.backbones import create_transunet
     from networks.npz_loader import write_google_npz
 
-    source = create_model("tiny", img_size=64, in_channels=3, num_classes=4)
+    source = create_transunet("tiny", img_size=64, in_channels=3, num_classes=4)
     weights = write_google_npz(source.encoder, tmp_path / "R50+ViT-tiny.npz")
     run = tmp_path / "run"
     args = ["--model", "transunet", "--vit_name", "tiny", "--root_path", str(processed_root),

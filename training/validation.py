@@ -3,7 +3,7 @@
 The split holds out whole cases, never single slices: neighbouring slices of one heart are nearly
 identical, so a slice-level split would leak the validation set into training. Validation slices
 are stacked back into per-case volumes and scored exactly as held-out test volumes are (same
-:func:`~evaluation.inference.predict_volume`, same :class:`~evaluation.metrics.MetricAccumulator`),
+:func:`~networks.inference.predict_volume`, same :class:`~evaluation.metrics.MetricAccumulator`),
 so validation and test numbers mean the same thing.
 """
 
@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from datasets.processed import DEFAULT_SPACING, ProcessedDataError, ProcessedLayout
-from evaluation.inference import predict_volume
 from evaluation.metrics import MetricAccumulator
+from networks.inference import predict_volume
 
 #: Training slice names: ``<case>_slice<NNN>`` (the case id may itself contain underscores).
 _SLICE_NAME = re.compile(r"^(?P<case>.+)_slice(?P<index>\d+)$")

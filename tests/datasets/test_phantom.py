@@ -14,13 +14,12 @@ from scipy import ndimage
 from datasets.labels import MODALITIES
 from datasets.phantom import (
     MISALIGNED,
-    PhantomConfig,
-    SequenceGeometry,
     case_paths,
     generate_case,
     misalignment_map,
     write_phantom_dataset,
 )
+from datasets.phantom_config import PhantomConfig, SequenceGeometry
 from datasets.raw import discover_cases, load_case
 
 SEEDS = (11, 12, 13, 14)

@@ -22,9 +22,9 @@ from evaluation.evaluate import (
     write_results,
     write_subset_table,
 )
-from evaluation.inference import predict_volume
 from evaluation.metrics import MetricAccumulator, group_scores
 from evaluation.plots import dice_boxplot, dice_by_group
+from networks.inference import predict_volume
 from networks.variants import create_network
 
 CPU = torch.device("cpu")

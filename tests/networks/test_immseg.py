@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from networks.backbones import backbone_config
 from networks.configs import DecoderConfig
 from networks.contrastive import PixelTextContrastiveLoss
-from networks.factory import model_config
 from networks.immseg import IMMSeg, IMMSegConfig, IMMSegOutput
 from networks.npz_loader import load_google_npz, read_npz, write_google_npz
 from networks.transunet import TransUNetEncoder
@@ -21,7 +21,7 @@ K, P = 4, 24
 
 
 def _config(img_size: int = 32, **kwargs) -> IMMSegConfig:
-    backbone = model_config("tiny", img_size=img_size, in_channels=1, num_classes=K)
+    backbone = backbone_config("tiny", img_size=img_size, in_channels=1, num_classes=K)
     small = {"prior_dim": P, "embed_dim": 16, "aux_channels": 8, "dynamic_hidden": 4}
     return IMMSegConfig(backbone=backbone, **{**small, **kwargs})
 
@@ -240,7 +240,7 @@ def test_state_dict_round_trip(use_priors: bool) -> None:
 
 
 def test_config_validation() -> None:
-    backbone = model_config("tiny", img_size=32, in_channels=3)
+    backbone = backbone_config("tiny", img_size=32, in_channels=3)
     with pytest.raises(ValueError, match="in_channels"):
         IMMSegConfig(backbone=backbone)
     for bad in ((), ("LGE", "LGE"), ("a.b",), ("",), ("keys",), "LGE"):
@@ -268,7 +268,6 @@ def test_the_release_pixel_exchange_at_any_size_and_through_a_checkpoint_record(
         model = _model(size, cross_attention="pixel").eval()
         x = torch.randn(2, 3, size, size)
         assert model(x).shape == (2, K, size, size)
-    model.variant = "immseg"
     record = network_record(model)
     assert record["config"]["cross_attention"] == "pixel"
     rebuilt = network_from_record(network_record(model), model.state_dict()).eval()

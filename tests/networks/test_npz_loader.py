@@ -8,10 +8,10 @@ import torch
 
 from networks import (
     TransUNetEncoder,
-    create_model,
+    backbone_config,
+    create_transunet,
     export_google_weights,
     load_google_npz,
-    model_config,
     read_npz,
     write_google_npz,
 )
@@ -21,7 +21,7 @@ from networks.npz_loader import POS_EMBED_KEY, ROOT_CONV_KEY
 def tiny_encoder(img_size: int = 64, in_channels: int = 3, seed: int = 0) -> TransUNetEncoder:
     torch.manual_seed(seed)
     return TransUNetEncoder.from_config(
-        model_config("tiny", img_size=img_size), in_channels=in_channels
+        backbone_config("tiny", img_size=img_size), in_channels=in_channels
     ).eval()
 
 
@@ -87,7 +87,7 @@ def test_round_trip_reproduces_outputs(tmp_path: Path) -> None:
 
 def test_create_model_loads_pretrained(tmp_path: Path) -> None:
     path = write_google_npz(tiny_encoder(), tmp_path / "weights.npz")
-    model = create_model("tiny", img_size=64, pretrained=path)
+    model = create_transunet("tiny", img_size=64, pretrained=path)
     torch.testing.assert_close(
         model.encoder.resnet.root.conv.weight, tiny_encoder().resnet.root.conv.weight,
         rtol=0, atol=0,

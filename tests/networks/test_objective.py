@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from networks.capabilities import Capabilities
 from networks.contrastive import PixelTextContrastiveLoss
 from networks.immseg import IMMSegOutput
 from networks.losses import SegmentationLoss
@@ -149,6 +150,8 @@ def test_non_finite_outputs_raise_and_bad_settings_are_refused():
 
 def test_forward_outputs_prefers_forward_train():
     class WithTrain(torch.nn.Module):
+        capabilities = Capabilities(training_outputs=True)
+
         def forward(self, x):
             return "plain"
 

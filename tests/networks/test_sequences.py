@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from networks.capabilities import Capabilities
 from networks.sequences import (
     accepts_sequence_mask,
     forward_with_sequences,
@@ -40,6 +41,8 @@ class _Plain(nn.Module):
 
 
 class _Masked(nn.Module):
+    capabilities = Capabilities(sequence_mask=True)
+
     def forward(self, x, sequence_mask=None):
         return x.sum(dim=1, keepdim=True) + (0 if sequence_mask is None else 100)
 

@@ -6,20 +6,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from networks import TransUNet, TransUNetDecoder, TransUNetEncoder, create_model, model_config
+from networks import (
+    TransUNet,
+    TransUNetDecoder,
+    TransUNetEncoder,
+    backbone_config,
+    create_transunet,
+)
 from networks.configs import DecoderConfig
 
 
 @pytest.mark.parametrize("img_size", [32, 64, 128])
 def test_logit_shape(img_size: int) -> None:
-    model = create_model("tiny", img_size=img_size, in_channels=3, num_classes=4)
+    model = create_transunet("tiny", img_size=img_size, in_channels=3, num_classes=4)
     assert model(torch.randn(2, 3, img_size, img_size)).shape == (2, 4, img_size, img_size)
 
 
 @pytest.mark.parametrize("img_size", [40, 8, 0])
 def test_img_size_not_multiple_of_16_raises(img_size: int) -> None:
     with pytest.raises(ValueError, match="img_size"):
-        create_model("tiny", img_size=img_size)
+        create_transunet("tiny", img_size=img_size)
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 32, 32), (1, 1, 64, 64), (1, 3, 64, 48), (3, 64, 64)])
@@ -38,7 +44,7 @@ def test_encoder_features_and_skip_order(tiny_model: TransUNet) -> None:
 
 
 def test_single_channel_encoder_from_config() -> None:
-    config = model_config("tiny", img_size=32, in_channels=3)
+    config = backbone_config("tiny", img_size=32, in_channels=3)
     encoder = TransUNetEncoder.from_config(config, in_channels=1)
     features, _ = encoder(torch.randn(1, 1, 32, 32))
     assert features.shape == (1, 32, 2, 2)
@@ -59,7 +65,7 @@ def test_gradients_reach_every_parameter(tiny_model: TransUNet) -> None:
 
 @pytest.mark.parametrize("n_skip", [0, 1, 2])
 def test_fewer_skips(n_skip: int) -> None:
-    config = model_config("tiny", img_size=32)
+    config = backbone_config("tiny", img_size=32)
     config = dataclasses.replace(
         config, decoder=dataclasses.replace(config.decoder, n_skip=n_skip)
     )
@@ -85,6 +91,6 @@ def test_decoder_accepts_fused_skips_and_checks_them() -> None:
 
 def test_model_keeps_config_and_name(tiny_model: TransUNet) -> None:
     assert tiny_model.name == "tiny"
-    assert tiny_model.config == model_config("tiny", img_size=64)
+    assert tiny_model.config == backbone_config("tiny", img_size=64)
     with pytest.raises(ValueError, match="name"):
         TransUNet(tiny_model.config, name="")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
 from datasets.labels import CLASS_NAMES, MODALITIES
-from networks.factory import model_config
+from networks.backbones import backbone_config
+from networks.capabilities import capabilities_of
 from networks.immseg import IMMSeg
 from networks.npz_loader import write_google_npz
 from networks.transunet import TransUNetEncoder
@@ -16,6 +19,7 @@ from networks.variants import (
     input_size,
     network_from_record,
     network_record,
+    register_variant,
 )
 from prompts.bank import load_released_priors
 from tests.helpers import random_bank
@@ -97,7 +101,7 @@ def test_single_sequence_network_reads_only_its_sequence():
 @pytest.mark.parametrize("variant", ["immseg", "immseg_noprior", "transunet"])
 def test_google_npz_initialises_every_encoder(variant, tmp_path):
     torch.manual_seed(1)
-    source = TransUNetEncoder.from_config(model_config("tiny", img_size=32), in_channels=3)
+    source = TransUNetEncoder.from_config(backbone_config("tiny", img_size=32), in_channels=3)
     path = write_google_npz(source, tmp_path / "tiny.npz")
     model = _build(variant, pretrained=path)
     encoders = model.unique_encoders() if isinstance(model, IMMSeg) else [model.encoder]
@@ -106,3 +110,38 @@ def test_google_npz_initialises_every_encoder(variant, tmp_path):
         # Transformer weights are copied as they are; the root conv is adapted to 1 channel.
         torch.testing.assert_close(encoder.vit.encoder.layers[0].attention.query.weight,
                                    source.vit.encoder.layers[0].attention.query.weight)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_declared_capabilities_match_what_the_network_does(variant):
+    """The registry's declarations are what consumers trust: check them against the code."""
+    model = _build(variant)
+    spec = VARIANTS[variant]
+    assert isinstance(model, spec.network) and model.variant == variant
+    declared = capabilities_of(model)
+    assert declared == spec.capabilities
+    assert declared.sequence_mask == (
+        "sequence_mask" in inspect.signature(model.forward).parameters)
+    assert declared.training_outputs == hasattr(model, "forward_train")
+    assert declared.single_sequence == hasattr(model, "sequence")
+    assert spec.text_priors == (variant == "immseg")
+
+
+def test_variant_options_go_only_to_the_variants_that_take_them():
+    pixel = create_network("immseg_noprior", backbone="tiny", img_size=32,
+                           cross_attention="pixel")
+    assert pixel.config.cross_attention == "pixel"
+    # At its neutral default an option is harmless for any variant (train.py passes them all).
+    create_network("transunet", backbone="tiny", img_size=32, cross_attention="sequence")
+    with pytest.raises(ValueError, match="cross_attention configure"):
+        create_network("transunet", backbone="tiny", img_size=32, cross_attention="pixel")
+    with pytest.raises(ValueError, match="unknown build option"):
+        create_network("transunet", backbone="tiny", img_size=32, heads=3)
+
+
+def test_a_name_registers_once():
+    spec = VARIANTS["transunet"]
+    with pytest.raises(ValueError, match="already registered"):
+        register_variant(spec)
+    with pytest.raises(TypeError):
+        VARIANTS["copy"] = spec  # the public view is read-only

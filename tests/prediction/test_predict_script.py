@@ -10,9 +10,8 @@ import pytest
 import torch
 
 import predict
+from networks.checkpoint import CHECKPOINT_FINAL, save_training_checkpoint
 from networks.variants import create_network
-from trainer import CHECKPOINT_FINAL
-from training.checkpoint import save_training_checkpoint
 
 
 def save_checkpoint(path, variant="transunet", **kwargs):

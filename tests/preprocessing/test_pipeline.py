@@ -20,7 +20,8 @@ from preprocessing.runner import (
     run_preprocessing,
     voxelmorph_provenance,
 )
-from preprocessing.voxelmorph import VoxelMorphConfig, checkpoint_provenance, train_voxelmorph
+from preprocessing.voxelmorph import checkpoint_provenance, train_voxelmorph
+from preprocessing.voxelmorph_net import VoxelMorphConfig
 from utils import file_sha256
 
 

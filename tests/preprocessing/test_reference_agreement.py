@@ -7,17 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from datasets.phantom import PhantomConfig, generate_case, misalignment_map, write_case
+from datasets.phantom import generate_case, misalignment_map, write_case
+from datasets.phantom_config import PhantomConfig
 from datasets.raw import discover_cases, load_case
+from preprocessing.affine_estimators import independent_estimators, reference_transforms
 from preprocessing.alignment_error import myocardial_errors
 from preprocessing.pipeline import PreprocessConfig, align_case
-from preprocessing.reference_agreement import (
-    heart_offsets,
-    independent_estimators,
-    myocardial_offsets,
-    reference_transforms,
-    split_agreement,
-)
+from preprocessing.reference_agreement import heart_offsets, myocardial_offsets, split_agreement
 from preprocessing.transforms import Affine2D
 
 

@@ -9,12 +9,14 @@ import pytest
 import torch
 from scipy import ndimage
 
-from datasets.phantom import PhantomConfig, generate_case, misalignment_map, write_case
+from datasets.phantom import generate_case, misalignment_map, write_case
+from datasets.phantom_config import PhantomConfig
 from datasets.raw import discover_cases, load_case
 from preprocessing.alignment_error import myocardial_errors, myocardial_residuals
 from preprocessing.pipeline import PreprocessConfig, align_case, finish_case
 from preprocessing.runner import registration_pairs
-from preprocessing.voxelmorph import VoxelMorphConfig, train_voxelmorph
+from preprocessing.voxelmorph import train_voxelmorph
+from preprocessing.voxelmorph_net import VoxelMorphConfig
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,18 @@ from scipy import ndimage
 from preprocessing import voxelmorph_losses
 from preprocessing.transforms import compose_fields, identity_field, warp
 from preprocessing.voxelmorph import (
-    VoxelMorphConfig,
     checkpoint_provenance,
     load_voxelmorph,
     predict_field,
     train_voxelmorph,
 )
 from preprocessing.voxelmorph_losses import ngf_loss, smoothness_loss
-from preprocessing.voxelmorph_net import SpatialTransformer, VoxelMorph2D, integrate_velocity
+from preprocessing.voxelmorph_net import (
+    SpatialTransformer,
+    VoxelMorph2D,
+    VoxelMorphConfig,
+    integrate_velocity,
+)
 
 CPU = torch.device("cpu")
 TINY = VoxelMorphConfig(encoder_channels=(4, 4), decoder_channels=(4,), iterations=3,

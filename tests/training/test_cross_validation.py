@@ -15,9 +15,9 @@ import predict
 import test as test_script
 import train as train_script
 from datasets.phantom import write_phantom_dataset
+from networks.checkpoint import CHECKPOINT_FINAL
 from preprocessing.pipeline import PreprocessConfig
 from preprocessing.runner import RunOptions, run_preprocessing
-from trainer import CHECKPOINT_FINAL
 
 FOLDS = 5
 

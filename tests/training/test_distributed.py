@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from networks.checkpoint import CHECKPOINT_FINAL
 from tests.helpers import write_ring_dataset
-from trainer import CHECKPOINT_FINAL, TrainConfig, train
+from trainer import TrainConfig, train
 
 
 def _free_port() -> int:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
+from networks.checkpoint import CHECKPOINT_FINAL, CHECKPOINT_LAST
 from tests.helpers import write_ring_dataset
-from trainer import CHECKPOINT_FINAL, CHECKPOINT_LAST
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,9 +1,10 @@
-"""Named TransUNet variants built by one factory (registered-function style).
+"""Named backbones (``--vit_name``): the R50+ViT encoder sizes every network variant is built on.
 
 A registered function maps ``(img_size, in_channels, num_classes)`` to a fresh
-``TransUNetConfig``; ``create_model`` builds the network and optionally loads Google npz
-weights into its encoder. Models carry ``model.name`` and ``model.config`` so a checkpoint can
-rebuild them with ``create_model_from_config``.
+``TransUNetConfig``. The architecture built on it (I_MMSeg, early-fusion TransUNet, ...) is the
+*variant*, chosen in :mod:`networks.variants`. ``create_transunet`` builds a plain TransUNet and
+optionally loads Google npz weights into its encoder; ``transunet_from_config`` rebuilds one from
+``model.name`` and ``model.config.to_dict()``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class ConfigFn(Protocol):
 _REGISTRY: dict[str, ConfigFn] = {}
 
 
-def register_model(name: str) -> Callable[[ConfigFn], ConfigFn]:
+def register_backbone(name: str) -> Callable[[ConfigFn], ConfigFn]:
     """Decorator registering a config function under ``name`` (names must be unique)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
@@ -42,21 +43,21 @@ def register_model(name: str) -> Callable[[ConfigFn], ConfigFn]:
     return decorator
 
 
-def list_models() -> list[str]:
-    """Registered variant names, sorted."""
+def list_backbones() -> list[str]:
+    """Registered backbone names, sorted."""
     return sorted(_REGISTRY)
 
 
-def model_config(
+def backbone_config(
     name: str, *, img_size: int = 128, in_channels: int = 3, num_classes: int = 4
 ) -> TransUNetConfig:
-    """The config ``create_model`` would build for these arguments."""
+    """The config ``create_transunet`` would build for these arguments."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; known models: {list_models()}")
+        raise ValueError(f"unknown model {name!r}; known models: {list_backbones()}")
     return _REGISTRY[name](img_size=img_size, in_channels=in_channels, num_classes=num_classes)
 
 
-def create_model(
+def create_transunet(
     name: str,
     *,
     img_size: int = 128,
@@ -64,8 +65,9 @@ def create_model(
     num_classes: int = 4,
     pretrained: str | os.PathLike[str] | None = None,
 ) -> TransUNet:
-    """Build variant ``name``; ``pretrained`` is a Google R50+ViT npz loaded into the encoder."""
-    config = model_config(
+    """Build a TransUNet on backbone ``name``; ``pretrained`` is a Google R50+ViT npz loaded
+    into its encoder."""
+    config = backbone_config(
         name, img_size=img_size, in_channels=in_channels, num_classes=num_classes
     )
     model = TransUNet(config, name=name)
@@ -80,7 +82,7 @@ def create_model(
     return model
 
 
-def create_model_from_config(name: str, config: Mapping[str, Any] | TransUNetConfig) -> TransUNet:
+def transunet_from_config(name: str, config: Mapping[str, Any] | TransUNetConfig) -> TransUNet:
     """Rebuild a model from ``model.name`` and ``model.config.to_dict()`` as a checkpoint stores.
 
     The config is authoritative, so the name need not be registered any more (it is kept for
@@ -105,7 +107,7 @@ def _bundle(
     )
 
 
-@register_model("R50-ViT-B_16")
+@register_backbone("R50-ViT-B_16")
 def r50_vit_b16(*, img_size: int, in_channels: int, num_classes: int) -> TransUNetConfig:
     """TransUNet as published: R50 (3, 4, 9) + ViT-Base, cascaded upsampler with 3 skips."""
     return _bundle(
@@ -115,7 +117,7 @@ def r50_vit_b16(*, img_size: int, in_channels: int, num_classes: int) -> TransUN
     )
 
 
-@register_model("R50-ViT-L_16")
+@register_backbone("R50-ViT-L_16")
 def r50_vit_l16(*, img_size: int, in_channels: int, num_classes: int) -> TransUNetConfig:
     """R50 (3, 4, 9) + ViT-Large."""
     return _bundle(
@@ -125,9 +127,9 @@ def r50_vit_l16(*, img_size: int, in_channels: int, num_classes: int) -> TransUN
     )
 
 
-@register_model("R26-ViT-S_16")
+@register_backbone("R26-ViT-S_16")
 def r26_vit_s16(*, img_size: int, in_channels: int, num_classes: int) -> TransUNetConfig:
-    """Lighter CPU-friendly variant: R26 (2, 2, 2) + ViT-Small."""
+    """Lighter CPU-friendly backbone: R26 (2, 2, 2) + ViT-Small."""
     return _bundle(
         ResNetConfig(block_units=(2, 2, 2), width=64),
         ViTConfig(hidden_size=384, num_layers=12, num_heads=6, mlp_dim=1536),
@@ -135,9 +137,9 @@ def r26_vit_s16(*, img_size: int, in_channels: int, num_classes: int) -> TransUN
     )
 
 
-@register_model("tiny")
+@register_backbone("tiny")
 def tiny(*, img_size: int, in_channels: int, num_classes: int) -> TransUNetConfig:
-    """Minimal variant for fast CPU tests; every code path of the full model is exercised."""
+    """Minimal backbone for fast CPU tests; every code path of the full model is exercised."""
     return _bundle(
         ResNetConfig(block_units=(1, 1, 1), width=8, gn_groups=4),
         ViTConfig(hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64),

@@ -9,6 +9,10 @@ test-time-augmented predictions differ only in how slices are grouped into forwa
   networks that take one); with every sequence present the plain forward runs, as in training;
 * flip test-time augmentation averages *softmax probabilities* (not logits) over the four
   flips of :data:`FLIPS`, each flipped back onto the original orientation first.
+
+:func:`window_probabilities` is the entry for stored [0, 255] windows (localisation, the ROI
+pass, the registration segmenter): localisation fuses overlapping windows and the native mapping
+interpolates, so they need probabilities, not labels.
 """
 
 from __future__ import annotations
@@ -20,8 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from datasets.labels import MODALITIES
 from networks.sequences import forward_with_sequences, parse_sequences, presence_vector
 
+#: Processed images are stored in [0, 255]; the network reads them divided by 255
+#: (datasets.processed).
+INPUT_SCALE = 255.0
 #: Flip test-time augmentation: identity, horizontal (columns), vertical (rows), both. Each entry
 #: names the dims of an ``[N, C, H, W]`` tensor to flip; a flip is its own inverse.
 FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
@@ -133,3 +141,22 @@ def predict_volume_slicewise(model: nn.Module, image: np.ndarray, img_size: int,
     probabilities = predict_probabilities_slicewise(model, image, img_size, device, tta=tta,
                                                     sequences=sequences)
     return probabilities.argmax(axis=1).astype(np.uint8)
+
+
+def window_probabilities(model: nn.Module, windows: np.ndarray, present: Sequence[str],
+                         img_size: int, device: torch.device,
+                         batch_size: int = 32, *, tta: bool = False) -> np.ndarray:
+    """Softmax ``[N, K, h, w]`` (float32) for ``windows [N, S, h, w]`` in [0, 255].
+
+    ``present`` names the given sequences; the others are zeroed and, for networks that take
+    one, masked (:func:`networks.sequences.forward_with_sequences`). With every sequence present
+    the plain forward is used, exactly as in training without sequence dropout. ``tta`` averages
+    the four flips. The caller puts the model in eval mode.
+    """
+    if windows.ndim != 4 or windows.shape[1] != len(MODALITIES):
+        raise ValueError(f"expected windows [N, {len(MODALITIES)}, h, w], got {windows.shape}")
+    if img_size < 1:
+        raise ValueError(f"img_size must be >= 1, got {img_size}")
+    scaled = np.asarray(windows, dtype=np.float32) / np.float32(INPUT_SCALE)
+    return predict_probabilities(model, scaled, img_size, device, batch_size, tta=tta,
+                                 sequences=tuple(present))

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from networks.capabilities import Capabilities, capabilities_of
 from networks.sequences import forward_with_sequences
 from networks.variants import input_size
 
@@ -30,11 +31,15 @@ class Ensemble(nn.Module):
             raise ValueError(f"ensemble members differ in input size: {sorted(sizes)}")
         self.members = nn.ModuleList(members)
         first = members[0]
-        # What test.py and predict.py read off a model (see networks.variants.describe).
+        # What test.py and predict.py read off a model (see networks.variants.describe). Masks
+        # are routed to each member as it declares; a single-sequence first member makes the
+        # ensemble need that sequence (members of one cross-validation share a variant).
         self.config = first.config
         self.name = f"ensemble of {len(members)} x {first.name}"
-        self.variant = getattr(first, "variant", None)
+        self.variant = first.variant
         self.sequence = getattr(first, "sequence", None)
+        self.capabilities = Capabilities(
+            sequence_mask=True, single_sequence=capabilities_of(first).single_sequence)
 
     def forward(self, images: Tensor, sequence_mask: Tensor | None = None) -> Tensor:
         probabilities = torch.stack([

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from prediction.forward import window_probabilities
+from networks.capabilities import Capabilities
+from networks.inference import window_probabilities
 
 CPU = torch.device("cpu")
 
@@ -19,6 +20,8 @@ class Recorder(nn.Module):
         self.inputs: list[Tensor] = []
         self.masks: list[Tensor | None] = []
 
+    capabilities = Capabilities(sequence_mask=True)
+
     def forward(self, x: Tensor, sequence_mask: Tensor | None = None) -> Tensor:
         self.inputs.append(x.clone())
         self.masks.append(sequence_mask)
@@ -26,6 +29,8 @@ class Recorder(nn.Module):
 
 
 class NoMask(Recorder):
+    capabilities = Capabilities()
+
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         return super().forward(x)
 

@@ -5,11 +5,11 @@ import torch
 
 from networks import (
     TransUNetConfig,
-    create_model,
-    create_model_from_config,
-    list_models,
-    model_config,
-    register_model,
+    backbone_config,
+    create_transunet,
+    list_backbones,
+    register_backbone,
+    transunet_from_config,
 )
 
 
@@ -40,31 +40,31 @@ def expected_param_count(config: TransUNetConfig) -> int:
 
 
 def test_registered_variants() -> None:
-    assert {"R50-ViT-B_16", "R50-ViT-L_16", "R26-ViT-S_16", "tiny"} <= set(list_models())
-    large = model_config("R50-ViT-L_16")
+    assert {"R50-ViT-B_16", "R50-ViT-L_16", "R26-ViT-S_16", "tiny"} <= set(list_backbones())
+    large = backbone_config("R50-ViT-L_16")
     assert (large.vit.hidden_size, large.vit.num_layers, large.vit.num_heads) == (1024, 24, 16)
-    small = model_config("R26-ViT-S_16")
+    small = backbone_config("R26-ViT-S_16")
     assert small.resnet.block_units == (2, 2, 2) and small.vit.hidden_size == 384
 
 
 def test_unknown_name_lists_known_ones() -> None:
     with pytest.raises(ValueError, match=r"unknown model 'R50-ViT-X'.*R50-ViT-B_16"):
-        create_model("R50-ViT-X")
+        create_transunet("R50-ViT-X")
 
 
 def test_duplicate_registration_raises() -> None:
     with pytest.raises(ValueError, match="already registered"):
-        register_model("tiny")(lambda **_: None)  # type: ignore[arg-type]
+        register_backbone("tiny")(lambda **_: None)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("name", ["tiny", "R26-ViT-S_16"])
 def test_param_count_matches_derivation(name: str) -> None:
-    model = create_model(name, img_size=64, in_channels=2, num_classes=3)
+    model = create_transunet(name, img_size=64, in_channels=2, num_classes=3)
     assert sum(p.numel() for p in model.parameters()) == expected_param_count(model.config)
 
 
 def test_full_paper_model() -> None:
-    model = create_model("R50-ViT-B_16", img_size=128, in_channels=3, num_classes=4).eval()
+    model = create_transunet("R50-ViT-B_16", img_size=128, in_channels=3, num_classes=4).eval()
     count = sum(p.numel() for p in model.parameters())
     assert count == expected_param_count(model.config)
     assert 100e6 < count < 110e6  # ~105 M, as published for TransUNet
@@ -76,7 +76,7 @@ def test_rebuild_from_checkpoint_fields(tiny_model) -> None:
     tiny_model.eval()
     saved = {"name": tiny_model.name, "config": tiny_model.config.to_dict(),
              "state": tiny_model.state_dict()}
-    rebuilt = create_model_from_config(saved["name"], saved["config"])
+    rebuilt = transunet_from_config(saved["name"], saved["config"])
     rebuilt.load_state_dict(saved["state"])
     rebuilt.eval()
     x = torch.randn(1, 3, 64, 64)

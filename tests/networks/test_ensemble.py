@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.ensemble import Ensemble
-from evaluation.inference import predict_probabilities
+from networks.ensemble import Ensemble
+from networks.inference import predict_probabilities
 from networks.variants import create_network
 from tests.helpers import random_bank
 

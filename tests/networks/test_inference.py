@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from datasets.labels import MODALITIES
-from evaluation.inference import (
+from networks.inference import (
     predict_probabilities,
     predict_probabilities_slicewise,
     predict_volume,
