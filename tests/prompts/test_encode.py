@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import sys
 
 import open_clip
@@ -12,7 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from prompts.bank import load_prior_bank
-from prompts.encode import SENTENCE_MODELS, TextTowerError, build_text_tower, encode_texts, main
+from prompts.encode import (
+    DEFAULT_MODEL_ID,
+    SENTENCE_MODELS,
+    TextTowerError,
+    build_text_tower,
+    encode_texts,
+    main,
+)
 from prompts.texts import DEFAULT_PROMPTS_PATH, canonical_names, load_prompts
 from tests.prompts.tiny_models import (
     TINY_CLIP,
@@ -144,6 +152,65 @@ def test_encode_texts_arguments(clip_dir):
         encode_texts(model, tokenizer, ["scar"], batch_size=0)
 
 
+@pytest.fixture()
+def no_network(monkeypatch, tmp_path):
+    """Every name lookup and socket connection raises and is recorded; the Hugging Face cache
+    is an empty folder, so nothing can come from it either."""
+    from huggingface_hub import constants
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access attempted in a test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_hf_cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # as on a machine with a network
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return attempts
+
+
+def test_default_model_never_contacts_the_hub(no_network, tmp_path, capsys):
+    """Without --model, BiomedCLIP comes from the local cache only: a miss fails at once with
+    the download hint, and no connection (not even a name lookup) is attempted."""
+    from huggingface_hub import constants
+
+    out = tmp_path / "bank.pt"
+    assert main(["--out", str(out)]) != 0
+    assert no_network == []
+    assert not out.exists()
+    err = capsys.readouterr().err
+    assert "local Hugging Face cache" in err and "To encode offline, download from" in err
+    assert "huggingface.co/microsoft/BiomedCLIP" in err
+    assert constants.HF_HUB_OFFLINE is False  # the switch is undone afterwards
+    with pytest.raises(TextTowerError, match="local Hugging Face cache"):
+        build_text_tower()  # the Python default is offline too
+    assert no_network == []
+
+
+def test_an_explicit_hub_id_may_download(no_network, monkeypatch):
+    """--model hf-hub:... is the one way to reach the hub: the attempt is made (and refused
+    here by the test, so the error still carries the download hint)."""
+    from huggingface_hub.utils import _http
+
+    sleeps = []
+    monkeypatch.setattr(_http.time, "sleep", sleeps.append)  # its retries wait ~23 s in all
+    with pytest.raises(TextTowerError, match=r"hub or its local cache.*To encode offline"):
+        build_text_tower(DEFAULT_MODEL_ID, download=True)
+    assert no_network
+
+
+def test_sentence_folder_never_contacts_the_hub(no_network, sentence_dir):
+    directory, _ = sentence_dir
+    tower, tokenizer = build_text_tower(f"hf-sentence:{directory}", download=True)
+    assert encode_texts(tower, tokenizer, ["scar"]).shape == (1, 32)
+    assert no_network == []
+
+
 def test_shipped_prompts_fit_the_clip_context(prompts):
     tokens = open_clip.get_tokenizer("ViT-B-32")(prompts.select(prompts.names))
     assert (tokens[:, -1] == 0).all(), "a shipped prompt is truncated at 77 tokens"
@@ -204,25 +271,31 @@ def test_cls_pooling(prompts, tmp_path):
 def test_padding_does_not_change_an_embedding(sentence_dir, prompts):
     directory, _ = sentence_dir
     tower, tokenizer = build_text_tower(f"hf-sentence:{directory}")
+    assert tokenizer is None  # the sentence tower tokenizes by itself
     short, long = "scar", prompts.texts["modality/LGE"]
     alone = encode_texts(tower, tokenizer, [short])
     torch.testing.assert_close(encode_texts(tower, tokenizer, [long, short])[1], alone[0],
                                atol=1e-6, rtol=1e-5)
     # Token level: no padding at all, padding to the long text, padding to the context length.
-    unpadded = tokenizer.tokenizer([short], return_tensors="pt")["input_ids"]
-    to_long = tokenizer.tokenizer([short, long], padding=True, return_tensors="pt")["input_ids"]
-    padded = tokenizer([short])
-    assert unpadded.shape[1] < to_long.shape[1] < padded.shape[1] == tokenizer.context_length
+    hf_tokenizer = tower.model.tokenizer
+    unpadded = hf_tokenizer([short], return_tensors="pt")
+    to_long = hf_tokenizer([short, long], padding=True, return_tensors="pt")
+    padded = hf_tokenizer([short], padding="max_length", max_length=tower.context_length,
+                          return_tensors="pt")
+    lengths = [batch["input_ids"].shape[1] for batch in (unpadded, to_long, padded)]
+    assert lengths[0] < lengths[1] < lengths[2] == tower.context_length
     with torch.no_grad():
-        rows = [tower.encode_text(ids)[0] for ids in (unpadded, to_long, padded)]
+        rows = [tower.model(dict(batch))["sentence_embedding"][0]
+                for batch in (unpadded, to_long, padded)]
     for row in rows[1:]:
         torch.testing.assert_close(row, rows[0], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize(("case", "message"), [
     ("no_folder", "model folder not found"), ("no_pooling", "1_Pooling/config.json: missing"),
-    ("no_weights", "no weights"), ("dense_module", "Dense"), ("max_pooling", "max_tokens"),
-    ("empty_prefix", "needs a folder")])
+    ("no_weights", "no weights"), ("no_config", "config.json: missing"),
+    ("dense_module", "3_Dense: missing"), ("foreign_module", "not part of sentence-transformers"),
+    ("bad_pooling", "median"), ("empty_prefix", "needs a folder")])
 def test_bad_sentence_folder_fails_without_output(sentence_dir, tmp_path, capsys, case, message):
     source, _ = sentence_dir
     directory = tmp_path / "model"
@@ -232,15 +305,17 @@ def test_bad_sentence_folder_fails_without_output(sentence_dir, tmp_path, capsys
         shutil.rmtree(directory / "1_Pooling")
     elif case == "no_weights":
         (directory / "model.safetensors").unlink()
-    elif case == "dense_module":
+    elif case == "no_config":
+        (directory / "config.json").unlink()
+    elif case in ("dense_module", "foreign_module"):
+        kind = "sentence_transformers.models.Dense" if case == "dense_module" else "my.Module"
         modules = json.loads((directory / "modules.json").read_text())
-        modules.append({"idx": 3, "name": "3", "path": "3_Dense",
-                        "type": "sentence_transformers.models.Dense"})
+        modules.append({"idx": 3, "name": "3", "path": "3_Dense", "type": kind})
         (directory / "modules.json").write_text(json.dumps(modules))
-    elif case == "max_pooling":
+    elif case == "bad_pooling":
         pooling = directory / "1_Pooling" / "config.json"
         config = json.loads(pooling.read_text())
-        config.update(pooling_mode_mean_tokens=False, pooling_mode_max_tokens=True)
+        config.update(pooling_mode="median")
         pooling.write_text(json.dumps(config))
     model = "hf-sentence:" if case == "empty_prefix" else f"hf-sentence:{directory}"
     out = tmp_path / "bank.pt"
