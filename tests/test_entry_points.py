@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-import preprocess_data
-import test as test_script
-import train as train_script
+import commands.preprocess as preprocess_data
+import commands.test as test_script
+import commands.train as train_script
 from datasets.labels import EVAL_GROUPS
 from networks.checkpoint import CHECKPOINT_FINAL, CHECKPOINT_LAST, load_checkpoint
 from prompts.bank import save_prior_bank

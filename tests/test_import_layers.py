@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("prediction",),
     ("evaluation",),
     ("training", "trainer"),
-    ("train", "test", "predict", "preprocess_data", "make_phantom"),
+    ("commands", "train", "test", "predict", "preprocess_data", "make_phantom"),
     ("bench",),
 )
 LAYER_OF = {name: rank for rank, names in enumerate(LAYERS) for name in names}

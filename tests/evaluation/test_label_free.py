@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-import predict
-import test as test_script
+import commands.predict as predict
+import commands.test as test_script
 from datasets.labels import NUM_CLASSES
 from datasets.processed import ProcessedLayout
 from datasets.raw import read_volume

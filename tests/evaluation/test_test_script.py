@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-import test as test_script
+import commands.test as test_script
 from datasets.labels import EVAL_GROUPS, MODALITIES
 from datasets.processed import ProcessedLayout
 from evaluation.evaluate import all_subsets, evaluate, subset_label

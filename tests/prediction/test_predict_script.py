@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import predict
+import commands.predict as predict
 from networks.checkpoint import CHECKPOINT_FINAL, save_training_checkpoint
 from networks.variants import create_network
 

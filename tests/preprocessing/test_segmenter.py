@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import preprocess_data
+import commands.preprocess as preprocess_data
 from datasets.phantom import write_phantom_dataset
 from networks.variants import create_network, network_record
 from preprocessing.pipeline import PreprocessConfig

@@ -11,9 +11,9 @@ import json
 
 import pytest
 
-import predict
-import test as test_script
-import train as train_script
+import commands.predict as predict
+import commands.test as test_script
+import commands.train as train_script
 from datasets.phantom import write_phantom_dataset
 from networks.checkpoint import CHECKPOINT_FINAL
 from preprocessing.pipeline import PreprocessConfig

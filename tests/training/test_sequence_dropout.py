@@ -11,11 +11,11 @@ import torch
 from torch.utils.data import DistributedSampler
 
 import trainer
+from commands.train import build_parser
 from datasets.dataset import SliceDataset
 from datasets.processed import ProcessedLayout
 from networks.checkpoint import CHECKPOINT_LAST, load_training_checkpoint
 from tests.helpers import write_ring_dataset
-from train import build_parser
 from trainer import TrainConfig, train
 
 _FED: list[tuple[torch.Tensor, torch.Tensor | None]] = []
