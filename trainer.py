@@ -40,8 +40,7 @@ from networks.checkpoint import (
     save_training_checkpoint,
 )
 from networks.inference import predict_volume
-from networks.objective import ObjectiveConfig, TrainingForward, TrainingObjective
-from networks.sequences import accepts_sequence_mask
+from networks.objective import ObjectiveConfig, TrainingObjective
 from networks.variants import VARIANTS, check_options, create_network, describe
 from prompts.bank import load_prior_bank
 from prompts.texts import canonical_names
@@ -52,6 +51,7 @@ from training.distributed import (
     distributed_session,
 )
 from training.overlays import overlay_grid
+from training.step import TrainStep
 from training.validation import (
     BestModelTracker,
     split_validation_cases,
@@ -309,13 +309,14 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
                            priors=priors,
                            pretrained=None if resume else config.pretrained_path,
                            dropout_rate=config.vit_dropout, **config.network_options())
-    # Early-fusion TransUNet sees only the zeroed channels; the I_MMSeg variants get the mask.
-    pass_mask = config.sequence_dropout > 0 and accepts_sequence_mask(model)
     if context.distributed:
         model = convert_batchnorm(model, device)
     model.to(device)
-    optimizer = _optimizer(config, model)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
+    # Early-fusion TransUNet sees only the zeroed channels; the I_MMSeg variants get the mask.
+    step = TrainStep(model, TrainingObjective(config.num_classes, config.objective()).to(device),
+                     _optimizer(config, model), device, amp=config.amp,
+                     pass_mask=config.sequence_dropout > 0)
+    optimizer, scaler = step.optimizer, step.scaler
     tracker = BestModelTracker(config.patience)
     start_epoch, iteration = 0, 0
     if payload is not None:
@@ -326,13 +327,11 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
             tracker.load_state_dict(payload["tracker"])
         start_epoch, iteration = int(payload["epoch"]), int(payload["iteration"])
         restore_rng_state(payload["rng"])
-    step = TrainingForward(model)
     if context.distributed:
         # Before the contrastive term starts, immseg's embedding layers get no gradient.
-        step = DistributedDataParallel(
-            step, device_ids=[device.index] if device.type == "cuda" else None,
+        step.forward = DistributedDataParallel(
+            step.forward, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=capabilities_of(model).training_outputs)
-    objective = TrainingObjective(config.num_classes, config.objective()).to(device)
     max_iterations = config.max_epochs * len(loader)
     schedule = {"kind": "poly", "base_lr": config.base_lr, "power": config.poly_power,
                 "max_iterations": max_iterations}
@@ -375,18 +374,8 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
                             unit="batch", leave=False, disable=not context.is_main)
             for batch in progress:
                 lr = poly_lr(config.base_lr, iteration, max_iterations, config.poly_power)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                images = batch["image"].to(device, non_blocking=True)
-                labels = batch["label"].to(device, non_blocking=True)
-                mask = batch["sequence_mask"].to(device) if pass_mask else None
-                with torch.autocast(device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
-                    outputs = step(images, mask)
-                loss, parts = objective(outputs, labels, epoch, mask)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                step.set_lr(lr)
+                parts = step(batch, epoch)
                 iteration += 1
                 loss_value = parts["total"]
                 epoch_losses.append(loss_value)

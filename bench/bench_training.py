@@ -5,8 +5,9 @@
 
 Measures, one after the other so that they do not share the cores:
 
-* the train step (forward, the full objective with the contrastive term on, backward, AdamW;
-  float16 autocast on CUDA as in ``train.py``) on random initial weights: s/step and images/s;
+* the train step, :class:`training.step.TrainStep`, the object ``train.py`` calls (forward, the
+  full objective with the contrastive term on, backward, AdamW; float16 autocast on CUDA), on
+  random initial weights and one synthetic batch: s/step and images/s;
 * the real :class:`datasets.dataset.SliceDataset` with augmentation (and sequence dropout when
   asked) behind a ``DataLoader`` with ``--workers`` processes: images/s. Without
   ``--data_root`` it reads a temporary processed layout of synthetic 128x128 slices written with
@@ -43,10 +44,11 @@ from datasets.dataset import EpochIndices, SliceDataset
 from datasets.labels import MODALITIES, NUM_CLASSES
 from datasets.processed import ProcessedLayout, write_training_slice
 from networks.backbones import list_backbones
-from networks.objective import ObjectiveConfig, TrainingForward, TrainingObjective
-from networks.sequences import accepts_sequence_mask, zero_absent
+from networks.objective import ObjectiveConfig, TrainingObjective
+from networks.sequences import zero_absent
 from networks.variants import VARIANTS, count_parameters, create_network
 from prompts.bank import random_prior_bank
+from training.step import TrainStep
 from utils import resolve_device
 
 #: Loader images/s over model images/s that leaves the loader out of the critical path.
@@ -78,38 +80,30 @@ def bench_model(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     model = create_network(args.model, backbone=args.vit_name, img_size=args.img_size,
                            num_classes=NUM_CLASSES, priors=priors).to(device)
     model.train()
-    step = TrainingForward(model)
     config = ObjectiveConfig()
-    objective = TrainingObjective(NUM_CLASSES, config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
-    images = torch.rand(args.batch_size, len(MODALITIES), args.img_size, args.img_size,
-                        device=device)
-    labels = torch.randint(0, NUM_CLASSES, (args.batch_size, args.img_size, args.img_size),
-                           device=device)
-    mask = None
+    # The step train.py takes (training.step.TrainStep), on one fixed synthetic batch.
+    step = TrainStep(model, TrainingObjective(NUM_CLASSES, config).to(device),
+                     torch.optim.AdamW(model.parameters(), lr=1e-4), device,
+                     pass_mask=args.sequence_dropout > 0)
+    images = torch.rand(args.batch_size, len(MODALITIES), args.img_size, args.img_size)
+    labels = torch.randint(0, NUM_CLASSES, (args.batch_size, args.img_size, args.img_size))
+    mask = torch.ones(args.batch_size, len(MODALITIES), dtype=torch.bool)
     if args.sequence_dropout > 0:
         rng = np.random.default_rng(0)
         mask = torch.from_numpy(np.stack([
             drop_sequences(len(MODALITIES), args.sequence_dropout, rng)
-            for _ in range(args.batch_size)])).to(device)
+            for _ in range(args.batch_size)]))
         images = zero_absent(images, mask)
-        if not accepts_sequence_mask(model):
-            mask = None
+    batch = {"image": images.to(device), "label": labels.to(device),
+             "sequence_mask": mask.to(device)}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for index in range(args.warmup + args.steps):
         sync(device)
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
-            outputs = step(images, mask)
         # The contrastive epoch: the most expensive objective a run meets.
-        loss, _ = objective(outputs, labels, config.contrastive_start_epoch, mask)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        step(batch, config.contrastive_start_epoch)
         sync(device)
         if index >= args.warmup:
             times.append(time.perf_counter() - start)

@@ -10,18 +10,19 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-import trainer
+import training.step
 from commands.train import build_parser
 from datasets.dataset import SliceDataset
 from datasets.processed import ProcessedLayout
 from networks.checkpoint import CHECKPOINT_LAST, load_training_checkpoint
+from networks.objective import TrainingForward
 from tests.helpers import write_ring_dataset
 from trainer import TrainConfig, train
 
 _FED: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
 
-class _Recorder(trainer.TrainingForward):
+class _Recorder(TrainingForward):
     """TrainingForward that keeps what each step fed the network (in ``_FED``)."""
 
     def forward(self, images, sequence_mask=None):
@@ -54,7 +55,7 @@ def _expected_masks(config: TrainConfig) -> torch.Tensor:
 def test_the_network_sees_zeroed_channels_and_the_fusion_variants_the_mask(tmp_path, monkeypatch,
                                                                            model):
     root = write_ring_dataset(tmp_path / "data", train_cases=4, slices_per_case=4)
-    monkeypatch.setattr(trainer, "TrainingForward", _Recorder)
+    monkeypatch.setattr(training.step, "TrainingForward", _Recorder)
     _FED.clear()
     # A persistent worker over two epochs: each epoch must draw its own masks.
     config = _config(root, tmp_path / "run", model=model, max_epochs=2, num_workers=1)
