@@ -26,8 +26,8 @@ from tqdm import tqdm
 from datasets.augment import AugmentConfig
 from datasets.dataset import EpochIndices, SliceDataset
 from datasets.folds import check_fold, fold_list_dir
-from datasets.labels import NUM_CLASSES
-from datasets.processed import ProcessedLayout
+from datasets.labels import MODALITIES, NUM_CLASSES
+from datasets.processed import DEFAULT_PROCESSED_ROOT, ProcessedLayout
 from datasets.sequence_jitter import JitterConfig
 from networks.backbones import list_backbones
 from networks.capabilities import capabilities_of
@@ -40,7 +40,8 @@ from networks.checkpoint import (
     save_training_checkpoint,
 )
 from networks.inference import predict_volume
-from networks.objective import ObjectiveConfig, TrainingObjective
+from networks.objective import SCHEDULES, ObjectiveConfig, TrainingObjective
+from networks.prior_attention import CROSS_ATTENTION, PixelPairAttention
 from networks.variants import VARIANTS, check_options, create_network, describe
 from prompts.bank import load_prior_bank
 from prompts.texts import canonical_names
@@ -64,6 +65,7 @@ from utils import (
     require_finite_fields,
     resolve_device,
     seed_everything,
+    setting,
     write_json,
 )
 
@@ -71,7 +73,7 @@ log = logging.getLogger(__name__)
 
 #: Datasets the entry points know by name: processed root used when ``--root_path`` is not given.
 DATASETS: dict[str, dict[str, Any]] = {
-    "Myops": {"root_path": "data/phantom/Processed_data", "num_classes": NUM_CLASSES},
+    "Myops": {"root_path": DEFAULT_PROCESSED_ROOT, "num_classes": NUM_CLASSES},
 }
 #: Where the immseg model looks for its prior bank unless told (``python -m prompts.encode``).
 DEFAULT_PRIORS_PATH = "priors/biomedclip.pt"
@@ -83,61 +85,92 @@ PATHOLOGY_GROUPS = ("scar", "edema alone")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run. Defaults follow the released I_MMSeg recipe (AdamW, poly decay)."""
+    """One training run. Defaults follow the released I_MMSeg recipe (AdamW, poly decay).
 
-    dataset: str = "Myops"
-    model: str = "immseg"
-    vit_name: str = "R50-ViT-B_16"
-    priors_path: str | None = None
-    sequence: str = "LGE"  # the input of the single-sequence variant
-    share_encoder: bool = False
-    #: immseg's exchange between sequences: "sequence" (ours) or "pixel" (the release's N x N
-    #: attention), and what the pixel exchange aggregates ("own", as released, or "partner")
-    cross_attention: str = "sequence"
-    pixel_values: str = "own"
-    root_path: str = "data/phantom/Processed_data"
-    #: lists folder; default <root>/lists, or the fold's lists under cross-validation
-    list_dir: str | None = None
-    #: K-fold cross-validation (0: the release split of <root>/lists) and this run's fold
-    folds: int = 0
-    fold: int | None = None
-    output_dir: str = "runs/Myops_immseg_R50-ViT-B_16"
-    img_size: int = 128
-    num_classes: int = NUM_CLASSES
-    batch_size: int = 24
-    optimizer: str = "adamw"  # "adamw" (the released recipe) or "sgd" (momentum 0.9)
-    base_lr: float = 1e-3
-    weight_decay: float = 1e-4
-    poly_power: float = 0.9
-    max_epochs: int = 300
-    seed: int = 1234
-    num_workers: int = 2
-    pretrained_path: str | None = None
+    Every field is declared once, here: its default, and in its metadata the help and choices
+    of the train.py flag made from it (:mod:`commands.config_flags`). A run's ``config.json``
+    is this dataclass's :meth:`to_dict`, and ``train.py --config`` takes it back.
+    """
+
+    dataset: str = setting("Myops", "dataset (its default processed root and classes)",
+                           choices=lambda: sorted(DATASETS))
+    model: str = setting("immseg", "network variant: " + "; ".join(
+        f"{name}: {spec.description}" for name, spec in VARIANTS.items()),
+        choices=lambda: sorted(VARIANTS))
+    vit_name: str = setting("R50-ViT-B_16", "encoder backbone of every variant",
+                            choices=list_backbones)
+    priors_path: str | None = setting(
+        None, "prior bank (.pt) from `python -m prompts.encode`; text-prior variants only",
+        shown=f"{DEFAULT_PRIORS_PATH} for immseg")
+    sequence: str = setting("LGE", "input of the transunet_single variant", choices=MODALITIES)
+    share_encoder: bool = setting(False, "immseg variants: one encoder for all sequences")
+    cross_attention: str = setting(
+        "sequence", "immseg variants: how sequences exchange information at the bottleneck: "
+        "sequence (ours: attention over the 3 sequences at each pixel) or pixel (the release's: "
+        "every pixel against every pixel of the other sequences)", choices=CROSS_ATTENTION)
+    pixel_values: str = setting(
+        "own", "with --cross_attention pixel: aggregate the sequence's own features (as "
+        "released) or the partner's", choices=PixelPairAttention.VALUES)
+    root_path: str = setting(DATASETS["Myops"]["root_path"],
+                             "processed data root, written by preprocess_data.py")
+    list_dir: str | None = setting(None, "lists folder", shown="<root_path>/lists, or the "
+                                   "fold's lists under cross-validation")
+    folds: int = setting(0, "K-fold cross-validation over the lists preprocess_data.py wrote "
+                         "(lists/cv<K>/); runs go to <output_dir>/fold<k>; 0: the release split")
+    fold: int | None = setting(None, "the fold to train", shown="with --folds: every fold, one "
+                               "after the other; with --resume finished folds are skipped")
+    output_dir: str = setting("runs/Myops_immseg_R50-ViT-B_16", "run folder",
+                              shown="runs/<dataset>_<model>_<vit_name>[_cv<K>]")
+    img_size: int = setting(128, "network input side (px), a multiple of 16")
+    num_classes: int = setting(NUM_CLASSES, cli=False)  # the dataset's
+    batch_size: int = setting(24, "global batch (split over torchrun's processes)")
+    optimizer: str = setting("adamw", "adamw (the released recipe) or sgd (momentum 0.9)",
+                             choices=OPTIMIZERS)
+    base_lr: float = setting(1e-3, "learning rate before poly decay")
+    weight_decay: float = setting(1e-4, "weight decay")
+    poly_power: float = setting(0.9, "exponent of the poly decay to 0 over the run")
+    max_epochs: int = setting(300, "epochs")
+    seed: int = setting(1234, "seed of every random draw (augmentation, dropout, shuffle)")
+    num_workers: int = setting(2, "data loader processes")
+    pretrained_path: str | None = setting(
+        None, "Google R50+ViT-B_16.npz (local file) to initialise every encoder",
+        shown="model/vit_checkpoint/imagenet21k/<vit_name>.npz when that file exists (where "
+              "the release's README puts it), else none")
     # Loss settings: the objective's own defaults (the release's weights; its two-stage schedule
-    # is the loss_schedule option), kept in one place.
-    ce_weight: float = _LOSS.ce_weight
-    dice_weight: float = _LOSS.dice_weight
-    aux_weight: float = _LOSS.aux_weight
-    contrastive_weight: float = _LOSS.contrastive_weight
-    contrastive_start_epoch: int = _LOSS.contrastive_start_epoch
-    temperature: float = _LOSS.temperature
-    #: "constant" (ours) or "release_staged" (the released code's two stages, see
-    #: networks.objective), scaled to max_epochs
-    loss_schedule: str = _LOSS.schedule
-    class_weights: tuple[float, ...] | None = None  # cross-entropy weights per class
-    vit_dropout: float | None = None  # overrides the backbone's transformer dropout
-    val_every: int = 5  # epochs between validations; 0 turns validation off
-    val_fraction: float = 0.2  # share of the training cases held out for validation
-    patience: int | None = None  # validations without improvement before stopping early
-    amp: bool = True  # float16 autocast + GradScaler, used on CUDA only
-    augment: bool = True
-    # Probability that a training sample loses a random non-empty proper subset of its
-    # sequences (zeroed channels; the I_MMSeg variants also get the presence mask).
-    sequence_dropout: float = 0.0
-    # Probability that bSSFP and T2w (each on its own) are moved off LGE and the label by a
-    # random misalignment (datasets.sequence_jitter): training for unregistered inputs.
-    sequence_jitter: float = 0.0
-    device: str = "auto"
+    # is the loss_schedule option), declared in networks.objective.ObjectiveConfig.
+    ce_weight: float = setting(_LOSS.ce_weight, "cross-entropy weight of the main output")
+    dice_weight: float = setting(_LOSS.dice_weight, "Dice weight of the main output")
+    aux_weight: float = setting(_LOSS.aux_weight,
+                                "per-sequence deep supervision (immseg variants)")
+    contrastive_weight: float = setting(_LOSS.contrastive_weight,
+                                        "pixel-text contrastive term (immseg variants)")
+    contrastive_start_epoch: int = setting(
+        _LOSS.contrastive_start_epoch, "0-based epoch from which the contrastive term counts")
+    temperature: float = setting(_LOSS.temperature, "temperature of the contrastive term")
+    loss_schedule: str = setting(
+        _LOSS.schedule, "constant (ours): one stage; release_staged: the released code's first "
+        "third of the epochs on the per-sequence branches alone, then all terms (weights 1, "
+        "0.5 x sum, 0.05), scaled to max_epochs", choices=SCHEDULES)
+    class_weights: tuple[float, ...] | None = setting(
+        None, "cross-entropy weight per class (background, myocardium, scar, edema)")
+    vit_dropout: float | None = setting(None, "transformer dropout",
+                                        shown="the backbone's, 0.1")
+    val_every: int = setting(5, "validate every N epochs (0: no validation)")
+    val_fraction: float = setting(0.2, "share of the training cases held out for validation")
+    patience: int | None = setting(None, "stop after this many validations without a better "
+                                   "model")
+    amp: bool = setting(True, "no float16 autocast on CUDA (never used on the CPU)")
+    augment: bool = setting(True, "no augmentation")
+    sequence_dropout: float = setting(
+        0.0, "probability that a training slice loses 1 or 2 of its 3 sequences (zeroed; immseg "
+        "variants also get the presence mask), so the model learns to segment with missing "
+        "sequences; not for transunet_single")
+    sequence_jitter: float = setting(
+        0.0, "probability that bSSFP and T2w, each on its own, are moved off LGE and the label "
+        "by a random misalignment (datasets.sequence_jitter: rotation up to 8 deg, shift 5 mm, "
+        "scale 5 %, a 1.5 mm smooth field): training for sequences registration leaves "
+        "misaligned")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...")
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -202,12 +235,12 @@ class TrainConfig:
                 "pixel_values": self.pixel_values}
 
     def objective(self) -> ObjectiveConfig:
-        return ObjectiveConfig(
-            ce_weight=self.ce_weight, dice_weight=self.dice_weight, aux_weight=self.aux_weight,
-            contrastive_weight=self.contrastive_weight,
-            contrastive_start_epoch=self.contrastive_start_epoch, temperature=self.temperature,
-            class_weights=self.class_weights, schedule=self.loss_schedule,
-            max_epochs=self.max_epochs)
+        """The loss settings: every ObjectiveConfig field this config has under the same name
+        (the weights, the contrastive settings, max_epochs) and the schedule, ``loss_schedule``
+        here."""
+        shared = {f.name for f in fields(ObjectiveConfig)} & {f.name for f in fields(self)}
+        return ObjectiveConfig(**{name: getattr(self, name) for name in shared},
+                               schedule=self.loss_schedule)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -222,6 +255,12 @@ class TrainConfig:
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def default_run_dir(dataset: str, model: str, vit_name: str, folds: int = 0) -> str:
+    """``runs/<dataset>_<model>_<vit_name>`` (``_cv<K>`` for K-fold cross-validation): where
+    train.py writes a run and test.py looks for it when given the same flags."""
+    return f"runs/{dataset}_{model}_{vit_name}" + (f"_cv{folds}" if folds else "")
 
 
 def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float) -> float:

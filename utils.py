@@ -4,6 +4,7 @@ checks of numeric settings."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -102,6 +103,22 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
+
+
+def setting(default: Any, help: str = "", *, choices: Any = None, shown: str | None = None,
+            cli: bool = True) -> Any:
+    """A config dataclass field declared with what its command-line flag needs.
+
+    ``help`` and ``choices`` (a collection, or a callable returning one) go to the flag;
+    ``shown`` replaces the default in the help where the program derives it (e.g. a run folder
+    named after other settings); ``cli=False`` keeps the field off the command line. For a bool
+    defaulting to True the flag is ``--no_<name>`` and ``help`` describes that flag. Read by
+    :mod:`commands.config_flags`.
+    """
+    metadata = {"help": help, "choices": choices, "shown": shown, "cli": cli}
+    if isinstance(default, list | dict | set):
+        raise TypeError("mutable defaults need a default_factory")
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def check_int(name: str, value: Any, minimum: int = 1) -> None:

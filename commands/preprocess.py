@@ -15,6 +15,8 @@ import logging
 import sys
 from pathlib import Path
 
+from datasets.processed import DEFAULT_PROCESSED_ROOT
+from datasets.raw import DEFAULT_RAW_ROOT
 from preprocessing.pipeline import AFFINE_METRICS, PreprocessConfig
 from preprocessing.runner import RunOptions, run_preprocessing
 from preprocessing.voxelmorph_net import VoxelMorphConfig
@@ -26,10 +28,14 @@ log = logging.getLogger("preprocess_data")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--raw_root", default="data/phantom",
-                        help="raw dataset (MyoPS380 Raw_data layout or MyoPS 2020 layout)")
+    parser.add_argument("--raw_root", default=DEFAULT_RAW_ROOT,
+                        help="raw dataset: its Raw_data folder or the folder holding it "
+                             "(MyoPS380 layout), or a MyoPS 2020 folder (default: %(default)s, "
+                             "where the release's README puts it)")
     parser.add_argument("--out_root", default=None,
-                        help="processed output (default: <raw_root>/Processed_data)")
+                        help="processed output (default: Processed_data beside a Raw_data "
+                             f"folder, else inside --raw_root; {DEFAULT_PROCESSED_ROOT} for the "
+                             "default)")
     parser.add_argument("--layout", choices=("myops380", "myops2020"), default=None,
                         help="raw layout (default: detected)")
     parser.add_argument("--test_every", type=int, default=5,
@@ -70,10 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def default_out_root(raw_root: str | Path) -> Path:
+    """``Processed_data`` beside a ``Raw_data`` folder (the release's MyoPS380_dataset layout),
+    else inside ``raw_root`` (``data/phantom`` -> ``data/phantom/Processed_data``)."""
+    raw_root = Path(raw_root)
+    if raw_root.name == "Raw_data":
+        return raw_root.parent / "Processed_data"
+    return raw_root / "Processed_data"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    out_root = args.out_root or f"{args.raw_root.rstrip('/')}/Processed_data"
+    out_root = args.out_root or str(default_out_root(args.raw_root))
     if (args.segmenter is not None) != (args.affine_metric == "segmentation"
                                         and not args.no_affine):
         log.error("--segmenter and --affine_metric segmentation go together")

@@ -23,6 +23,7 @@ import logging
 import sys
 from pathlib import Path
 
+from commands.config_flags import add_config_arguments
 from datasets.labels import MODALITIES
 from datasets.processed import ProcessedLayout, case_of
 from evaluation.evaluate import (
@@ -44,14 +45,21 @@ from prediction.options import (
     predict_config,
 )
 from prediction.pipeline import registration_networks
+from trainer import TrainConfig, default_run_dir
 from utils import resolve_device, setup_logging
 
 log = logging.getLogger("test")
+#: The train.py settings that name its run folder (trainer.default_run_dir).
+RUN_NAMING = ("dataset", "model", "vit_name", "folds")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_checkpoint_arguments(parser)
+    add_checkpoint_arguments(parser, required=False)
+    found = parser.add_argument_group(
+        "the run train.py wrote with the same flags (used without --checkpoint and --run_dir: "
+        "runs/<dataset>_<model>_<vit_name>[_cv<K>])")
+    add_config_arguments(found, TrainConfig, only=frozenset(RUN_NAMING))
     parser.add_argument("--ensemble", action="store_true",
                         help="with a cross-validation folder: all folds as one model (mean of "
                              "softmax) on --split, instead of each fold on its own test cases")
@@ -76,6 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def trained_run_dir(args: argparse.Namespace) -> str:
+    """The folder train.py writes for the run-naming flags given here (the release's
+    ``python test.py --dataset Myops --vit_name R50-ViT-B_16`` finds its training run)."""
+    naming = {name: getattr(args, name, getattr(TrainConfig, name)) for name in RUN_NAMING}
+    run_dir = default_run_dir(naming["dataset"], naming["model"], naming["vit_name"],
+                              naming["folds"])
+    if not Path(run_dir).is_dir():
+        flags = " ".join(f"--{name} {value}" for name, value in naming.items()
+                         if name != "folds" or value)
+        raise FileNotFoundError(f"{run_dir}: no run; train it first (python train.py {flags}) "
+                                "or pass --run_dir / --checkpoint")
+    return run_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
@@ -87,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("--sequences %r: %s", args.sequences, error)
         return 1
     try:
+        if not args.checkpoint and not args.run_dir:
+            args.run_dir = trained_run_dir(args)
         paths = checkpoint_paths(args)
         device = resolve_device(args.device)
         # Out of fold: each fold's model on its own test cases; otherwise one (ensembled) model.

@@ -32,6 +32,8 @@ LABEL_SOURCE = "LGE"
 #: Spacing assumed for seed volumes without a ``spacing`` attribute (1 mm in-plane after
 #: preprocessing; the MyoPS380 slice gap is about 10 mm).
 DEFAULT_SPACING = (10.0, 1.0, 1.0)
+#: Where the release keeps preprocess_data.py's output (train.py's default data root).
+DEFAULT_PROCESSED_ROOT = "MyoPS380_dataset/Processed_data"
 #: Axis order of our test volumes, stored as their ``axes`` attribute.
 AXES = "DHW"
 

@@ -22,6 +22,8 @@ import numpy as np
 
 from datasets.labels import MODALITIES, to_training_labels
 
+#: Where the release keeps the raw MyoPS380 cases (preprocess_data.py's default input).
+DEFAULT_RAW_ROOT = "MyoPS380_dataset/Raw_data"
 LAYOUTS = ("myops380", "myops2020")
 
 _MYOPS2020_SUFFIX = {"bSSFP": "C0", "LGE": "LGE", "T2w": "T2", "label": "gd"}
@@ -144,7 +146,8 @@ def detect_layout(root: str | Path) -> str:
     """Tell which raw layout ``root`` holds; accepts the dataset root or its ``Raw_data``."""
     root = Path(root)
     if not root.is_dir():
-        raise RawDataError(f"{root}: raw data folder not found")
+        raise RawDataError(f"{root}: raw data folder not found (the MyoPS380 layout is "
+                           "Raw_data/{bSSFP,LGE,T2w,label}/; pass its place with --raw_root)")
     if _myops380_dir(root) is not None:
         return "myops380"
     if any(next(root.glob(f"{folder}*_{sequence}.nii*"), None) is not None

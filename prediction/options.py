@@ -19,11 +19,11 @@ from prediction.pipeline import PredictConfig, preprocess_config_for
 REGISTER_CHOICES = ("auto", "on", "off")
 
 
-def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--checkpoint FILE [FILE ...]`` or ``--run_dir DIR`` (one required), for test.py and
-    predict.py. Several checkpoints, or a cross-validation folder, are used as an ensemble where
-    one model is asked for."""
-    where = parser.add_mutually_exclusive_group(required=True)
+def add_checkpoint_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """``--checkpoint FILE [FILE ...]`` or ``--run_dir DIR`` (one of them, or neither where the
+    program finds the run otherwise), for test.py and predict.py. Several checkpoints, or a
+    cross-validation folder, are used as an ensemble where one model is asked for."""
+    where = parser.add_mutually_exclusive_group(required=required)
     where.add_argument("--checkpoint", nargs="+",
                        help="checkpoint file(s) written by train.py; several are ensembled "
                             "(mean of softmax)")

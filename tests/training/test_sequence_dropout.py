@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 import training.step
-from commands.train import build_parser
+from commands.train import build_parser, settings_of
 from datasets.dataset import SliceDataset
 from datasets.processed import ProcessedLayout
 from networks.checkpoint import CHECKPOINT_LAST, load_training_checkpoint
@@ -84,7 +84,8 @@ def test_config_validates_sequence_dropout_and_the_flag_reaches_it(tmp_path):
     assert _config(tmp_path, tmp_path, model="transunet_single", sequence_dropout=0.0)
     args = build_parser().parse_args(["--sequence_dropout", "0.3"])
     assert args.sequence_dropout == 0.3
-    assert build_parser().parse_args([]).sequence_dropout == TrainConfig().sequence_dropout == 0
+    defaults = settings_of(build_parser().parse_args([]))
+    assert TrainConfig(**defaults).sequence_dropout == TrainConfig().sequence_dropout == 0
 
 
 def test_resume_accepts_a_checkpoint_older_than_the_field_but_not_another_rate(tmp_path):
