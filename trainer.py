@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ from training.validation import (
     validation_volumes,
 )
 from utils import (
+    ConfigRecord,
     non_finite_tensors,
     remove_stale_temporaries,
     require_finite_fields,
@@ -84,7 +85,7 @@ PATHOLOGY_GROUPS = ("scar", "edema alone")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ConfigRecord):
     """One training run. Defaults follow the released I_MMSeg recipe (AdamW, poly decay).
 
     Every field is declared once, here: its default, and in its metadata the help and choices
@@ -242,8 +243,6 @@ class TrainConfig:
         return ObjectiveConfig(**{name: getattr(self, name) for name in shared},
                                schedule=self.loss_schedule)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def field_defaults(cls) -> dict[str, Any]:

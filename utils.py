@@ -105,6 +105,14 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
 
 
+class ConfigRecord:
+    """Base of the config dataclasses: ``to_dict`` is the plain nested dict a manifest or a
+    checkpoint stores (JSON-able; tuples become lists once serialised)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
 def setting(default: Any, help: str = "", *, choices: Any = None, shown: str | None = None,
             cli: bool = True) -> Any:
     """A config dataclass field declared with what its command-line flag needs.

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from utils import check_int
+from utils import ConfigRecord, check_int
 
 #: The hybrid encoder downsamples by 2 (root conv), 2 (max-pool), 2 and 2 (stages 2 and 3).
 RESNET_STRIDE = 16
@@ -143,7 +143,7 @@ class DecoderConfig:
 
 
 @dataclass(frozen=True)
-class TransUNetConfig:
+class TransUNetConfig(ConfigRecord):
     """Everything needed to rebuild a TransUNet: encoder parts, decoder, input and output."""
 
     resnet: ResNetConfig = field(default_factory=ResNetConfig)
@@ -175,9 +175,6 @@ class TransUNetConfig:
         """Side of the square token grid."""
         return self.img_size // RESNET_STRIDE
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-able nested dict (tuples become lists once serialised, which is fine)."""
-        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TransUNetConfig:

@@ -18,7 +18,6 @@ them by name, so a file storing rows in another order cannot silently swap modal
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -40,7 +39,7 @@ from networks.prior_attention import (
     presence_weights,
 )
 from networks.transunet import Conv2dNormReLU, TransUNetDecoder, TransUNetEncoder
-from utils import check_int
+from utils import ConfigRecord, check_int
 
 #: Index of the H/4 skip in the encoder's highest-resolution-first skip list.
 AUX_SKIP = 1
@@ -51,7 +50,7 @@ def _default_backbone() -> TransUNetConfig:
 
 
 @dataclass(frozen=True)
-class IMMSegConfig:
+class IMMSegConfig(ConfigRecord):
     """Everything needed to rebuild an :class:`IMMSeg` (the priors travel in its state_dict).
 
     ``backbone`` describes ONE single-channel encoder and the decoder; ``use_priors=False`` is the
@@ -109,9 +108,6 @@ class IMMSegConfig:
     def num_sequences(self) -> int:
         return len(self.sequences)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict, JSON-able."""
-        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> IMMSegConfig:

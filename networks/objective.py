@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ from networks.contrastive import PixelTextContrastiveLoss, downsample_labels
 from networks.immseg import IMMSegOutput
 from networks.losses import SegmentationLoss, global_sum
 from networks.prior_attention import check_sequence_mask
-from utils import require_finite_fields
+from utils import ConfigRecord, require_finite_fields
 
 Outputs = Tensor | IMMSegOutput
 SCHEDULES: tuple[str, ...] = ("constant", "release_staged")
@@ -55,7 +55,7 @@ class TermWeights:
 
 
 @dataclass(frozen=True)
-class ObjectiveConfig:
+class ObjectiveConfig(ConfigRecord):
     """Loss weights and schedule (defaults: the released I_MMSeg recipe)."""
 
     ce_weight: float = 0.2
@@ -83,8 +83,6 @@ class ObjectiveConfig:
         if self.class_weights is not None:
             object.__setattr__(self, "class_weights", tuple(float(w) for w in self.class_weights))
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def forward_outputs(model: nn.Module, images: Tensor,

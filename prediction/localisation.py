@@ -21,7 +21,7 @@ If nothing reaches the evidence threshold the grid centre is used and the locati
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from scipy import ndimage
 from torch import nn
 
 from networks.inference import window_probabilities
+from utils import ConfigRecord
 
 WEIGHTINGS: tuple[str, ...] = ("gaussian", "uniform")
 #: Gaussian sigma as a fraction of the window side (nnU-Net's choice for sliding windows).
@@ -38,7 +39,7 @@ _MIN_WEIGHT = 1e-3
 
 
 @dataclass(frozen=True)
-class HeartLocation:
+class HeartLocation(ConfigRecord):
     """Heart centre and ROI on the crop grid, in grid pixels (``(row, col)``)."""
 
     centre: tuple[float, float]
@@ -48,8 +49,6 @@ class HeartLocation:
     component_pixels: int
     evidence: float
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def window_origins(grid_size: int, window: int, stride: int) -> list[int]:

@@ -20,14 +20,14 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
 from preprocessing.transforms import Affine2D
-from utils import require_finite, require_finite_fields
+from utils import ConfigRecord, require_finite, require_finite_fields
 
 MODELS: tuple[str, ...] = ("affine", "similarity", "rigid")
 #: Swaps (row, col) <-> (x, y); SimpleITK indexes a ``GetImageFromArray([H, W])`` image as x=col.
@@ -42,7 +42,7 @@ def _check_sigmas(sigmas_mm: Sequence[float], *, positive: bool) -> None:
 
 
 @dataclass(frozen=True)
-class AffineRegistrationConfig:
+class AffineRegistrationConfig(ConfigRecord):
     """Settings of the mask-guided affine fit (defaults suit 1 mm, 224 px, [0, 255] slices).
 
     The plausibility bounds sit about 1.5x beyond the expected breath-hold misalignment (5 deg,
@@ -102,8 +102,6 @@ class AffineRegistrationConfig:
             raise ValueError(f"min_mask_pixels must be >= 1, got {self.min_mask_pixels}")
         require_finite_fields(self, "pixel_spacing_mm", positive=True)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

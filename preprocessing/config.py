@@ -6,19 +6,19 @@ the label-free prediction path all read one declaration without importing each o
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from preprocessing.affine_registration import AffineRegistrationConfig
 from preprocessing.mask_affine import MaskAffineConfig
 from preprocessing.ngf_affine import NGFAffineConfig
-from utils import require_finite_fields
+from utils import ConfigRecord, require_finite_fields
 
 #: Affine metrics by name, dispatched by :func:`preprocessing.registration.affine_fits`.
 AFFINE_METRICS: tuple[str, ...] = ("ngf", "mattes", "consensus", "segmentation")
 
 
 @dataclass(frozen=True)
-class PreprocessConfig:
+class PreprocessConfig(ConfigRecord):
     """Geometry, intensity and registration settings (defaults follow the seed)."""
 
     pixel_spacing_mm: float = 1.0
@@ -51,5 +51,3 @@ class PreprocessConfig:
         if self.affine.pixel_spacing_mm != self.pixel_spacing_mm:
             raise ValueError("affine.pixel_spacing_mm must equal pixel_spacing_mm")
 
-    def to_dict(self) -> dict:
-        return asdict(self)

@@ -18,7 +18,7 @@ falls back to the identity, with the reason.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,11 +39,11 @@ from preprocessing.ngf_affine import (
     sampling_grid,
 )
 from preprocessing.transforms import Affine2D
-from utils import require_finite_fields
+from utils import ConfigRecord, require_finite_fields
 
 
 @dataclass(frozen=True)
-class MaskAffineConfig:
+class MaskAffineConfig(ConfigRecord):
     """Settings of the mask fit (defaults suit 1 mm slices).
 
     ``margin_mm`` bounds where the mismatch counts: the label's heart (myocardium and cavity)
@@ -63,8 +63,6 @@ class MaskAffineConfig:
         check_pyramid(self.smoothing_sigmas_mm, self.iterations, zero_sigma=False)
         require_finite_fields(self, "search_mm", "margin_mm", "min_probability_mass")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def register_masks(fixed_labels: np.ndarray, moving_myocardium: np.ndarray,

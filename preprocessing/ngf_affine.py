@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -40,13 +40,13 @@ from preprocessing.affine_registration import (
     implausibility,
 )
 from preprocessing.transforms import Affine2D
-from utils import require_finite_fields
+from utils import ConfigRecord, require_finite_fields
 
 NGF_MODELS: tuple[str, ...] = ("affine", "similarity", "rigid")
 
 
 @dataclass(frozen=True)
-class NGFAffineConfig:
+class NGFAffineConfig(ConfigRecord):
     """Settings of the NGF fit (defaults suit 1 mm slices in [0, 255]).
 
     ``prior_mm`` is the expected size of a breath-hold misalignment: a parameter moving the heart
@@ -73,8 +73,6 @@ class NGFAffineConfig:
                               "search_sigma_mm", positive=True)
         require_finite_fields(self, "prior_weight", "min_gain", "search_mm")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def register_affine_ngf(fixed: Sequence[np.ndarray] | np.ndarray,
