@@ -114,16 +114,17 @@ class ConfigRecord:
 
 
 def setting(default: Any, help: str = "", *, choices: Any = None, shown: str | None = None,
-            cli: bool = True) -> Any:
+            flag: str | None = None, cli: bool = True) -> Any:
     """A config dataclass field declared with what its command-line flag needs.
 
     ``help`` and ``choices`` (a collection, or a callable returning one) go to the flag;
     ``shown`` replaces the default in the help where the program derives it (e.g. a run folder
-    named after other settings); ``cli=False`` keeps the field off the command line. For a bool
-    defaulting to True the flag is ``--no_<name>`` and ``help`` describes that flag. Read by
-    :mod:`commands.config_flags`.
+    named after other settings); ``flag`` names the flag where it is not the field's name (kept
+    from earlier versions of a command); ``cli=False`` keeps the field off the command line. For
+    a bool defaulting to True the flag is ``--no_<name>`` and ``help`` describes that flag. Read
+    by :mod:`commands.config_flags`.
     """
-    metadata = {"help": help, "choices": choices, "shown": shown, "cli": cli}
+    metadata = {"help": help, "choices": choices, "shown": shown, "flag": flag, "cli": cli}
     if isinstance(default, list | dict | set):
         raise TypeError("mutable defaults need a default_factory")
     return dataclasses.field(default=default, metadata=metadata)

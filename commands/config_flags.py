@@ -6,6 +6,7 @@ its name, type and default:
 * ``help``: the flag's help (the default is appended, so ``--help`` always shows the value used);
 * ``choices``: allowed values, or a callable returning them (registries fill up at import);
 * ``shown``: what the help says the default is, where the program derives it;
+* ``flag``: the flag's name where it is not the field's (a bool's full spelling, e.g. no_qa);
 * ``cli=False``: not a flag (derived by the program, e.g. the dataset's class count).
 
 Types come from the annotation: ``int``, ``float``, ``str``, each optionally ``| None``;
@@ -25,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-_SCALARS = {"int": int, "float": float, "str": str}
+_SCALARS = {"int": int, "float": float, "str": str, "Path": Path}
 
 
 def _flag_type(annotation: str) -> tuple[type, bool]:
@@ -62,15 +63,17 @@ def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
         if callable(choices):
             choices = choices()
         text = meta.get("help") or ""
+        name = meta.get("flag") or field.name
         if field.type == "bool":
-            flag = f"--no_{field.name}" if default else f"--{field.name}"
+            flag = f"--{name}" if meta.get("flag") else (
+                f"--no_{name}" if default else f"--{name}")
             parser.add_argument(flag, dest=field.name, default=argparse.SUPPRESS,
                                 action="store_false" if default else "store_true",
                                 help=text or None)
             continue
         kind, several = _flag_type(field.type)
         shown = meta.get("shown") or ("none" if default is None else default)
-        parser.add_argument(f"--{field.name}", dest=field.name, type=kind,
+        parser.add_argument(f"--{name}", dest=field.name, type=kind,
                             nargs="+" if several else None, choices=choices,
                             default=argparse.SUPPRESS,
                             help=f"{text} (default: {shown})".lstrip().replace("%", "%%"))

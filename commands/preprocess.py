@@ -15,9 +15,10 @@ import logging
 import sys
 from pathlib import Path
 
+from commands.config_flags import add_config_arguments, given_values
 from datasets.processed import DEFAULT_PROCESSED_ROOT
 from datasets.raw import DEFAULT_RAW_ROOT
-from preprocessing.pipeline import AFFINE_METRICS, PreprocessConfig
+from preprocessing.pipeline import PreprocessConfig
 from preprocessing.runner import RunOptions, run_preprocessing
 from preprocessing.voxelmorph_net import VoxelMorphConfig
 from utils import setup_logging
@@ -36,43 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="processed output (default: Processed_data beside a Raw_data "
                              f"folder, else inside --raw_root; {DEFAULT_PROCESSED_ROOT} for the "
                              "default)")
-    parser.add_argument("--layout", choices=("myops380", "myops2020"), default=None,
-                        help="raw layout (default: detected)")
-    parser.add_argument("--test_every", type=int, default=5,
-                        help="the release's split: sorted cases [0::N] are listed as test "
-                             "volumes (case0001, case0006, ... for 5); 0 = none")
-    parser.add_argument("--folds", type=int, default=5,
-                        help="also write the lists of K-fold cross-validation (lists/cv<K>/"
-                             "fold<k>/, round-robin on sorted cases; 0 = none). Every case is "
-                             "written both as training slices and as a label-free test volume")
-    parser.add_argument("--max_slice_distance", type=float, default=5.0,
-                        help="mm; reference slices without partners this close are dropped")
-    parser.add_argument("--crop_size", type=int, default=224)
-    parser.add_argument("--roi_size", type=int, default=128)
-    parser.add_argument("--no_affine", action="store_true", help="skip affine registration")
-    parser.add_argument("--affine_metric", choices=AFFINE_METRICS,
-                        default=PreprocessConfig().affine_metric,
-                        help="consensus (default): the mean of NGF to the image, NGF to the "
-                             "label and MI (closest on real MyoPS slices, about 4 s per case); "
-                             "ngf: edge directions (robust to the sequences' contrasts); "
-                             "mattes: mutual information (closer on simple contrasts); "
-                             "segmentation: each sequence's myocardium as predicted by "
-                             "--segmenter, laid onto the label's")
-    parser.add_argument("--segmenter", type=Path, default=None,
-                        help="checkpoint of a network that segments one sequence alone (trained "
-                             "with --sequence_dropout) for --affine_metric segmentation")
-    parser.add_argument("--no_nonrigid", action="store_true",
-                        help="skip VoxelMorph-style non-rigid registration")
-    parser.add_argument("--voxelmorph_checkpoint", type=Path, default=None,
-                        help="non-rigid model to reuse or to train into "
-                             "(default: <out_root>/voxelmorph.pth)")
+    add_config_arguments(parser.add_argument_group("what the data become (PreprocessConfig)"),
+                         PreprocessConfig)
+    add_config_arguments(parser.add_argument_group("how the run is carried out (RunOptions)"),
+                         RunOptions)
     parser.add_argument("--voxelmorph_iterations", type=int,
-                        default=VoxelMorphConfig().iterations)
-    parser.add_argument("--no_qa", action="store_true", help="skip the QA pictures")
-    parser.add_argument("--workers", type=int, default=1, help="parallel processes")
-    parser.add_argument("--device", default="cpu",
-                        help="device for the non-rigid and segmenter networks")
-    parser.add_argument("--overwrite", action="store_true", help="redo finished cases")
+                        default=VoxelMorphConfig().iterations,
+                        help="training iterations of the non-rigid network (default: %(default)s)")
     return parser
 
 
@@ -89,24 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     out_root = args.out_root or str(default_out_root(args.raw_root))
-    if (args.segmenter is not None) != (args.affine_metric == "segmentation"
-                                        and not args.no_affine):
-        log.error("--segmenter and --affine_metric segmentation go together")
-        return 1
     try:
-        config = PreprocessConfig(crop_size=args.crop_size, roi_size=args.roi_size,
-                                  max_slice_distance_mm=args.max_slice_distance,
-                                  affine_registration=not args.no_affine,
-                                  affine_metric=args.affine_metric,
-                                  nonrigid_registration=not args.no_nonrigid)
-        options = RunOptions(
-            test_every=args.test_every, folds=args.folds, workers=args.workers,
-            overwrite=args.overwrite,
-            layout=args.layout, qa=not args.no_qa,
-            voxelmorph=dataclasses.replace(VoxelMorphConfig(),
-                                           iterations=args.voxelmorph_iterations),
-            voxelmorph_checkpoint=args.voxelmorph_checkpoint,
-            segmenter_checkpoint=args.segmenter, device=args.device)
+        config = PreprocessConfig(**given_values(args, PreprocessConfig))
+        options = RunOptions(**given_values(args, RunOptions), voxelmorph=dataclasses.replace(
+            VoxelMorphConfig(), iterations=args.voxelmorph_iterations))
+        if (options.segmenter_checkpoint is not None) != (
+                config.affine_metric == "segmentation" and config.affine_registration):
+            raise ValueError("--segmenter and --affine_metric segmentation go together")
         results = run_preprocessing(args.raw_root, out_root, config, options)
     except (ValueError, RuntimeError, OSError, FloatingPointError) as error:
         log.error("%s", error)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from preprocessing.affine_registration import AffineRegistrationConfig
 from preprocessing.mask_affine import MaskAffineConfig
 from preprocessing.ngf_affine import NGFAffineConfig
-from utils import ConfigRecord, require_finite_fields
+from utils import ConfigRecord, require_finite_fields, setting
 
 #: Affine metrics by name, dispatched by :func:`preprocessing.registration.affine_fits`.
 AFFINE_METRICS: tuple[str, ...] = ("ngf", "mattes", "consensus", "segmentation")
@@ -21,21 +21,27 @@ AFFINE_METRICS: tuple[str, ...] = ("ngf", "mattes", "consensus", "segmentation")
 class PreprocessConfig(ConfigRecord):
     """Geometry, intensity and registration settings (defaults follow the seed)."""
 
-    pixel_spacing_mm: float = 1.0
-    crop_size: int = 224
-    roi_size: int = 128
-    max_slice_distance_mm: float = 5.0
-    low_percentile: float = 0.5
-    high_percentile: float = 99.5
-    affine_registration: bool = True
-    nonrigid_registration: bool = True
-    #: "consensus" (mean of three independent fits, see preprocessing.consensus_affine), "ngf"
-    #: (edge directions, see preprocessing.ngf_affine), "mattes" (mutual information) or
-    #: "segmentation" (a network's myocardium of each sequence, see preprocessing.mask_affine)
-    affine_metric: str = "consensus"
-    affine: AffineRegistrationConfig = field(default_factory=AffineRegistrationConfig)
-    ngf: NGFAffineConfig = field(default_factory=NGFAffineConfig)
-    mask_fit: MaskAffineConfig = field(default_factory=MaskAffineConfig)
+    pixel_spacing_mm: float = setting(1.0, cli=False)
+    crop_size: int = setting(224, "side of the resampled grid (px of pixel_spacing_mm)")
+    roi_size: int = setting(128, "side of the training region of interest (px)")
+    max_slice_distance_mm: float = setting(
+        5.0, "mm; reference slices without partners this close are dropped",
+        flag="max_slice_distance")
+    low_percentile: float = setting(0.5, cli=False)
+    high_percentile: float = setting(99.5, cli=False)
+    affine_registration: bool = setting(True, "skip affine registration", flag="no_affine")
+    nonrigid_registration: bool = setting(True, "skip VoxelMorph-style non-rigid registration",
+                                          flag="no_nonrigid")
+    affine_metric: str = setting(
+        "consensus", "consensus: the mean of NGF to the image, NGF to the label and MI (closest "
+        "on real MyoPS slices, about 4 s per case); ngf: edge directions (robust to the "
+        "sequences' contrasts); mattes: mutual information (closer on simple contrasts); "
+        "segmentation: each sequence's myocardium as predicted by --segmenter, laid onto the "
+        "label's", choices=AFFINE_METRICS)
+    affine: AffineRegistrationConfig = field(default_factory=AffineRegistrationConfig,
+                                             metadata={"cli": False})
+    ngf: NGFAffineConfig = field(default_factory=NGFAffineConfig, metadata={"cli": False})
+    mask_fit: MaskAffineConfig = field(default_factory=MaskAffineConfig, metadata={"cli": False})
 
     def __post_init__(self) -> None:
         if self.affine_metric not in AFFINE_METRICS:

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from datasets.folds import fold_cases, fold_list_dir, release_test_cases
 from datasets.labels import MODALITIES
 from datasets.processed import ProcessedLayout, write_test_volume, write_training_slice
-from datasets.raw import CaseFiles, RawCase, discover_cases, load_case
+from datasets.raw import LAYOUTS, CaseFiles, RawCase, discover_cases, load_case
 from preprocessing.grid_stacks import GridStacks
 from preprocessing.pipeline import (
     AlignedCase,
@@ -57,7 +57,7 @@ from preprocessing.qa import write_qa_png
 from preprocessing.segmenter import cached_segmenter
 from preprocessing.voxelmorph import checkpoint_provenance, load_voxelmorph, train_voxelmorph
 from preprocessing.voxelmorph_net import VoxelMorphConfig
-from utils import atomic_path, file_sha256, write_json, write_text
+from utils import atomic_path, file_sha256, setting, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -83,21 +83,26 @@ class CaseResult:
 class RunOptions:
     """How a run is carried out (not what the data become: that is :class:`PreprocessConfig`)."""
 
-    test_every: int = 5
-    #: cross-validation folds whose lists are written (0: none)
-    folds: int = 5
-    workers: int = 1
-    overwrite: bool = False
-    layout: str | None = None
-    qa: bool = True
-    voxelmorph: VoxelMorphConfig = field(default_factory=VoxelMorphConfig)
-    voxelmorph_checkpoint: Path | None = None
-    #: network for ``affine_metric="segmentation"`` (see preprocessing.segmenter)
-    segmenter_checkpoint: Path | None = None
-    device: str = "cpu"
+    test_every: int = setting(5, "the release's split: sorted cases [0::N] are listed as test "
+                              "volumes (case0001, case0006, ... for 5); 0 = none")
+    folds: int = setting(5, "also write the lists of K-fold cross-validation (lists/cv<K>/"
+                         "fold<k>/, round-robin on sorted cases; 0 = none). Every case is written "
+                         "both as training slices and as a label-free test volume")
+    workers: int = setting(1, "parallel processes")
+    overwrite: bool = setting(False, "redo finished cases")
+    layout: str | None = setting(None, "raw layout", choices=LAYOUTS, shown="detected")
+    qa: bool = setting(True, "skip the QA pictures", flag="no_qa")
+    voxelmorph: VoxelMorphConfig = field(default_factory=VoxelMorphConfig,
+                                         metadata={"cli": False})
+    voxelmorph_checkpoint: Path | None = setting(
+        None, "non-rigid model to reuse or to train into", shown="<out_root>/voxelmorph.pth")
+    segmenter_checkpoint: Path | None = setting(
+        None, "checkpoint of a network that segments one sequence alone (trained with "
+        "--sequence_dropout) for --affine_metric segmentation", flag="segmenter")
+    device: str = setting("cpu", "device for the non-rigid and segmenter networks")
     # The registration networks are small: one thread per process is fastest on CPU, and
     # several threads per process stall each other when processes share the cores.
-    torch_threads: int = 1
+    torch_threads: int = setting(1, cli=False)
 
 
 def assign_splits(case_ids: list[str], test_every: int) -> dict[str, str]:

@@ -57,7 +57,7 @@ def test_every_setting_is_a_flag_with_its_declared_default(capsys):
     assert "num_classes" not in flags  # the dataset's
     with pytest.raises(SystemExit):
         parser.parse_args(["--help"])
-    text = capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "(default: 0.07)" in text and "(default: 1234)" in text  # temperature, seed
     # Only what was typed comes back; the bools keep their historical spellings.
     args = parser.parse_args(["--no_amp", "--share_encoder", "--class_weights", "1", "2", "3",
@@ -98,3 +98,24 @@ def test_a_saved_config_is_taken_back(tmp_path):
     path.write_text(json.dumps({**saved.to_dict(), "lr": 0.1}))
     with pytest.raises(ValueError, match=r"config\.json: unknown setting\(s\) \['lr'\]"):
         train_script.settings_of(train_script.build_parser().parse_args(["--config", str(path)]))
+
+
+def test_preprocess_flags_come_from_the_configs(capsys):
+    """preprocess_data.py's flags are PreprocessConfig's and RunOptions' fields, under the
+    names the command always had."""
+    from preprocessing.config import PreprocessConfig
+    from preprocessing.runner import RunOptions
+
+    parser = preprocess_data.build_parser()
+    args = parser.parse_args(["--no_affine", "--max_slice_distance", "3", "--no_qa",
+                              "--segmenter", "seg.pth", "--workers", "2"])
+    assert given_values(args, PreprocessConfig) == {"affine_registration": False,
+                                                    "max_slice_distance_mm": 3.0}
+    options = given_values(args, RunOptions)
+    assert options == {"qa": False, "segmenter_checkpoint": preprocess_data.Path("seg.pth"),
+                       "workers": 2}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert f"(default: {PreprocessConfig.roi_size})" in text
+    assert f"(default: {RunOptions.test_every})" in text
