@@ -35,6 +35,7 @@ import torch
 from scipy import ndimage
 
 from bench.measure import print_report
+from commands.options import checkpoint_paths
 from datasets.labels import EVAL_GROUPS, MODALITIES
 from datasets.misalignment import (
     MisalignmentConfig,
@@ -45,7 +46,6 @@ from datasets.raw import Volume, discover_cases, load_case
 from evaluation.metrics import MetricAccumulator
 from networks.checkpoint import LoadedCheckpoint, load_checkpoint
 from prediction.inputs import PatientImages
-from prediction.options import checkpoint_paths
 from prediction.pipeline import (
     PredictConfig,
     Registration,

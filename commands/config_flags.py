@@ -14,7 +14,8 @@ Types come from the annotation: ``int``, ``float``, ``str``, each optionally ``|
 False and ``--no_name`` when it is True (the spellings train.py has always had).
 
 Flags are added with ``default=SUPPRESS``, so :func:`given_values` returns only what the user
-typed; a program lays those over its defaults or over a saved config (``--config``).
+typed; a program lays those over its defaults or over a saved config (``--config``). With
+``fill_defaults`` the namespace holds every field instead.
 """
 
 from __future__ import annotations
@@ -51,9 +52,11 @@ def _default(field: dataclasses.Field) -> Any:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
-                         cls: type, only: frozenset[str] | None = None) -> None:
+                         cls: type, only: frozenset[str] | None = None,
+                         fill_defaults: bool = False) -> None:
     """One flag per field of dataclass ``cls`` (fields with ``cli=False`` left out; with
-    ``only``, just those fields)."""
+    ``only``, just those fields). ``fill_defaults`` puts the field defaults into the namespace
+    (for programs that lay no saved config under the flags)."""
     for field in dataclasses.fields(cls):
         meta = field.metadata
         if not meta.get("cli", True) or (only is not None and field.name not in only):
@@ -67,7 +70,8 @@ def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
         if field.type == "bool":
             flag = f"--{name}" if meta.get("flag") else (
                 f"--no_{name}" if default else f"--{name}")
-            parser.add_argument(flag, dest=field.name, default=argparse.SUPPRESS,
+            parser.add_argument(flag, dest=field.name,
+                                default=default if fill_defaults else argparse.SUPPRESS,
                                 action="store_false" if default else "store_true",
                                 help=text or None)
             continue
@@ -75,13 +79,15 @@ def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
         shown = meta.get("shown") or ("none" if default is None else default)
         parser.add_argument(f"--{name}", dest=field.name, type=kind,
                             nargs="+" if several else None, choices=choices,
-                            default=argparse.SUPPRESS,
+                            default=default if fill_defaults else argparse.SUPPRESS,
                             help=f"{text} (default: {shown})".lstrip().replace("%", "%%"))
 
 
 def given_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
-    """The fields of ``cls`` the user gave on the command line (lists become tuples)."""
-    names = {field.name for field in dataclasses.fields(cls)}
+    """The fields of ``cls`` the user gave on the command line (lists become tuples); fields
+    kept off the command line (``cli=False``) are never taken, even where another flag has
+    their name."""
+    names = {field.name for field in dataclasses.fields(cls) if field.metadata.get("cli", True)}
     return {name: tuple(value) if isinstance(value, list) else value
             for name, value in vars(args).items() if name in names}
 

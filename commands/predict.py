@@ -23,18 +23,18 @@ import logging
 import sys
 from pathlib import Path
 
+from commands.options import (
+    add_checkpoint_arguments,
+    add_prediction_arguments,
+    checkpoint_paths,
+    predict_config,
+)
 from datasets.labels import MODALITIES
 from datasets.raw import discover_cases
 from networks.checkpoint import load_ensemble
 from networks.sequences import parse_sequences
 from networks.variants import describe
 from prediction.inputs import case_dir_files, load_patient
-from prediction.options import (
-    add_checkpoint_arguments,
-    add_prediction_arguments,
-    checkpoint_paths,
-    predict_config,
-)
 from prediction.pipeline import (
     output_paths,
     predict_patient,

@@ -24,6 +24,12 @@ import sys
 from pathlib import Path
 
 from commands.config_flags import add_config_arguments
+from commands.options import (
+    add_checkpoint_arguments,
+    add_prediction_arguments,
+    checkpoint_paths,
+    predict_config,
+)
 from datasets.labels import MODALITIES
 from datasets.processed import ProcessedLayout, case_of
 from evaluation.evaluate import (
@@ -38,12 +44,6 @@ from evaluation.evaluate import (
 from networks.checkpoint import load_ensemble
 from networks.sequences import parse_sequences
 from networks.variants import describe
-from prediction.options import (
-    add_checkpoint_arguments,
-    add_prediction_arguments,
-    checkpoint_paths,
-    predict_config,
-)
 from prediction.pipeline import registration_networks
 from trainer import TrainConfig, default_run_dir
 from utils import resolve_device, setup_logging

@@ -51,7 +51,7 @@ from preprocessing.pipeline import grid_stacks
 from preprocessing.registration import Segmenter, register_sequences
 from preprocessing.runner import VOXELMORPH_CHECKPOINT
 from preprocessing.segmenter import cached_segmenter
-from utils import atomic_path, file_sha256, json_text
+from utils import atomic_path, file_sha256, json_text, setting
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +70,18 @@ PREFERRED_FIXED = "LGE"
 class PredictConfig:
     """How a patient is predicted; ``preprocess`` must match the model's training data."""
 
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    stride: int = 48  # localisation window step (px): 3 x 3 windows of 128 on 224
-    weighting: str = "gaussian"
-    min_evidence: float = 0.5
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig,
+                                         metadata={"cli": False})
+    stride: int = setting(48, "localisation window step (px): 3 x 3 windows of 128 on 224")
+    weighting: str = setting("gaussian", "how overlapping localisation windows are averaged",
+                             choices=WEIGHTINGS)
+    min_evidence: float = setting(0.5, cli=False)
     #: register the other sequences as the training data were (``preprocess`` says how)
-    register: bool = False
-    batch_size: int = 32
-    tta: bool = False  # flip test-time augmentation of the ROI pass
+    register: bool = setting(False, cli=False)
+    batch_size: int = setting(32, "images per forward pass (with --tta each slice counts 4 "
+                              "times)")
+    tta: bool = setting(False, "flip test-time augmentation: average probabilities over 4 "
+                        "flips")
 
     def __post_init__(self) -> None:
         if not isinstance(self.preprocess, PreprocessConfig):

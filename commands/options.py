@@ -12,8 +12,8 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from commands.config_flags import add_config_arguments, given_values
 from networks.checkpoint import CHECKPOINT_FINAL, run_checkpoints
-from prediction.localisation import WEIGHTINGS
 from prediction.pipeline import PredictConfig, preprocess_config_for
 
 REGISTER_CHOICES = ("auto", "on", "off")
@@ -54,13 +54,7 @@ def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--segmenter", default=None,
                         help="checkpoint for registration data made with --affine_metric "
                              "segmentation")
-    parser.add_argument("--stride", type=int, default=48, help="localisation window step (px)")
-    parser.add_argument("--weighting", choices=WEIGHTINGS, default="gaussian",
-                        help="how overlapping localisation windows are averaged")
-    parser.add_argument("--tta", action="store_true",
-                        help="flip test-time augmentation: average probabilities over 4 flips")
-    parser.add_argument("--batch_size", type=int, default=32,
-                        help="images per forward pass (with --tta each slice counts 4 times)")
+    add_config_arguments(parser, PredictConfig, fill_defaults=True)
     parser.add_argument("--device", default="auto")
 
 
@@ -78,6 +72,5 @@ def predict_config(args: argparse.Namespace, payload: dict,
                                          nonrigid_registration=False)
     elif register == "on":
         preprocess = dataclasses.replace(preprocess, affine_registration=True)
-    return PredictConfig(preprocess=preprocess, stride=args.stride, weighting=args.weighting,
-                         register=register != "off", batch_size=args.batch_size,
-                         tta=args.tta), source
+    return PredictConfig(preprocess=preprocess, register=register != "off",
+                         **given_values(args, PredictConfig)), source
