@@ -44,6 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from utils import load_torch_file
+
 log = logging.getLogger("prompts.sentence_tower")
 
 POOLING_CONFIG = "config.json"
@@ -113,13 +115,13 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
         path = directory / name
         if not path.is_file():
             continue
-        try:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
+        if path.suffix != ".safetensors":
+            return load_torch_file(path, "weight file", unreadable="cannot be read")
+        from safetensors.torch import load_file
 
-                return load_file(str(path), device="cpu")
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # both readers raise several types for corrupt files
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as error:  # safetensors raises several types for corrupt files
             raise ValueError(f"{path}: cannot be read ({error})") from error
     raise FileNotFoundError(f"{directory}: no weights ({' or '.join(WEIGHT_FILES)})")
 
