@@ -39,6 +39,7 @@ from networks.checkpoint import (
     restore_rng_state,
     save_training_checkpoint,
 )
+from networks.immseg import CONTRASTIVE
 from networks.inference import predict_volume
 from networks.objective import SCHEDULES, ObjectiveConfig, TrainingObjective
 from networks.prior_attention import CROSS_ATTENTION, PixelPairAttention
@@ -112,6 +113,12 @@ class TrainConfig(ConfigRecord):
     pixel_values: str = setting(
         "own", "with --cross_attention pixel: aggregate the sequence's own features (as "
         "released) or the partner's", choices=PixelPairAttention.VALUES)
+    contrastive: str = setting(
+        "pixel_text", "immseg variants: the contrastive term's form: pixel_text (ours: every H/4 "
+        "pixel against the class texts, area-reduced labels) or release (the released code's "
+        "supervised contrast of sampled pixels of each sequence's raw skips at H/2, H/4, H/8 "
+        "with the class texts; bSSFP leaves out scar and edema, LGE and T2w background)",
+        choices=CONTRASTIVE)
     root_path: str = setting(DATASETS["Myops"]["root_path"],
                              "processed data root, written by preprocess_data.py")
     list_dir: str | None = setting(None, "lists folder", shown="<root_path>/lists, or the "
@@ -233,7 +240,7 @@ class TrainConfig(ConfigRecord):
     def network_options(self) -> dict[str, Any]:
         """The variant-specific build options (networks.variants.VariantSpec.options)."""
         return {"share_encoder": self.share_encoder, "cross_attention": self.cross_attention,
-                "pixel_values": self.pixel_values}
+                "pixel_values": self.pixel_values, "contrastive": self.contrastive}
 
     def objective(self) -> ObjectiveConfig:
         """The loss settings: every ObjectiveConfig field this config has under the same name

@@ -133,3 +133,74 @@ class PixelTextContrastiveLoss(nn.Module):
             per_class = weighted / mass.clamp_min(TINY)
             return per_class.sum(-1) / (mass > 0).sum(-1).clamp_min(1)
         return weighted.sum(-1) / mass.sum(-1).clamp_min(TINY)
+
+
+# --------------------------------------------------------------------------------------------
+# The release's multi-scale supervised contrast (--contrastive release)
+
+#: Classes each sequence's contrast leaves out in the released code: bSSFP shows no scar or edema
+#: contrast, so its features are not asked to separate them; LGE and T2w leave out background.
+RELEASE_IGNORED: dict[str, tuple[int, ...]] = {"bSSFP": (2, 3), "LGE": (0,), "T2w": (0,)}
+#: Pixels drawn per class and image at H/2, H/4, H/8 (the release: [5, 2, 1] x 10).
+RELEASE_VIEWS: tuple[int, ...] = (50, 20, 10)
+
+
+def sample_class_pixels(embedding: Tensor, labels: Tensor, per_class: int,
+                        ignore: tuple[int, ...] = (), rows: Tensor | None = None,
+                        ) -> tuple[Tensor, Tensor]:
+    """Up to ``per_class`` random pixels of every class present in each image.
+
+    ``embedding [B, D, h, w]``; ``labels [B, H, W]`` are resized to ``h x w`` by nearest
+    neighbour, as the release does; classes in ``ignore`` are never drawn; ``rows`` (bool
+    ``[B]``) keeps only those images (a sequence's absent samples). Returns features ``[M, D]``
+    and their classes ``[M]``. The draw uses torch's global generator (seeded by train.py and
+    saved in resumable checkpoints).
+    """
+    if embedding.ndim != 4 or labels.ndim != 3 or labels.shape[0] != embedding.shape[0]:
+        raise ValueError(f"need embedding [B, D, h, w] and labels [B, H, W], got "
+                         f"{tuple(embedding.shape)} and {tuple(labels.shape)}")
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    small = F.interpolate(labels[:, None].float(), size=embedding.shape[-2:],
+                          mode="nearest")[:, 0].long()
+    features, classes = [], []
+    for b in range(embedding.shape[0]):
+        if rows is not None and not bool(rows[b]):
+            continue
+        flat_labels = small[b].flatten()
+        flat = embedding[b].flatten(1)
+        for c in torch.unique(flat_labels).tolist():
+            if c in ignore:
+                continue
+            where = torch.nonzero(flat_labels == c).flatten()
+            chosen = where[torch.randperm(len(where), device=where.device)[:per_class]]
+            features.append(flat[:, chosen].T)
+            classes.append(torch.full((len(chosen),), c, device=labels.device))
+    if not features:
+        return embedding.new_zeros(0, embedding.shape[1]), labels.new_zeros(0, dtype=torch.long)
+    return torch.cat(features), torch.cat(classes)
+
+
+def supervised_contrast(features: Tensor, classes: Tensor, temperature: float = 0.07) -> Tensor:
+    """The release's supervised contrastive loss over anchors ``features [N, D]`` of ``classes
+    [N]`` (pixels and text rows together), L2-normalised here.
+
+    With ``s_ij = f_i . f_j / temperature`` (row maximum subtracted), a positive ``j`` of ``i``
+    shares its class (``j != i``), and ``log p_ij = s_ij - log(exp(s_ij) + sum_{k negative}
+    exp(s_ik))``. Each row averages ``log p`` over its positives (a row without one gives 0) and
+    the loss is minus the mean over all rows. Positives do not compete with one another in the
+    denominator, unlike SupCon's usual form.
+    """
+    if features.ndim != 2 or classes.shape != features.shape[:1]:
+        raise ValueError(f"need features [N, D] and classes [N], got {tuple(features.shape)} "
+                         f"and {tuple(classes.shape)}")
+    require_finite(temperature=temperature, positive=True)
+    anchors = F.normalize(features.float(), dim=1)
+    logits = anchors @ anchors.T / temperature
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+    same = classes[:, None] == classes[None, :]
+    positive = same & ~torch.eye(len(classes), dtype=torch.bool, device=classes.device)
+    negatives = torch.where(same, 0.0, logits.exp()).sum(dim=1, keepdim=True)
+    log_prob = logits - torch.log(logits.exp() + negatives)
+    per_row = torch.where(positive, log_prob, 0.0).sum(dim=1) / (positive.sum(dim=1) + 1e-5)
+    return -per_row.mean()

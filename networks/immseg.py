@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from networks.capabilities import Capabilities
 from networks.class_modulation import ClassFeatureModulation, DynamicHead
 from networks.configs import NUM_SKIPS, TransUNetConfig, _from_mapping
+from networks.contrastive import RELEASE_IGNORED
 from networks.npz_loader import LoadReport, load_google_npz
 from networks.prior_attention import (
     CROSS_ATTENTION,
@@ -43,6 +44,8 @@ from utils import ConfigRecord, check_int
 
 #: Index of the H/4 skip in the encoder's highest-resolution-first skip list.
 AUX_SKIP = 1
+#: Forms of the contrastive term (IMMSegConfig.contrastive).
+CONTRASTIVE: tuple[str, ...] = ("pixel_text", "release")
 
 
 def _default_backbone() -> TransUNetConfig:
@@ -69,6 +72,10 @@ class IMMSegConfig(ConfigRecord):
     #: attention; see networks.prior_attention), and what the pixel exchange aggregates
     cross_attention: str = "sequence"
     pixel_values: str = "own"
+    #: the contrastive term's form: "pixel_text" (ours: every H/4 pixel against the class texts)
+    #: or "release" (the released code's supervised contrast over sampled pixels of each
+    #: sequence's raw skips at H/2, H/4, H/8, with per-sequence ignored classes)
+    contrastive: str = "pixel_text"
 
     def __post_init__(self) -> None:
         if not isinstance(self.backbone, TransUNetConfig):
@@ -99,6 +106,9 @@ class IMMSegConfig(ConfigRecord):
         if self.pixel_values not in PixelPairAttention.VALUES:
             raise ValueError(f"pixel_values must be one of {PixelPairAttention.VALUES}, got "
                              f"{self.pixel_values!r}")
+        if self.contrastive not in CONTRASTIVE:
+            raise ValueError(f"contrastive must be one of {CONTRASTIVE}, got "
+                             f"{self.contrastive!r}")
 
     @property
     def num_classes(self) -> int:
@@ -129,6 +139,21 @@ class IMMSegOutput(NamedTuple):
     aux_logits: tuple[Tensor, ...]
     pixel_embeddings: tuple[Tensor, ...]
     class_embeddings: Tensor
+    #: contrastive="release" only: per sequence, its projected raw skips at H/2, H/4, H/8; per
+    #: scale, the class texts projected to that width [K, D_k]; per sequence, the classes its
+    #: contrast leaves out
+    scale_embeddings: tuple[tuple[Tensor, ...], ...] = ()
+    scale_texts: tuple[Tensor, ...] = ()
+    ignored_classes: tuple[tuple[int, ...], ...] = ()
+
+
+class ContrastProjection(nn.Sequential):
+    """The release's projection of a raw skip for the contrast: 1x1 conv, instance norm (no
+    affine), ReLU, 1x1 conv."""
+
+    def __init__(self, in_channels: int, width: int) -> None:
+        super().__init__(nn.Conv2d(in_channels, width, 1), nn.InstanceNorm2d(width),
+                         nn.ReLU(inplace=True), nn.Conv2d(width, width, 1))
 
 
 class SkipFusion(nn.Module):
@@ -256,6 +281,13 @@ class IMMSeg(nn.Module):
             hidden, skip_channels[AUX_SKIP], config.aux_channels, config.embed_dim,
             config.dynamic_hidden,
         ))
+        if config.contrastive == "release":
+            # The release's widths: 64 -> 64, 256 -> 128, 512 -> 256 on R50's skips.
+            widths = (skip_channels[0], skip_channels[1] // 2, skip_channels[2] // 2)
+            self.contrast_heads = _shared_or_new(seqs, shared, lambda: nn.ModuleList(
+                ContrastProjection(c, w) for c, w in zip(skip_channels, widths, strict=True)))
+            self.contrast_texts = nn.ModuleList(
+                nn.Sequential(nn.Linear(config.prior_dim, w), nn.ReLU()) for w in widths)
 
     def _init_priors(self, modality_priors: Tensor | None, class_priors: Tensor | None) -> None:
         config = self.config
@@ -367,7 +399,20 @@ class IMMSeg(nn.Module):
             aux, embedding = self.aux[seq](feature, skip, own.classes, own.context)
             aux_logits.append(aux)
             embeddings.append(embedding)
-        return IMMSegOutput(logits, tuple(aux_logits), tuple(embeddings), classes)
+        if self.config.contrastive != "release":
+            return IMMSegOutput(logits, tuple(aux_logits), tuple(embeddings), classes)
+        scales = []
+        for i, seq in enumerate(self.config.sequences):
+            raw = skips[i]  # not enhanced, as in the release
+            if mask is not None:
+                present = mask[:, i, None, None, None]
+                raw = [torch.where(present, s, s.detach()) for s in raw]
+            scales.append(tuple(head(s) for head, s in
+                                zip(self.contrast_heads[seq], raw, strict=True)))
+        return IMMSegOutput(
+            logits, tuple(aux_logits), tuple(embeddings), classes, tuple(scales),
+            tuple(project(self.class_priors) for project in self.contrast_texts),
+            tuple(RELEASE_IGNORED.get(seq, ()) for seq in self.config.sequences))
 
     def extra_repr(self) -> str:
         params = sum(p.numel() for p in self.parameters())

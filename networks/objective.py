@@ -18,6 +18,14 @@ Two schedules (``ObjectiveConfig.schedule``):
 without auxiliary outputs (the TransUNet baselines) get the main term only. Auxiliary logits at
 H/4 are upsampled to the label size rather than the labels shrunk: shrinking labels by nearest
 sampling drops most of a two-pixel-thick scar.
+
+The contrastive term ``c`` takes the network's form (``IMMSegConfig.contrastive``): ours, every
+H/4 pixel embedding against the class texts with area-reduced soft labels
+(:class:`~networks.contrastive.PixelTextContrastiveLoss`), or the release's, a supervised contrast
+of pixels drawn from each sequence's raw skips at H/2, H/4 and H/8 with the class texts
+(:func:`~networks.contrastive.supervised_contrast`). The release's form is fixed where it
+crashes as released: 4 text rows and 4 text labels (it pairs 4 rows with 8 labels, which only runs
+under DataParallel on exactly 2 GPUs).
 """
 
 from __future__ import annotations
@@ -31,7 +39,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from networks.capabilities import capabilities_of
-from networks.contrastive import PixelTextContrastiveLoss, downsample_labels
+from networks.contrastive import (
+    RELEASE_VIEWS,
+    PixelTextContrastiveLoss,
+    downsample_labels,
+    sample_class_pixels,
+    supervised_contrast,
+)
 from networks.immseg import IMMSegOutput
 from networks.losses import SegmentationLoss, global_sum
 from networks.prior_attention import check_sequence_mask
@@ -172,9 +186,11 @@ class TrainingObjective(nn.Module):
             parts["aux"] = float(aux.detach())
 
         weight = weights.contrastive
-        if weight > 0 and outputs.pixel_embeddings:
-            term = self._pixel_text(outputs.pixel_embeddings, outputs.class_embeddings, labels,
-                                    present)
+        if weight > 0 and (outputs.scale_embeddings or outputs.pixel_embeddings):
+            term = (self._release_contrast(outputs, labels, present)
+                    if outputs.scale_embeddings else
+                    self._pixel_text(outputs.pixel_embeddings, outputs.class_embeddings, labels,
+                                     present))
             total = total + weight * term
             parts["contrastive"] = float(term.detach())
 
@@ -219,6 +235,36 @@ class TrainingObjective(nn.Module):
         totals = global_sum(torch.stack(sums))
         loss = contrastive.from_sums(totals[:, 1:].unflatten(1, (2, -1)))
         return _mean_over_present(loss, totals[:, 0])
+
+
+    def _release_contrast(self, outputs: IMMSegOutput, labels: Tensor,
+                          present: Tensor) -> Tensor:
+        """The released code's contrast (networks.contrastive.supervised_contrast): per sequence,
+        summed over H/2, H/4, H/8, pixels drawn from the samples where the sequence is present
+        (:data:`~networks.contrastive.RELEASE_VIEWS` per class and image, its ignored classes
+        left out) together with the class texts; the mean over the sequences present.
+
+        Computed on this process's samples (the release, under DataParallel, gathers its
+        replicas' outputs first): with torchrun each rank contrasts its own share of the batch,
+        unlike the other terms, which are global-batch exact.
+        """
+        terms = []
+        for scales, ignore, rows in zip(outputs.scale_embeddings, outputs.ignored_classes,
+                                        present, strict=True):
+            if not bool(rows.any()):
+                continue
+            term = labels.new_zeros((), dtype=torch.float32)
+            for embedding, texts, views in zip(scales, outputs.scale_texts, RELEASE_VIEWS,
+                                               strict=True):
+                pixels, classes = sample_class_pixels(embedding, labels, views, ignore, rows)
+                text_classes = torch.arange(len(texts), device=labels.device)
+                term = term + supervised_contrast(
+                    torch.cat([pixels.float(), texts.float()]),
+                    torch.cat([classes, text_classes]), self.config.temperature)
+            terms.append(term)
+        if not terms:
+            return labels.new_zeros((), dtype=torch.float32)
+        return torch.stack(terms).mean()
 
 
 def _presence(sequence_mask: Tensor | None, labels: Tensor, sequences: int) -> Tensor:

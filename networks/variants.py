@@ -128,7 +128,8 @@ class SingleSequenceTransUNet(TransUNet):
 
 
 #: Build options of the I_MMSeg variants (see networks.prior_attention) and their defaults.
-_IMMSEG_OPTIONS = {"share_encoder": False, "cross_attention": "sequence", "pixel_values": "own"}
+_IMMSEG_OPTIONS = {"share_encoder": False, "cross_attention": "sequence", "pixel_values": "own",
+                   "contrastive": "pixel_text"}
 
 
 def _build_immseg(request: BuildRequest, use_priors: bool) -> IMMSeg:
