@@ -69,6 +69,7 @@ def test_pixels_are_drawn_per_class_and_image_without_ignored_classes_or_absent_
     expected = torch.cat([torch.bincount(labels[b, ::2, ::2].flatten(), minlength=4)
                           for b in range(3)]).reshape(3, 4).sum(dim=0)
     assert torch.equal(torch.bincount(small_classes, minlength=4), expected)
+    assert small.shape == (len(small_classes), 2)
 
 
 def test_the_release_contrast_trains_its_heads_from_the_raw_skips():
