@@ -38,7 +38,7 @@ MYOPS_CV_BACKBONE ?= R26-ViT-S_16
 MYOPS_CV_EPOCHS ?= 30
 MYOPS_CV_MODELS ?= immseg transunet immseg_noprior
 
-.PHONY: demo test install myops myops_subsets myops_data myops_cv_train myops_cv
+.PHONY: demo test install myops myops_subsets myops_data myops_cv_train myops_cv nnunet_cv
 
 install: $(STAMP)
 
@@ -113,3 +113,24 @@ myops_cv: myops_cv_train
 	done
 	$(PY) -m bench.results_table $(foreach m,$(MYOPS_CV_MODELS),$(m)=$(MYOPS_CV_RUNS)/$(m)/test) \
 		$(if $(filter immseg,$(MYOPS_CV_MODELS)),--paired immseg)
+
+# nnU-Net v2 beside immseg (README "Results"): the optional extra in its own environment, the same
+# 30 cases and 5 folds, a wall-clock budget per fold, our scorer.
+NNUNET_VENV ?= .venv-nnunet
+NNUNET_WORK ?= runs/nnunet_myops2020
+NNUNET_MINUTES ?= 60
+
+$(NNUNET_VENV)/.installed: requirements-nnunet.txt requirements.txt
+	$(PYTHON) -m venv $(NNUNET_VENV)
+	$(NNUNET_VENV)/bin/python -m pip install --quiet -r requirements-nnunet.txt
+	touch $@
+
+nnunet_cv: $(NNUNET_VENV)/.installed
+	$(NNUNET_VENV)/bin/python -m baselines.nnunet export --raw_root $(MYOPS_RAW) \
+		--work $(NNUNET_WORK) --folds $(MYOPS_FOLDS)
+	set -e; for fold in $$(seq 0 $$(($(MYOPS_FOLDS) - 1))); do \
+		$(NNUNET_VENV)/bin/python -m baselines.nnunet train --work $(NNUNET_WORK) \
+			--fold $$fold --minutes $(NNUNET_MINUTES); \
+	done
+	$(NNUNET_VENV)/bin/python -m baselines.nnunet score --work $(NNUNET_WORK) --raw_root $(MYOPS_RAW)
+

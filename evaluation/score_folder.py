@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from datasets.raw import RawDataError, discover_cases, read_volume
@@ -47,11 +48,13 @@ def prediction_files(folder: str | Path) -> dict[str, Path]:
 
 
 def score_folder(pred_dir: str | Path, raw_root: str | Path,
-                 layout: str | None = None) -> MetricAccumulator:
-    """Score every labelled case of ``raw_root`` against its label map in ``pred_dir``."""
+                 layout: str | None = None,
+                 only: Sequence[str] | None = None) -> MetricAccumulator:
+    """Score every labelled case of ``raw_root`` (or the ``only`` ones) against its label map in
+    ``pred_dir``."""
     predictions = prediction_files(pred_dir)
     cases = [case for case in discover_cases(raw_root, layout, require_label=False, required=())
-             if case.label is not None]
+             if case.label is not None and (only is None or case.case_id in set(only))]
     if not cases:
         raise RawDataError(f"{raw_root}: no labelled cases found")
     missing = [case.case_id for case in cases if case.case_id not in predictions]

@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("preprocessing",),
     ("prediction",),
     ("evaluation",),
-    ("training", "trainer"),
+    ("training", "trainer", "baselines"),
     ("commands", "train", "test", "predict", "preprocess_data", "make_phantom"),
     ("bench",),
 )

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("commands", "datasets", "evaluation", "networks", "prediction", "preprocessing",
-            "prompts", "training")
+PACKAGES = ("baselines", "commands", "datasets", "evaluation", "networks", "prediction",
+            "preprocessing", "prompts", "training")
 COMMANDS = ("immseg-preprocess", "immseg-train", "immseg-test", "immseg-predict",
             "immseg-encode-priors", "immseg-phantom", "immseg-score")
 

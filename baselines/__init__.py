@@ -1,0 +1,1 @@
+"""Other frameworks run beside ours on the same cases, folds and scorer."""
