@@ -270,8 +270,13 @@ def collect_predictions(work: str | Path, raw_root: str | Path, out: str | Path,
     """Every fold's predictions, mapped onto the raw label grids, into ``out`` (one map per
     case, ``<case>.nii.gz``), ready for :func:`evaluation.score_folder.score_folder`."""
     sitk = _sitk()
-    found = {p.name[:-len(".nii.gz")]: p
-             for p in Path(work).glob("nnUNet_results/*/*/fold_*/validation/*.nii.gz")}
+    found: dict[str, Path] = {}
+    for path in sorted(Path(work).glob("nnUNet_results/*/*/fold_*/validation/*.nii.gz")):
+        case = path.name[:-len(".nii.gz")]
+        if case in found:
+            raise RawDataError(f"{case}: predicted twice ({found[case]} and {path}); keep one "
+                               "trainer's results under nnUNet_results")
+        found[case] = path
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for files in discover_cases(raw_root, layout):

@@ -86,6 +86,12 @@ def test_predictions_go_back_to_the_label_grid_and_our_scorer(phantom, exported)
     mapped = read_volume(work / "predictions" / f"{first.case_id}.nii.gz", is_label=True)
     assert mapped.same_geometry(read_volume(first.label, is_label=True))
     assert (work / "scores.json").is_file()
+    # A second trainer's results beside the first: which one to score is not guessed.
+    other = work / "nnUNet_results" / "Dataset501_MyoPS" / "U__P__2d" / "fold_0" / "validation"
+    other.mkdir(parents=True)
+    shutil.copy(target / "labelsTr" / f"{first.case_id}.nii.gz", other)
+    with pytest.raises(ValueError, match="predicted twice"):
+        nnunet.score(work, phantom)
 
 
 def test_nnunet_missing_is_one_clear_error(monkeypatch, tmp_path):
