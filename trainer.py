@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ from training.validation import (
 )
 from utils import (
     ConfigRecord,
+    field_default,
     non_finite_tensors,
     remove_stale_temporaries,
     require_finite_fields,
@@ -250,12 +251,10 @@ class TrainConfig(ConfigRecord):
         return ObjectiveConfig(**{name: getattr(self, name) for name in shared},
                                schedule=self.loss_schedule)
 
-
     @classmethod
     def field_defaults(cls) -> dict[str, Any]:
         """Every field's default: what a config written before a field existed meant by it."""
-        return {f.name: f.default if f.default is not MISSING else f.default_factory()
-                for f in fields(cls)}
+        return {f.name: field_default(f) for f in fields(cls)}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

@@ -13,12 +13,14 @@ import numbers
 import os
 import random
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+
+_T = TypeVar("_T")
 
 
 @contextlib.contextmanager
@@ -111,6 +113,31 @@ class ConfigRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
+def field_default(field: dataclasses.Field) -> Any:
+    """A dataclass field's default (its factory called); TypeError for a field without one."""
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    raise TypeError(f"field {field.name} has no default")
+
+
+def unknown_fields(cls: type, keys: Iterable[str]) -> list[str]:
+    """The ``keys`` that name no field of dataclass ``cls``, sorted."""
+    return sorted(set(keys) - {field.name for field in dataclasses.fields(cls)})
+
+
+def from_mapping(cls: type[_T], data: Mapping[str, Any]) -> _T:
+    """Build a flat dataclass from a mapping, naming unknown keys instead of ignoring them."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{cls.__name__} expects a mapping, got {type(data).__name__}")
+    unknown = unknown_fields(cls, data)
+    if unknown:
+        known = sorted(field.name for field in dataclasses.fields(cls))
+        raise ValueError(f"unknown {cls.__name__} keys: {unknown}; known: {known}")
+    return cls(**data)
 
 
 def setting(default: Any, help: str = "", *, choices: Any = None, shown: str | None = None,

@@ -27,6 +27,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from utils import field_default, unknown_fields
+
 _SCALARS = {"int": int, "float": float, "str": str, "Path": Path}
 
 
@@ -43,14 +45,6 @@ def _flag_type(annotation: str) -> tuple[type, bool]:
     raise TypeError(f"cannot make a flag of type {annotation!r}")
 
 
-def _default(field: dataclasses.Field) -> Any:
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    raise TypeError(f"field {field.name} has no default; a flag needs one")
-
-
 def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
                          cls: type, only: frozenset[str] | None = None,
                          fill_defaults: bool = False) -> None:
@@ -61,7 +55,7 @@ def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
         meta = field.metadata
         if not meta.get("cli", True) or (only is not None and field.name not in only):
             continue
-        default = _default(field)
+        default = field_default(field)
         choices = meta.get("choices")
         if callable(choices):
             choices = choices()
@@ -104,8 +98,7 @@ def read_config_file(path: str | Path, cls: type) -> dict[str, Any]:
         raise ValueError(f"{path}: not a readable JSON config ({error})") from error
     if not isinstance(values, Mapping):
         raise ValueError(f"{path}: a config file holds one JSON object")
-    known = {field.name for field in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    unknown = unknown_fields(cls, values)
     if unknown:
         raise ValueError(f"{path}: unknown setting(s) {unknown} for {cls.__name__}")
     return {key: tuple(value) if isinstance(value, list) else value

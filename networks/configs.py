@@ -7,12 +7,11 @@ Invalid values raise ``ValueError`` on creation rather than as shape errors deep
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
-from utils import ConfigRecord, check_int
+from utils import ConfigRecord, check_int, from_mapping
 
 #: The hybrid encoder downsamples by 2 (root conv), 2 (max-pool), 2 and 2 (stages 2 and 3).
 RESNET_STRIDE = 16
@@ -20,8 +19,6 @@ RESNET_STRIDE = 16
 NUM_DECODER_BLOCKS = 4
 #: Skip features offered by the encoder: root (H/2), stage 1 (H/4), stage 2 (H/8).
 NUM_SKIPS = 3
-
-_C = TypeVar("_C")
 
 
 def _check_rate(name: str, value: Any) -> None:
@@ -40,17 +37,6 @@ def _int_tuple(name: str, value: Any, length: int) -> tuple[int, ...]:
     for i, item in enumerate(items):
         check_int(f"{name}[{i}]", item)
     return items
-
-
-def _from_mapping(cls: type[_C], data: Mapping[str, Any]) -> _C:
-    """Build a flat dataclass from a mapping, naming unknown keys instead of ignoring them."""
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{cls.__name__} expects a mapping, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys: {unknown}; known: {sorted(known)}")
-    return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -175,7 +161,6 @@ class TransUNetConfig(ConfigRecord):
         """Side of the square token grid."""
         return self.img_size // RESNET_STRIDE
 
-
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TransUNetConfig:
         """Inverse of :meth:`to_dict`; accepts lists for tuples as JSON returns them."""
@@ -185,5 +170,5 @@ class TransUNetConfig(ConfigRecord):
         kwargs = dict(data)
         for name, part in parts.items():
             if name in kwargs:
-                kwargs[name] = _from_mapping(part, kwargs[name])
-        return _from_mapping(cls, kwargs)
+                kwargs[name] = from_mapping(part, kwargs[name])
+        return from_mapping(cls, kwargs)

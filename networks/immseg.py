@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from networks.capabilities import Capabilities
 from networks.class_modulation import ClassFeatureModulation, DynamicHead
-from networks.configs import NUM_SKIPS, TransUNetConfig, _from_mapping
+from networks.configs import NUM_SKIPS, TransUNetConfig
 from networks.contrastive import RELEASE_IGNORED
 from networks.npz_loader import LoadReport, load_google_npz
 from networks.prior_attention import (
@@ -40,7 +40,7 @@ from networks.prior_attention import (
     presence_weights,
 )
 from networks.transunet import Conv2dNormReLU, TransUNetDecoder, TransUNetEncoder
-from utils import ConfigRecord, check_int
+from utils import ConfigRecord, check_int, from_mapping
 
 #: Index of the H/4 skip in the encoder's highest-resolution-first skip list.
 AUX_SKIP = 1
@@ -118,7 +118,6 @@ class IMMSegConfig(ConfigRecord):
     def num_sequences(self) -> int:
         return len(self.sequences)
 
-
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> IMMSegConfig:
         """Inverse of :meth:`to_dict`; rejects unknown keys, accepts lists for tuples."""
@@ -127,7 +126,7 @@ class IMMSegConfig(ConfigRecord):
         kwargs = dict(data)
         if "backbone" in kwargs and not isinstance(kwargs["backbone"], TransUNetConfig):
             kwargs["backbone"] = TransUNetConfig.from_dict(kwargs["backbone"])
-        return _from_mapping(cls, kwargs)
+        return from_mapping(cls, kwargs)
 
 
 class IMMSegOutput(NamedTuple):

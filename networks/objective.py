@@ -236,7 +236,6 @@ class TrainingObjective(nn.Module):
         loss = contrastive.from_sums(totals[:, 1:].unflatten(1, (2, -1)))
         return _mean_over_present(loss, totals[:, 0])
 
-
     def _release_contrast(self, outputs: IMMSegOutput, labels: Tensor,
                           present: Tensor) -> Tensor:
         """The released code's contrast (networks.contrastive.supervised_contrast): per sequence,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from preprocessing.voxelmorph_losses import SIMILARITIES, edge_strength
-from utils import check_int, require_finite_fields
+from utils import check_int, from_mapping, require_finite_fields
 
 #: Scaling and squaring beyond this many steps changes nothing measurable at slice sizes.
 MAX_INTEGRATION_STEPS = 16
@@ -96,13 +96,7 @@ class VoxelMorphConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> VoxelMorphConfig:
         """Inverse of :meth:`to_dict`; unknown keys are named rather than silently dropped."""
-        if not isinstance(values, Mapping):
-            raise ValueError(f"VoxelMorphConfig expects a mapping, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown VoxelMorphConfig keys: {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return from_mapping(cls, values)
 
 
 # --------------------------------------------------------------------------------------------
