@@ -39,11 +39,17 @@ from networks.checkpoint import (
     restore_rng_state,
     save_training_checkpoint,
 )
-from networks.immseg import CONTRASTIVE
+from networks.immseg import CONTRASTIVE, IMMSegConfig
 from networks.inference import predict_volume
 from networks.objective import SCHEDULES, ObjectiveConfig, TrainingObjective
 from networks.prior_attention import CROSS_ATTENTION, PixelPairAttention
-from networks.variants import VARIANTS, check_options, create_network, describe
+from networks.variants import (
+    VARIANTS,
+    check_options,
+    create_network,
+    describe,
+    option_names,
+)
 from prompts.bank import load_prior_bank
 from prompts.texts import canonical_names
 from training.distributed import (
@@ -106,16 +112,21 @@ class TrainConfig(ConfigRecord):
         None, "prior bank (.pt) from `python -m prompts.encode`; text-prior variants only",
         shown=f"{DEFAULT_PRIORS_PATH} for immseg")
     sequence: str = setting("LGE", "input of the transunet_single variant", choices=MODALITIES)
-    share_encoder: bool = setting(False, "immseg variants: one encoder for all sequences")
+    # immseg's build options (networks.variants.option_names), with IMMSegConfig's defaults.
+    share_encoder: bool = setting(IMMSegConfig.share_encoder,
+                                  "immseg variants: one encoder for all sequences")
     cross_attention: str = setting(
-        "sequence", "immseg variants: how sequences exchange information at the bottleneck: "
+        IMMSegConfig.cross_attention,
+        "immseg variants: how sequences exchange information at the bottleneck: "
         "sequence (ours: attention over the 3 sequences at each pixel) or pixel (the release's: "
         "every pixel against every pixel of the other sequences)", choices=CROSS_ATTENTION)
     pixel_values: str = setting(
-        "own", "with --cross_attention pixel: aggregate the sequence's own features (as "
+        IMMSegConfig.pixel_values,
+        "with --cross_attention pixel: aggregate the sequence's own features (as "
         "released) or the partner's", choices=PixelPairAttention.VALUES)
     contrastive: str = setting(
-        "pixel_text", "immseg variants: the contrastive term's form: pixel_text (ours: every H/4 "
+        IMMSegConfig.contrastive,
+        "immseg variants: the contrastive term's form: pixel_text (ours: every H/4 "
         "pixel against the class texts, area-reduced labels) or release (the released code's "
         "supervised contrast of sampled pixels of each sequence's raw skips at H/2, H/4, H/8 "
         "with the class texts; bSSFP leaves out scar and edema, LGE and T2w background)",
@@ -239,9 +250,9 @@ class TrainConfig(ConfigRecord):
                              "blank its input; use it with a multi-sequence variant")
 
     def network_options(self) -> dict[str, Any]:
-        """The variant-specific build options (networks.variants.VariantSpec.options)."""
-        return {"share_encoder": self.share_encoder, "cross_attention": self.cross_attention,
-                "pixel_values": self.pixel_values, "contrastive": self.contrastive}
+        """The variant-specific build options (networks.variants.VariantSpec.options), each a
+        field of this config under the same name."""
+        return {name: getattr(self, name) for name in option_names()}
 
     def objective(self) -> ObjectiveConfig:
         """The loss settings: every ObjectiveConfig field this config has under the same name

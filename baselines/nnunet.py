@@ -110,14 +110,11 @@ def export_case(files: CaseFiles, images_dir: Path, labels_dir: Path | None) -> 
         label = _resampled(files.label, reference, label=True)
         # Our training values (raw codes such as MyoPS 2020's 200/1220/2221 mapped), on the grid.
         values = sitk.GetArrayFromImage(label)
-        mapped = sitk.GetImageFromArray(_training_values(values, files.label))
+        mapped = sitk.GetImageFromArray(
+            to_training_labels(values, source=str(files.label)).astype(np.uint8))
         mapped.CopyInformation(label)
         _write(sitk.Cast(mapped, sitk.sitkUInt8), labels_dir / f"{files.case_id}.nii.gz")
     return reference_name
-
-
-def _training_values(values: np.ndarray, source: Path) -> np.ndarray:
-    return to_training_labels(values, source=str(source)).astype(np.uint8)
 
 
 def export_dataset(raw_root: str | Path, work: str | Path, folds: int = 5,

@@ -128,8 +128,8 @@ class SingleSequenceTransUNet(TransUNet):
 
 
 #: Build options of the I_MMSeg variants (see networks.prior_attention) and their defaults.
-_IMMSEG_OPTIONS = {"share_encoder": False, "cross_attention": "sequence", "pixel_values": "own",
-                   "contrastive": "pixel_text"}
+_IMMSEG_OPTIONS = {name: getattr(IMMSegConfig, name)
+                   for name in ("share_encoder", "cross_attention", "pixel_values", "contrastive")}
 
 
 def _build_immseg(request: BuildRequest, use_priors: bool) -> IMMSeg:
@@ -229,10 +229,15 @@ def create_network(
     return model
 
 
+def option_names() -> list[str]:
+    """Every build option some registered variant takes, sorted."""
+    return sorted({key for spec in _REGISTRY.values() for key in spec.options})
+
+
 def check_options(variant: str, options: Mapping[str, Any]) -> None:
     """Refuse build options ``variant`` does not take (unless at their neutral defaults)."""
     spec = variant_spec(variant)
-    known = {key for other in _REGISTRY.values() for key in other.options}
+    known = set(option_names())
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"unknown build option(s) {unknown}; known: {sorted(known)}")
