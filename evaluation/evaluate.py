@@ -233,10 +233,10 @@ def write_reference_nifti(directory: Path, volume: TestCase) -> list[Path]:
 
 
 def write_results(directory: Path, scores: Scores, settings: Mapping[str, Any], *,
-                  title: str = "") -> None:
+                  title: str = "", obtained: str | None = None) -> None:
     """``per_case.csv`` (processed grid), ``native_per_case.csv`` (when scored there),
-    ``summary.json`` (both summaries, the settings and how the numbers were obtained) and
-    ``dice_boxplot.png`` (the headline scores)."""
+    ``summary.json`` (both summaries, the settings and how the numbers were obtained: ``obtained``
+    or :meth:`Scores.describe`) and ``dice_boxplot.png`` (the headline scores)."""
     directory = Path(directory)
     scores.grid.write_csv(directory / "per_case.csv")
     if len(scores.native):
@@ -244,7 +244,8 @@ def write_results(directory: Path, scores: Scores, settings: Mapping[str, Any], 
     headline = scores.headline
     write_json(directory / "summary.json", {
         "groups": {name: list(labels) for name, labels in headline.groups.items()},
-        "space": scores.space, "obtained": scores.describe(), "roi_given": scores.roi_given,
+        "space": scores.space, "obtained": obtained or scores.describe(),
+        "roi_given": scores.roi_given,
         "summary": headline.summary(), "cases": headline.per_case(),
         "grid": {"summary": scores.grid.summary(), "cases": scores.grid.per_case()},
         "native": ({"summary": scores.native.summary(), "cases": scores.native.per_case()}

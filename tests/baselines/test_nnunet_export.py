@@ -1,4 +1,5 @@
-"""The nnU-Net exporter and the way back to our scorer (nnunetv2 itself is an optional extra)."""
+"""The nnU-Net exporters (raw and processed) and the way back to our scorer, and the budget
+planning of the trainer (nnunetv2 itself is an optional extra)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from baselines import nnunet
+from baselines import nnunet, nnunet_data
 from datasets.folds import fold_cases
 from datasets.phantom import write_phantom_dataset
 from datasets.raw import discover_cases, load_case, read_volume
@@ -26,7 +27,7 @@ def phantom(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(phantom, tmp_path_factory):
     work = tmp_path_factory.mktemp("work")
-    return work, nnunet.export_dataset(phantom, work, folds=5)
+    return work, nnunet_data.export_raw(phantom, work, folds=5)
 
 
 def test_channels_share_the_reference_grid_and_labels_are_ours(phantom, exported):
@@ -53,6 +54,8 @@ def test_dataset_json_and_our_folds(phantom, exported):
     assert meta["channel_names"] == {"0": "bSSFP", "1": "LGE", "2": "T2w"}
     assert meta["labels"] == {"background": 0, "myocardium": 1, "scar": 2, "edema": 3}
     assert meta["numTraining"] == 5 and meta["file_ending"] == ".nii.gz"
+    assert meta["immseg_source"]["kind"] == "raw"
+    assert meta["immseg_source"]["root"] == str(phantom.resolve())
     ids = sorted(c.case_id for c in discover_cases(phantom))
     folds = json.loads((target / "splits_final.json").read_text())
     assert len(folds) == 5
@@ -71,27 +74,31 @@ def test_predictions_go_back_to_the_label_grid_and_our_scorer(phantom, exported)
         for case in json.loads((target / "splits_final.json").read_text())[k]["val"]:
             shutil.copy(target / "labelsTr" / f"{case}.nii.gz", folder / "validation")
     with pytest.raises(ValueError, match="no label map for 3"):  # folds 2-4 not run yet
-        nnunet.score(work, phantom)
-    assert len(nnunet.score(work, phantom, folds=[0, 1])) == 2
+        nnunet_data.score(work)
+    assert len(nnunet_data.score(work, folds=[0, 1])) == 2
     for k in (2, 3, 4):
         folder = work / "nnUNet_results" / "Dataset501_MyoPS" / "T__P__2d" / f"fold_{k}"
         (folder / "validation").mkdir(parents=True)
         for case in json.loads((target / "splits_final.json").read_text())[k]["val"]:
             shutil.copy(target / "labelsTr" / f"{case}.nii.gz", folder / "validation")
-    metrics = nnunet.score(work, phantom)
+    scores = nnunet_data.score(work)
+    metrics = scores.headline
     summary = metrics.summary()
+    assert scores.space == "native"
     assert len(metrics) == 5
     assert summary["whole myocardium"]["dice"]["mean"] == pytest.approx(1.0)
     first = discover_cases(phantom)[0]
     mapped = read_volume(work / "predictions" / f"{first.case_id}.nii.gz", is_label=True)
     assert mapped.same_geometry(read_volume(first.label, is_label=True))
-    assert (work / "scores.json").is_file()
+    written = json.loads((work / "test" / "summary.json").read_text())  # as test.py writes it
+    assert written["space"] == "native" and "whole images" in written["obtained"]
+    assert len(written["cases"]) == 5
     # A second trainer's results beside the first: which one to score is not guessed.
     other = work / "nnUNet_results" / "Dataset501_MyoPS" / "U__P__2d" / "fold_0" / "validation"
     other.mkdir(parents=True)
     shutil.copy(target / "labelsTr" / f"{first.case_id}.nii.gz", other)
     with pytest.raises(ValueError, match="predicted twice"):
-        nnunet.score(work, phantom)
+        nnunet_data.score(work)
 
 
 def test_nnunet_missing_is_one_clear_error(monkeypatch, tmp_path):
