@@ -117,6 +117,13 @@ def budget_trainer_class() -> type:
             super().load_checkpoint(filename_or_checkpoint)
             if self.budget_path().is_file():
                 self.elapsed_before = float(json.loads(self.budget_path().read_text())["seconds"])
+                self.replan(self.elapsed_before)  # the resumed epochs anneal as planned
+
+        def replan(self, elapsed: float) -> None:
+            if self.budget_seconds:
+                self.num_epochs = planned_epochs(self.current_epoch, elapsed,
+                                                 self.budget_seconds, self.epoch_cap)
+                self.lr_scheduler.max_steps = self.num_epochs
 
         def run_training(self) -> None:
             # nnU-Net's hooks in their order, with the budget checked after each epoch.
@@ -137,14 +144,11 @@ def budget_trainer_class() -> type:
                 elapsed = time.perf_counter() - start
                 write_json(self.budget_path(), {"seconds": elapsed,
                                                 "epochs": self.current_epoch})
-                if self.budget_seconds:
-                    self.num_epochs = planned_epochs(self.current_epoch, elapsed,
-                                                     self.budget_seconds, self.epoch_cap)
-                    self.lr_scheduler.max_steps = self.num_epochs
-                    if self.current_epoch >= self.num_epochs:
-                        self.print_to_log_file(
-                            f"wall-clock budget of {self.budget_seconds:.0f} s reached after "
-                            f"{self.current_epoch} epochs ({elapsed:.0f} s): training stops")
+                self.replan(elapsed)
+                if self.budget_seconds and self.current_epoch >= self.num_epochs:
+                    self.print_to_log_file(
+                        f"wall-clock budget of {self.budget_seconds:.0f} s reached after "
+                        f"{self.current_epoch} epochs ({elapsed:.0f} s): training stops")
             self.on_train_end()
 
     return BudgetTrainer
