@@ -12,9 +12,20 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+import torch
+
 from commands.config_flags import add_config_arguments, given_values
-from networks.checkpoint import CHECKPOINT_FINAL, run_checkpoints
+from datasets.labels import MODALITIES
+from networks.backbones import list_backbones
+from networks.checkpoint import (
+    CHECKPOINT_FINAL,
+    LoadedCheckpoint,
+    load_ensemble,
+    load_release_weights,
+    run_checkpoints,
+)
 from prediction.pipeline import PredictConfig, preprocess_config_for
+from prompts.bank import load_prior_bank, load_released_priors
 
 REGISTER_CHOICES = ("auto", "on", "off")
 
@@ -30,6 +41,35 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser, required: bool = T
     where.add_argument("--run_dir",
                        help=f"run folder of train.py (uses {CHECKPOINT_FINAL}), or a "
                             "cross-validation folder holding fold<k>/ runs")
+    release = parser.add_argument_group(
+        "the released I_MMSeg code's weights (a state dict such as epoch_299.pth)")
+    release.add_argument("--variant", choices=("immseg_released",), default=None,
+                         help="read --checkpoint as a state dict of the released network")
+    release.add_argument("--release_priors", default=None,
+                         help="its text embeddings: the release's text_features/ folder (rows "
+                              "fed by index, as the authors trained) or a prior bank of ours")
+    release.add_argument("--release_backbone", default="R50-ViT-B_16", choices=list_backbones(),
+                         help="encoder size the weights were trained with")
+    release.add_argument("--release_img_size", type=int, default=128,
+                         help="slice size the weights were trained with")
+
+
+def load_models(args: argparse.Namespace, paths: list[Path],
+                device: torch.device) -> LoadedCheckpoint:
+    """The network(s) the flags name: our checkpoints (several make an ensemble), or with
+    ``--variant immseg_released`` one state dict of the released code."""
+    if not getattr(args, "variant", None):
+        return load_ensemble(paths, device)
+    if len(paths) != 1:
+        raise ValueError("--variant immseg_released reads one state dict (--checkpoint FILE)")
+    if not args.release_priors:
+        raise ValueError("--variant immseg_released needs --release_priors: the release's "
+                         "text_features/ folder or a prior bank")
+    source = Path(args.release_priors)
+    priors = (load_released_priors(source, normalize=False, order=MODALITIES)
+              if source.is_dir() else load_prior_bank(source))
+    return load_release_weights(paths[0], priors, device, backbone=args.release_backbone,
+                                img_size=args.release_img_size)
 
 
 def checkpoint_paths(args: argparse.Namespace) -> list[Path]:

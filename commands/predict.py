@@ -27,11 +27,11 @@ from commands.options import (
     add_checkpoint_arguments,
     add_prediction_arguments,
     checkpoint_paths,
+    load_models,
     predict_config,
 )
 from datasets.labels import MODALITIES
 from datasets.raw import discover_cases
-from networks.checkpoint import load_ensemble
 from networks.sequences import parse_sequences
 from networks.variants import describe
 from prediction.inputs import case_dir_files, load_patient
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                            args.save_probabilities, args.overwrite)
         device = resolve_device(args.device)
         paths = checkpoint_paths(args)
-        loaded = load_ensemble(paths, device)
+        loaded = load_models(args, paths, device)
         config, source = predict_config(args, loaded.payload, {
             "pixel_spacing_mm": args.pixel_spacing_mm, "crop_size": args.crop_size,
             "roi_size": args.roi_size})

@@ -28,6 +28,7 @@ from commands.options import (
     add_checkpoint_arguments,
     add_prediction_arguments,
     checkpoint_paths,
+    load_models,
     predict_config,
 )
 from datasets.labels import MODALITIES
@@ -41,7 +42,6 @@ from evaluation.evaluate import (
     write_results,
     write_subset_table,
 )
-from networks.checkpoint import load_ensemble
 from networks.sequences import parse_sequences
 from networks.variants import describe
 from prediction.pipeline import registration_networks
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[tuple[str, ...], Scores] = {subset: Scores() for subset in subsets}
         evaluated: list[str] = []
         for members in groups:
-            loaded = load_ensemble(members, device)
+            loaded = load_models(args, members, device)
             config, source = predict_config(args, loaded.payload)
             log.info("%s; preprocessing from %s", describe(loaded.model), source)
             train = loaded.payload.get("train_config") or {}

@@ -32,7 +32,9 @@ import torch
 from torch import nn
 
 from networks.ensemble import Ensemble
-from networks.variants import input_size, network_from_record, network_record
+from networks.immseg_released import load_release_state_dict
+from networks.variants import create_network, input_size, network_from_record, network_record
+from prompts.bank import PriorBank
 from utils import atomic_path, load_torch_file, non_finite_tensors
 
 #: File names in a run folder: resumable state after every epoch, the end of training, and the
@@ -201,6 +203,27 @@ def load_ensemble(paths: Sequence[str | Path], device: torch.device) -> LoadedCh
                          "data; their inputs differ and cannot be ensembled")
     return LoadedCheckpoint(Ensemble([item.model for item in loaded]).to(device).eval(),
                             loaded[0].payload, tuple(item.payload for item in loaded))
+
+
+def load_release_weights(path: str | Path, priors: PriorBank, device: torch.device, *,
+                         backbone: str = "R50-ViT-B_16", img_size: int = 128
+                         ) -> LoadedCheckpoint:
+    """The authors' weights (a state dict of the released I_MMSeg code, e.g. ``epoch_299.pth``)
+    in :class:`~networks.immseg_released.IMMSegReleased`, with ``priors`` as its texts (eval
+    mode). The payload names the file; it holds no training data or preprocessing."""
+    path = Path(path)
+    state = load_torch_file(path, "released I_MMSeg state dict")
+    if isinstance(state, Mapping) and "model" in state and "network" in state:
+        raise ValueError(f"{path}: a checkpoint of this framework; drop --variant")
+    broken = non_finite_tensors(state) if isinstance(state, Mapping) else []
+    if broken:
+        raise ValueError(f"{path}: {len(broken)} weight tensor(s) hold NaN/Inf ({broken[0]}, ...)")
+    model = create_network("immseg_released", backbone=backbone, img_size=img_size,
+                           priors=priors)
+    load_release_state_dict(model, state, str(path))
+    payload = {"network": network_record(model), "model": model.state_dict(),
+               "release_weights": str(path)}
+    return LoadedCheckpoint(model.to(device).eval(), payload)
 
 
 def fold_runs(run_dir: str | Path) -> list[Path]:

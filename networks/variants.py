@@ -11,7 +11,9 @@ and how to build it fresh or rebuild it from a checkpoint record. Registered:
 * ``immseg_noprior``: the same network with learned vectors in place of the text embeddings,
   the ablation that isolates what the text contributes;
 * ``transunet``: early fusion, the three sequences stacked as input channels;
-* ``transunet_single``: one sequence only (``sequence``), the single-modality baseline.
+* ``transunet_single``: one sequence only (``sequence``), the single-modality baseline;
+* ``immseg_released``: the released I_MMSeg network module for module (its state dict loads;
+  :mod:`networks.immseg_released`), bSSFP, LGE and T2w always.
 
 Every variant maps ``[B, S, H, W]`` (channels in ``datasets.labels.MODALITIES`` order) to logits
 ``[B, K, H, W]``. :func:`network_record` and :func:`network_from_record` carry a network through
@@ -36,6 +38,7 @@ from networks.backbones import backbone_config, list_backbones, transunet_from_c
 from networks.capabilities import Capabilities
 from networks.configs import TransUNetConfig
 from networks.immseg import IMMSeg, IMMSegConfig
+from networks.immseg_released import IMMSegReleased, ReleasedConfig
 from networks.npz_loader import load_google_npz, read_npz
 from networks.transunet import TransUNet
 from prompts.bank import PriorBank
@@ -184,6 +187,32 @@ register_variant(VariantSpec(
         name=record["name"])))
 
 
+def _build_released(request: BuildRequest) -> IMMSegReleased:
+    if request.sequences != MODALITIES:
+        raise ValueError(f"immseg_released reads {list(MODALITIES)} (as released), not "
+                         f"{list(request.sequences)}")
+    priors = request.priors
+    assert priors is not None  # create_network demands a bank for text-prior variants
+    return IMMSegReleased(
+        ReleasedConfig(backbone=request.config, prior_dim=priors.dim),
+        priors.modality_matrix(MODALITIES),
+        priors.class_matrix(CLASS_NAMES[:request.config.num_classes]), name=request.name)
+
+
+def _rebuild_released(record: Mapping[str, Any],
+                      state_dict: Mapping[str, Tensor] | None) -> IMMSegReleased:
+    if state_dict is None or not {"modality_priors", "class_priors"} <= set(state_dict):
+        raise ValueError("rebuilding immseg_released needs the state_dict with its priors")
+    return IMMSegReleased(ReleasedConfig.from_dict(record["config"]),
+                          state_dict["modality_priors"], state_dict["class_priors"],
+                          name=record["name"])
+
+
+register_variant(VariantSpec(
+    "immseg_released", "the released I_MMSeg network, module for module (its weights load)",
+    IMMSegReleased, build=_build_released, rebuild=_rebuild_released, text_priors=True))
+
+
 def create_network(
     variant: str,
     *,
@@ -252,6 +281,9 @@ def check_options(variant: str, options: Mapping[str, Any]) -> None:
 def _encoders(model: nn.Module) -> list[nn.Module]:
     if isinstance(model, IMMSeg):
         return list(model.unique_encoders())
+    if isinstance(model, IMMSegReleased):
+        raise ValueError("immseg_released trains its encoders from scratch, as the release does "
+                         "(its train.py never loads the npz); drop --pretrained_path")
     return [model.encoder]
 
 
@@ -293,7 +325,8 @@ def network_from_record(record: Mapping[str, Any],
 def input_size(model: nn.Module) -> int:
     """Side of the square input the network was built for."""
     config = model.config
-    return int(config.backbone.img_size if isinstance(config, IMMSegConfig) else config.img_size)
+    return int(config.backbone.img_size if isinstance(config, IMMSegConfig | ReleasedConfig)
+               else config.img_size)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:

@@ -36,6 +36,9 @@ RELEASED_MODALITY_ORDER: tuple[str, ...] = ("LGE", "bSSFP", "T2w")
 RELEASED_CLASS_ORDER: tuple[str, ...] = ("background", "myocardium", "scar", "edema")
 RELEASED_MODALITY_FILE = "biomedclip_modality_prompts.pth"
 RELEASED_CLASS_FILE = "biomedclip_class_prompts.pth"
+#: Names of the modality and class files: the release's text_features/ and our fixtures'.
+RELEASED_FILES = (("embedding_MRI_information.pth", RELEASED_MODALITY_FILE),
+                  ("embedding_class_information.pth", RELEASED_CLASS_FILE))
 RELEASED_MODEL_ID = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 
 _HASH_PATTERN = re.compile(r"[0-9a-f]{64}")
@@ -193,16 +196,18 @@ def load_prior_bank(path: str | os.PathLike[str], *, required: Sequence[str] | N
 
 def bank_from_released_tensors(modality: torch.Tensor, classes: torch.Tensor, *,
                                model_id: str = RELEASED_MODEL_ID,
-                               normalize: bool = True) -> PriorBank:
+                               normalize: bool = True,
+                               order: tuple[str, ...] = RELEASED_MODALITY_ORDER) -> PriorBank:
     """Key the released I_MMSeg tensors by name.
 
-    ``modality`` is ``[3, D]`` with rows in RELEASED_MODALITY_ORDER (LGE, bSSFP, T2w — not the
-    MODALITIES channel order); ``classes`` is ``[4, D]`` in RELEASED_CLASS_ORDER. The released
-    rows are not unit length (norms around 3.6-5.4); ``normalize`` L2-normalises them so they are
-    interchangeable with banks from ``prompts.encode``, ``normalize=False`` keeps them raw. Their
-    texts are unknown, hence ``text_hash`` is UNKNOWN_TEXT_HASH.
+    ``modality`` is ``[3, D]`` with rows named by ``order`` (default RELEASED_MODALITY_ORDER:
+    LGE, bSSFP, T2w, not the MODALITIES channel order); ``classes`` is ``[4, D]`` in
+    RELEASED_CLASS_ORDER. The released rows are not unit length (norms around 3.6-5.4);
+    ``normalize`` L2-normalises them so they are interchangeable with banks from
+    ``prompts.encode``, ``normalize=False`` keeps them raw. Their texts are unknown, hence
+    ``text_hash`` is UNKNOWN_TEXT_HASH.
     """
-    blocks = ((modality, RELEASED_MODALITY_ORDER, modality_key, "modality"),
+    blocks = ((modality, order, modality_key, "modality"),
               (classes, RELEASED_CLASS_ORDER, class_key, "classes"))
     embeddings: dict[str, torch.Tensor] = {}
     for tensor, order, key, what in blocks:
@@ -219,17 +224,28 @@ def bank_from_released_tensors(modality: torch.Tensor, classes: torch.Tensor, *,
 
 
 def load_released_priors(directory: str | os.PathLike[str], *, normalize: bool = True,
-                         model_id: str = RELEASED_MODEL_ID) -> PriorBank:
-    """Load the released ``biomedclip_{modality,class}_prompts.pth`` pair from ``directory``."""
+                         model_id: str = RELEASED_MODEL_ID,
+                         order: Sequence[str] = RELEASED_MODALITY_ORDER) -> PriorBank:
+    """Load the released modality and class tensors from ``directory``.
+
+    Their files are named as in the release's ``text_features/`` folder
+    (``embedding_MRI_information.pth``, ``embedding_class_information.pth``) or as our fixtures
+    (``biomedclip_{modality,class}_prompts.pth``). ``order`` names the modality rows: by default
+    the order their texts were probably encoded in (LGE, bSSFP, T2w); ``MODALITIES`` keys them
+    as the released network indexes them (row 0 feeds bSSFP), which is how the authors' weights
+    were trained, whatever text each row holds.
+    """
     directory = Path(directory)
     tensors: list[torch.Tensor] = []
-    for name in (RELEASED_MODALITY_FILE, RELEASED_CLASS_FILE):
-        path = directory / name
+    for names in RELEASED_FILES:
+        path = next((directory / name for name in names if (directory / name).is_file()),
+                    directory / names[0])
         tensor = load_torch_file(path, "released prior tensor")
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"{path}: expected a tensor, found {type(tensor).__name__}")
         tensors.append(tensor)
     try:
-        return bank_from_released_tensors(*tensors, model_id=model_id, normalize=normalize)
+        return bank_from_released_tensors(*tensors, model_id=model_id, normalize=normalize,
+                                          order=tuple(order))
     except ValueError as error:
         raise ValueError(f"{directory}: {error}") from error

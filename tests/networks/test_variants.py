@@ -26,7 +26,7 @@ from tests.helpers import random_bank
 
 
 def _build(variant: str, **kwargs) -> torch.nn.Module:
-    priors = random_bank() if variant == "immseg" else None
+    priors = random_bank() if VARIANTS[variant].text_priors else None
     return create_network(variant, backbone="tiny", img_size=32, priors=priors, **kwargs)
 
 
@@ -124,7 +124,7 @@ def test_declared_capabilities_match_what_the_network_does(variant):
         "sequence_mask" in inspect.signature(model.forward).parameters)
     assert declared.training_outputs == hasattr(model, "forward_train")
     assert declared.single_sequence == hasattr(model, "sequence")
-    assert spec.text_priors == (variant == "immseg")
+    assert spec.text_priors == (variant in ("immseg", "immseg_released"))
 
 
 def test_variant_options_go_only_to_the_variants_that_take_them():
