@@ -38,7 +38,8 @@ MYOPS_CV_BACKBONE ?= R26-ViT-S_16
 MYOPS_CV_EPOCHS ?= 30
 MYOPS_CV_MODELS ?= immseg transunet immseg_noprior
 
-.PHONY: demo test install myops myops_subsets myops_data myops_cv_train myops_cv nnunet_cv
+.PHONY: demo test install myops myops_subsets myops_data myops_cv_train myops_cv nnunet_cv \
+	myops_ablation
 
 install: $(STAMP)
 
@@ -113,6 +114,30 @@ myops_cv: myops_cv_train
 	done
 	$(PY) -m bench.results_table $(foreach m,$(MYOPS_CV_MODELS),$(m)=$(MYOPS_CV_RUNS)/$(m)/test) \
 		$(if $(filter immseg,$(MYOPS_CV_MODELS)),--paired immseg)
+
+# What each part of the release buys (docs/ablation.md): immseg with each of the release's parts
+# switched on, all of them, and the released network itself, on the folds, budget and seed of
+# myops_cv (whose immseg and immseg_noprior are the reference rows). Reruns resume.
+MYOPS_ABLATION_RUNS ?= runs/myops2020_ablation
+ABLATION_ROWS ?= pixel_exchange release_schedule release_contrast release_parts immseg_released
+ABLATION_pixel_exchange = --model immseg --cross_attention pixel
+ABLATION_release_schedule = --model immseg --loss_schedule release_staged
+ABLATION_release_contrast = --model immseg --contrastive release
+ABLATION_release_parts = --model immseg --cross_attention pixel --loss_schedule release_staged \
+	--contrastive release
+ABLATION_immseg_released = --model immseg_released --loss_schedule release_staged
+
+myops_ablation: myops_data
+	$(foreach row,$(ABLATION_ROWS),$(PY) train.py --dataset Myops $(ABLATION_$(row)) \
+		--vit_name $(MYOPS_CV_BACKBONE) --root_path $(MYOPS_DATA) --priors_path $(DEMO_PRIORS) \
+		--max_epochs $(MYOPS_CV_EPOCHS) --batch_size 8 --seed 1234 --val_every 0 \
+		--val_fraction 0 --num_workers 0 --folds $(MYOPS_FOLDS) \
+		--output_dir $(MYOPS_ABLATION_RUNS)/$(row) --resume && \
+		$(PY) test.py --run_dir $(MYOPS_ABLATION_RUNS)/$(row) \
+		--output_dir $(MYOPS_ABLATION_RUNS)/$(row)/test && ) true
+	$(PY) -m bench.results_table immseg=$(MYOPS_CV_RUNS)/immseg/test \
+		$(foreach row,$(ABLATION_ROWS),$(row)=$(MYOPS_ABLATION_RUNS)/$(row)/test) \
+		immseg_noprior=$(MYOPS_CV_RUNS)/immseg_noprior/test --paired immseg
 
 # nnU-Net v2 beside immseg (README "Results"): the optional extra in its own environment, the same
 # 30 cases and 5 folds, our scorer. On CPU it trains on the label-free 224 x 224 crop grids of our

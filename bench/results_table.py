@@ -6,6 +6,11 @@
 Each argument is ``label=folder`` (or just a folder, labelled by its parent's name) holding the
 ``summary.json`` that test.py writes. Columns follow the evaluation groups' order.
 
+``--folds K`` adds the spread over cross-validation folds: each run's Dice averaged per fold (the
+cases of fold k as :func:`datasets.folds.fold_cases` deals them), then mean ± std of the K fold
+means. The case-level std mixes case difficulty with model variance; the fold spread shows how much
+a mean moves with the split.
+
 ``--paired LABEL`` adds a case-by-case count: in how many test cases the run ``LABEL`` has a
 higher Dice than each other run, per group. With few test volumes a mean can rest on one or two
 cases; the count shows whether a difference is consistent.
@@ -18,6 +23,9 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from datasets.folds import fold_cases
 from datasets.labels import EVAL_GROUPS
 
 METRICS = {"dice": ("Dice %", 100.0, 2), "hd95": ("HD95 mm", 1.0, 2)}
@@ -110,6 +118,20 @@ def markdown_table(runs: dict[str, dict], metric: str) -> str:
     return "\n".join(lines)
 
 
+def fold_table(cases: dict[str, dict[str, dict[str, float]]], folds: int) -> str:
+    """Per run and group, ``mean ± std`` over the ``folds`` fold means of per-case Dice (%)."""
+    lines = [f"| Dice %, mean ± std over {folds} fold means | " + " | ".join(EVAL_GROUPS) + " |",
+             "|---|" + "---|" * len(EVAL_GROUPS)]
+    for label, dice in cases.items():
+        split = [fold_cases(sorted(dice), folds, k)[1] for k in range(folds)]
+        cells = []
+        for group in EVAL_GROUPS:
+            means = np.array([np.mean([dice[case][group] for case in test]) for test in split])
+            cells.append(f"{100 * means.mean():.2f} ± {100 * means.std():.2f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _parse_run(text: str) -> tuple[str, Path]:
     label, sep, folder = text.partition("=")
     if sep and not label:
@@ -126,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", help="label=folder with summary.json")
     parser.add_argument("--paired", metavar="LABEL", default=None,
                         help="count the cases where this run's Dice beats each other run's")
+    parser.add_argument("--folds", type=int, default=None,
+                        help="add the spread over these K cross-validation folds")
     args = parser.parse_args(argv)
     try:
         runs, folders = {}, {}
@@ -135,9 +159,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"label {label!r} given twice")
             runs[label], folders[label] = read_summary(folder), folder
         tables = [markdown_table(runs, metric) for metric in METRICS]
+        if args.paired is not None or args.folds:
+            cases = {label: read_case_dice(folder) for label, folder in folders.items()}
+        if args.folds:
+            tables.append(fold_table(cases, args.folds))
         if args.paired is not None:
-            tables.append(paired_table(args.paired, {label: read_case_dice(folder)
-                                                     for label, folder in folders.items()}))
+            tables.append(paired_table(args.paired, cases))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

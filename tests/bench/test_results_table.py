@@ -80,3 +80,20 @@ def test_paired_counts_cases_case_by_case(tmp_path, capsys):
     assert "at least one other run" in capsys.readouterr().err
     with pytest.raises(ValueError, match="different cases"):
         paired_table("a", {"a": {"c1": {}, "c2": {}}, "d": {"c1": {}}})
+
+
+def test_fold_spread_averages_each_folds_cases_first(tmp_path, capsys):
+    perfect = np.zeros((1, 8, 8), np.uint8)
+    perfect[0, 2:6, 2:6] = 1
+    half = np.zeros((1, 8, 8), np.uint8)
+    half[0, 2:6, 2:4] = 1  # Dice 2/3
+    # Two folds deal sorted cases round-robin: fold 0 = c1, c3; fold 1 = c2, c4.
+    a = _summary_dir(tmp_path, "a", {"c1": perfect, "c2": half, "c3": perfect, "c4": perfect})
+    assert main([f"a={a}", "--folds", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if "over 2 fold means" in line)
+    row = lines[header + 2]
+    fold_means = np.array([1.0, (2 / 3 + 1) / 2])
+    cells = [cell.strip() for cell in row.strip("|").split("|")][1:]
+    expected = f"{100 * fold_means.mean():.2f} ± {100 * fold_means.std():.2f}"
+    assert cells[list(EVAL_GROUPS).index("myocardium")] == expected
