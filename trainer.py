@@ -27,7 +27,8 @@ from datasets.augment import AugmentConfig
 from datasets.dataset import EpochIndices, SliceDataset
 from datasets.folds import check_fold, fold_list_dir
 from datasets.labels import MODALITIES, NUM_CLASSES
-from datasets.processed import DEFAULT_PROCESSED_ROOT, ProcessedLayout
+from datasets.missing import MissingSequences
+from datasets.processed import DEFAULT_PROCESSED_ROOT, ProcessedLayout, case_of
 from datasets.sequence_jitter import JitterConfig
 from networks.backbones import list_backbones
 from networks.capabilities import capabilities_of
@@ -190,6 +191,9 @@ class TrainConfig(ConfigRecord):
         "by a random misalignment (datasets.sequence_jitter: rotation up to 8 deg, shift 5 mm, "
         "scale 5 %, a 1.5 mm smooth field): training for sequences registration leaves "
         "misaligned")
+    missing_file: str | None = setting(
+        None, "JSON naming the sequences each training case lacks (datasets.missing; e.g. drawn "
+        "at PASSION-style imbalanced rates): those channels are zeroed and masked in every epoch")
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...")
 
     def __post_init__(self) -> None:
@@ -245,9 +249,11 @@ class TrainConfig(ConfigRecord):
         check_options(self.model, self.network_options())
         if isinstance(self.sequence_jitter, bool) or not 0 <= self.sequence_jitter <= 1:
             raise ValueError(f"sequence_jitter must lie in [0, 1], got {self.sequence_jitter!r}")
-        if self.sequence_dropout > 0 and spec.capabilities.single_sequence:
-            raise ValueError("transunet_single reads one sequence: sequence_dropout would only "
-                             "blank its input; use it with a multi-sequence variant")
+        if (self.sequence_dropout > 0 or self.missing_file) and \
+                spec.capabilities.single_sequence:
+            raise ValueError("transunet_single reads one sequence: sequence_dropout or a "
+                             "missing_file would only blank its input; use a multi-sequence "
+                             "variant")
 
     def network_options(self) -> dict[str, Any]:
         """The variant-specific build options (networks.variants.VariantSpec.options), each a
@@ -340,11 +346,12 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
         names, config.val_fraction if config.val_every else 0.0)
     # Dropout masks, like augmentation, are functions of (seed, epoch, sample index): the same
     # samples lose the same sequences on 1 or N processes, and a resumed epoch replays them.
+    missing = _missing_sequences(config, train_names)
     dataset = SliceDataset(layout, train_names, config.img_size,
                            AugmentConfig() if config.augment else None, seed=config.seed,
                            sequence_dropout=config.sequence_dropout,
                            jitter=JitterConfig(config.sequence_jitter)
-                           if config.sequence_jitter > 0 else None)
+                           if config.sequence_jitter > 0 else None, missing=missing)
     # The shuffle is a pure function of (seed, epoch): a resumed epoch replays its batches. The
     # epoch travels with each index to the (persistent) workers.
     sampler = EpochIndices(DistributedSampler(
@@ -370,7 +377,7 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
     # Early-fusion TransUNet sees only the zeroed channels; the I_MMSeg variants get the mask.
     step = TrainStep(model, TrainingObjective(config.num_classes, config.objective()).to(device),
                      _optimizer(config, model), device, amp=config.amp,
-                     pass_mask=config.sequence_dropout > 0)
+                     pass_mask=config.sequence_dropout > 0 or missing is not None)
     optimizer, scaler = step.optimizer, step.scaler
     tracker = BestModelTracker(config.patience)
     start_epoch, iteration = 0, 0
@@ -463,6 +470,23 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
     best = tracker.best_score if tracker.best_epoch is not None else None
     return TrainResult(run_dir, final, completed, iteration, loss_value, seconds, best,
                        tracker.best_epoch)
+
+
+def _missing_sequences(config: TrainConfig, train_names: list[str]) -> MissingSequences | None:
+    """The run's missing file, checked against its training cases: a file naming cases this run
+    does not train on (another fold's, another dataset's) is refused."""
+    if not config.missing_file:
+        return None
+    missing = MissingSequences.read(config.missing_file)
+    cases = {case_of(name) for name in train_names}
+    foreign = sorted(set(missing.absent) - cases)
+    if foreign:
+        raise ValueError(f"{config.missing_file}: names {len(foreign)} case(s) this run does not "
+                         f"train on ({', '.join(foreign[:4])}...); draw it from this run's list")
+    counts = missing.counts()
+    log.info("missing sequences from %s: of %d training cases, absent %s", config.missing_file,
+             len(cases), ", ".join(f"{name} {count}" for name, count in counts.items()))
+    return missing
 
 
 def _optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

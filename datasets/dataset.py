@@ -10,6 +10,7 @@ from scipy import ndimage
 from torch.utils.data import Dataset, Sampler
 
 from datasets.augment import AugmentConfig, augment, drop_sequences
+from datasets.missing import MissingSequences
 from datasets.processed import ProcessedLayout
 from datasets.sequence_jitter import JitterConfig, jitter_sequences
 
@@ -69,7 +70,8 @@ class SliceDataset(Dataset):
     Items also carry ``sequence_mask`` ``[S]`` (bool, True = present), drawn with
     ``sequence_dropout`` by :func:`datasets.augment.drop_sequences`; dropped channels are zeroed
     after augmentation (whose noise would otherwise refill them), the absent-sequence convention
-    of :mod:`networks.sequences`.
+    of :mod:`networks.sequences`. Sequences a case lacks (``missing``, see
+    :mod:`datasets.missing`) are absent in every epoch; dropout then draws among the others.
 
     Augmentation and dropout randomness are pure functions of ``(seed, epoch, index)``: results
     depend neither on the number of loader workers nor on which worker or rank serves an index,
@@ -80,7 +82,8 @@ class SliceDataset(Dataset):
 
     def __init__(self, layout: ProcessedLayout, names: list[str], img_size: int,
                  augment_config: AugmentConfig | None = None, seed: int = 0,
-                 sequence_dropout: float = 0.0, jitter: JitterConfig | None = None) -> None:
+                 sequence_dropout: float = 0.0, jitter: JitterConfig | None = None,
+                 missing: MissingSequences | None = None) -> None:
         if img_size < 1:
             raise ValueError(f"img_size must be >= 1, got {img_size}")
         if not names:
@@ -94,6 +97,7 @@ class SliceDataset(Dataset):
         self.seed = seed
         self.sequence_dropout = float(sequence_dropout)
         self.jitter = jitter
+        self.missing = missing
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -113,10 +117,14 @@ class SliceDataset(Dataset):
         if self.jitter is not None and self.jitter.probability > 0:
             rng = np.random.default_rng([self.seed, epoch, index, _JITTER_STREAM])
             image, _ = jitter_sequences(image, self.jitter, rng)
-        present = np.ones(len(image), dtype=bool)
+        present = (self.missing.presence(name) if self.missing is not None
+                   else np.ones(len(image), dtype=bool))
         if self.sequence_dropout > 0:
             rng = np.random.default_rng([self.seed, epoch, index, _DROPOUT_STREAM])
-            present = drop_sequences(len(image), self.sequence_dropout, rng)
+            have = np.flatnonzero(present)
+            present = np.zeros_like(present)
+            present[have[drop_sequences(len(have), self.sequence_dropout, rng)]] = True
+        if not present.all():
             image = image * present[:, None, None].astype(image.dtype)
         return {"image": torch.from_numpy(np.ascontiguousarray(image)),
                 "label": torch.from_numpy(np.ascontiguousarray(label).astype(np.int64)),
