@@ -172,6 +172,14 @@ class TrainConfig(ConfigRecord):
         _LOSS.schedule, "constant (ours): one stage; release_staged: the released code's first "
         "third of the epochs on the per-sequence branches alone, then all terms (weights 1, "
         "0.5 x sum, 0.05), scaled to max_epochs", choices=SCHEDULES)
+    distill_weight: float = setting(
+        _LOSS.distill_weight, "self-distillation from the fused prediction to each present "
+        "sequence's branch (immseg variants; for missing sequences, in the spirit of PASSION)")
+    distill_temperature: float = setting(_LOSS.distill_temperature,
+                                         "temperature of the self-distillation")
+    balance: bool = setting(_LOSS.balance, "weight each sequence's branch by its relative "
+                            "progress: the branch whose loss fell least weighs most",
+                            flag="balance_sequences")
     class_weights: tuple[float, ...] | None = setting(
         None, "cross-entropy weight per class (background, myocardium, scar, edema)")
     vit_dropout: float | None = setting(None, "transformer dropout",
@@ -249,6 +257,10 @@ class TrainConfig(ConfigRecord):
         check_options(self.model, self.network_options())
         if isinstance(self.sequence_jitter, bool) or not 0 <= self.sequence_jitter <= 1:
             raise ValueError(f"sequence_jitter must lie in [0, 1], got {self.sequence_jitter!r}")
+        if (self.distill_weight > 0 or self.balance) and \
+                not spec.capabilities.training_outputs:
+            raise ValueError(f"{self.model} has no per-sequence branches: distill_weight and "
+                             "balance_sequences apply to the immseg variants")
         if (self.sequence_dropout > 0 or self.missing_file) and \
                 spec.capabilities.single_sequence:
             raise ValueError("transunet_single reads one sequence: sequence_dropout or a "
@@ -387,6 +399,8 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
         scaler.load_state_dict(payload["scaler"])
         if payload.get("tracker"):
             tracker.load_state_dict(payload["tracker"])
+        if payload.get("objective"):
+            step.objective.load_state_dict(payload["objective"])
         start_epoch, iteration = int(payload["epoch"]), int(payload["iteration"])
         restore_rng_state(payload["rng"])
     if context.distributed:
@@ -419,7 +433,8 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
             path, model=model, optimizer=optimizer, scaler=scaler, epoch=epoch,
             iteration=iteration, train_config=config.to_dict(), schedule=schedule,
             tracker=tracker.state_dict(), priors=prior_record,
-            preprocess=layout.recorded_preprocessing(), resumable=resumable)
+            preprocess=layout.recorded_preprocessing(),
+            objective=step.objective.state_dict(), resumable=resumable)
         for name in stale - {path.name}:
             (run_dir / name).unlink(missing_ok=True)
         stale.clear()

@@ -91,6 +91,7 @@ def save_training_checkpoint(
     tracker: Mapping[str, Any] | None = None,
     priors: Mapping[str, Any] | None = None,
     preprocess: Mapping[str, Any] | None = None,
+    objective: Mapping[str, Any] | None = None,
     resumable: bool = True,
 ) -> None:
     """Write what ``test.py`` and ``predict.py`` need and, when ``resumable``, a resumed run too.
@@ -112,8 +113,10 @@ def save_training_checkpoint(
         "preprocess": None if preprocess is None else dict(preprocess),
     }
     if resumable:
+        # ``objective``: the loss's own state (the tracked branch progress of --balance_sequences)
         payload.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                       rng=capture_rng_state())
+                       rng=capture_rng_state(),
+                       objective=None if objective is None else dict(objective))
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 

@@ -14,6 +14,18 @@ Two schedules (``ObjectiveConfig.schedule``):
   (counted from ``contrastive_start_epoch``). Per-sequence losses are *summed* there, as
   released, over the sequences present.
 
+Two options balance the sequences when some are often missing (in the spirit of PASSION and
+DMAF-Net; ours, not the release's):
+
+* ``distill_weight``: self-distillation from the fused prediction to each present sequence's
+  branch, ``T^2 * KL(softmax(main / T) || softmax(aux_s / T))`` with the fused side detached,
+  averaged over the pixels of the samples where ``s`` is present, then over those sequences;
+* ``balance``: per-sequence weights of the auxiliary term that follow each branch's relative
+  progress. Each branch's loss is tracked (an exponential mean, 0.9) against its first value;
+  a branch whose loss has fallen least gets the largest weight,
+  ``w_s = n * r_s / sum_present r`` with ``r_s = ema_s / first_s``. The tracked values are
+  state (:meth:`TrainingObjective.state_dict`), saved in resumable checkpoints.
+
 ``seg = ce_weight * CE + dice_weight * Dice``. Networks
 without auxiliary outputs (the TransUNet baselines) get the main term only. Auxiliary logits at
 H/4 are upsampled to the label size rather than the labels shrunk: shrinking labels by nearest
@@ -38,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from datasets.labels import MODALITIES
 from networks.capabilities import capabilities_of
 from networks.contrastive import (
     RELEASE_VIEWS,
@@ -83,6 +96,11 @@ class ObjectiveConfig(ConfigRecord):
     schedule: str = "constant"
     #: the run's length, which the staged schedule's first third is taken of
     max_epochs: int = 300
+    #: self-distillation from the fused prediction to each sequence's branch (0: off)
+    distill_weight: float = 0.0
+    distill_temperature: float = 2.0
+    #: per-sequence auxiliary weights that follow each branch's relative progress
+    balance: bool = False
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -93,7 +111,12 @@ class ObjectiveConfig(ConfigRecord):
         if isinstance(self.contrastive_start_epoch, bool) or self.contrastive_start_epoch < 0:
             raise ValueError(f"contrastive_start_epoch must be an int >= 0, got "
                              f"{self.contrastive_start_epoch!r}")
-        require_finite_fields(self, "temperature", positive=True)
+        require_finite_fields(self, "temperature", "distill_temperature", positive=True)
+        require_finite_fields(self, "distill_weight")
+        if self.distill_weight < 0:
+            raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
+        if not isinstance(self.balance, bool):
+            raise ValueError(f"balance must be a bool, got {self.balance!r}")
         if self.class_weights is not None:
             object.__setattr__(self, "class_weights", tuple(float(w) for w in self.class_weights))
 
@@ -141,12 +164,20 @@ class TrainingObjective(nn.Module):
     the whole global batch is left out of the mean over sequences.
     """
 
-    def __init__(self, num_classes: int, config: ObjectiveConfig | None = None) -> None:
+    def __init__(self, num_classes: int, config: ObjectiveConfig | None = None,
+                 num_sequences: int = len(MODALITIES)) -> None:
         super().__init__()
         self.config = config or ObjectiveConfig()
         self.segmentation = SegmentationLoss(num_classes, self.config.ce_weight,
                                              self.config.dice_weight, self.config.class_weights)
         self.contrastive = PixelTextContrastiveLoss(self.config.temperature)
+        # Progress of each sequence's branch (config.balance): its first loss and its running
+        # mean, NaN until the branch has been seen.
+        self.register_buffer("first_aux", torch.full((num_sequences,), float("nan")))
+        self.register_buffer("ema_aux", torch.full((num_sequences,), float("nan")))
+
+    #: Smoothing of the tracked per-branch losses.
+    EMA = 0.9
 
     def contrastive_weight(self, epoch: int) -> float:
         """Weight of the contrastive term in 0-based ``epoch``."""
@@ -185,6 +216,11 @@ class TrainingObjective(nn.Module):
             total = total + weights.aux * (aux * count if weights.aux_sum else aux)
             parts["aux"] = float(aux.detach())
 
+        if self.config.distill_weight > 0 and outputs.aux_logits:
+            distill = self._distillation(outputs.logits, outputs.aux_logits, present)
+            total = total + self.config.distill_weight * distill
+            parts["distill"] = float(distill.detach())
+
         weight = weights.contrastive
         if weight > 0 and (outputs.scale_embeddings or outputs.pixel_embeddings):
             term = (self._release_contrast(outputs, labels, present)
@@ -213,7 +249,54 @@ class TrainingObjective(nn.Module):
             for logits, rows in zip(aux_logits, present, strict=True)])
         totals = global_sum(sums)
         loss, _, _ = seg.from_statistics(totals[:, 1:])
+        if self.config.balance:
+            return self._balanced(loss, totals[:, 0] > 0), (totals[:, 0] > 0).sum()
         return _mean_over_present(loss, totals[:, 0]), (totals[:, 0] > 0).sum()
+
+    def branch_weights(self, present: Tensor) -> Tensor:
+        """``[S]`` weights of the sequences' auxiliary losses from their tracked progress: mean 1
+        over the ``present`` ones, 0 for the others (1 each before anything is tracked)."""
+        ratio = self.ema_aux / self.first_aux
+        ratio = torch.where(present & torch.isfinite(ratio), ratio, 0.0)
+        if not bool((ratio > 0).any()):
+            return present.float()
+        ratio = torch.where(present & (ratio == 0), ratio[ratio > 0].mean(), ratio)
+        return present.sum() * ratio / ratio.sum()
+
+    def _balanced(self, loss: Tensor, present: Tensor) -> Tensor:
+        """Weighted mean of the per-sequence losses (``config.balance``); updates the tracked
+        progress with this step's values (identical on every rank: global sums)."""
+        with torch.no_grad():
+            if self.first_aux.numel() != loss.numel():
+                raise ValueError(f"the objective tracks {self.first_aux.numel()} sequences, the "
+                                 f"network has {loss.numel()}")
+            value = loss.detach().float()
+            fresh = present & torch.isnan(self.first_aux)
+            self.first_aux = torch.where(fresh, value, self.first_aux)
+            self.ema_aux = torch.where(
+                present, torch.where(torch.isnan(self.ema_aux), value,
+                                     self.EMA * self.ema_aux + (1 - self.EMA) * value),
+                self.ema_aux)
+            weights = self.branch_weights(present)
+        return (weights * torch.where(present, loss, 0.0)).sum() / present.sum().clamp_min(1)
+
+    def _distillation(self, logits: Tensor, aux_logits: Sequence[Tensor],
+                      present: Tensor) -> Tensor:
+        """Mean over present sequences of the tempered KL from the detached fused prediction to
+        each branch, over the pixels of the samples where the branch's sequence is present."""
+        temperature = self.config.distill_temperature
+        target = torch.softmax(logits.detach().float() / temperature, dim=1)
+        log_target = torch.log(target.clamp_min(1e-8))
+        sums = []
+        for aux, rows in zip(aux_logits, present, strict=True):
+            log_branch = torch.log_softmax(_upsample(aux, logits.shape[-2:]).float()
+                                           / temperature, dim=1)
+            per_pixel = (target * (log_target - log_branch)).sum(dim=1)  # [B, H, W]
+            weight = rows.float()[:, None, None].expand_as(per_pixel)
+            sums.append(torch.stack([(per_pixel * weight).sum(), weight.sum()]))
+        totals = global_sum(torch.stack(sums))
+        per_sequence = totals[:, 0] / totals[:, 1].clamp_min(1) * temperature ** 2
+        return _mean_over_present(per_sequence, totals[:, 1])
 
     def _pixel_text(self, pixel_embeddings: Sequence[Tensor], class_embeddings: Tensor,
                     labels: Tensor, present: Tensor) -> Tensor:

@@ -47,7 +47,8 @@ def test_poly_lr_known_values():
     {"model": "unet"}, {"model": "transunet", "cross_attention": "pixel"},
     {"cross_attention": "global"}, {"sequence_jitter": 1.5},
     {"model": "transunet", "priors_path": "bank.pt"}, {"model": "transunet", "aux_weight": -1.0},
-    {"model": "transunet", "temperature": 0.0}, {"class_weights": (1.0, 2.0)}])
+    {"model": "transunet", "temperature": 0.0}, {"class_weights": (1.0, 2.0)},
+    {"model": "transunet", "balance": True}, {"model": "transunet", "distill_weight": 0.5}])
 def test_train_config_rejects_bad_values(change):
     with pytest.raises(ValueError):
         TrainConfig(**({"model": "transunet"} | change))
