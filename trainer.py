@@ -180,6 +180,13 @@ class TrainConfig(ConfigRecord):
     balance: bool = setting(_LOSS.balance, "weight each sequence's branch by its relative "
                             "progress: the branch whose loss fell least weighs most",
                             flag="balance_sequences")
+    labelled_fraction: float = setting(
+        1.0, "semi-supervised: share of the training cases whose labels are used (drawn with "
+        "the seed); the others train through cross-sequence consistency (immseg variants)")
+    consistency_weight: float = setting(_LOSS.consistency_weight,
+                                        "weight of the consistency on unlabelled cases")
+    consistency_rampup: float = setting(_LOSS.consistency_rampup,
+                                        "share of the epochs over which that weight ramps up")
     class_weights: tuple[float, ...] | None = setting(
         None, "cross-entropy weight per class (background, myocardium, scar, edema)")
     vit_dropout: float | None = setting(None, "transformer dropout",
@@ -257,6 +264,12 @@ class TrainConfig(ConfigRecord):
         check_options(self.model, self.network_options())
         if isinstance(self.sequence_jitter, bool) or not 0 <= self.sequence_jitter <= 1:
             raise ValueError(f"sequence_jitter must lie in [0, 1], got {self.sequence_jitter!r}")
+        if isinstance(self.labelled_fraction, bool) or not 0 < self.labelled_fraction <= 1:
+            raise ValueError(f"labelled_fraction must lie in (0, 1], got "
+                             f"{self.labelled_fraction!r}")
+        if self.labelled_fraction < 1 and not spec.capabilities.training_outputs:
+            raise ValueError(f"{self.model} has no per-sequence branches to train unlabelled "
+                             "cases with; semi-supervised training needs an immseg variant")
         if (self.distill_weight > 0 or self.balance) and \
                 not spec.capabilities.training_outputs:
             raise ValueError(f"{self.model} has no per-sequence branches: distill_weight and "
@@ -359,11 +372,13 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
     # Dropout masks, like augmentation, are functions of (seed, epoch, sample index): the same
     # samples lose the same sequences on 1 or N processes, and a resumed epoch replays them.
     missing = _missing_sequences(config, train_names)
+    unlabelled = unlabelled_cases(train_names, config.labelled_fraction, config.seed)
     dataset = SliceDataset(layout, train_names, config.img_size,
                            AugmentConfig() if config.augment else None, seed=config.seed,
                            sequence_dropout=config.sequence_dropout,
                            jitter=JitterConfig(config.sequence_jitter)
-                           if config.sequence_jitter > 0 else None, missing=missing)
+                           if config.sequence_jitter > 0 else None, missing=missing,
+                           unlabelled=unlabelled)
     # The shuffle is a pure function of (seed, epoch): a resumed epoch replays its batches. The
     # epoch travels with each index to the (persistent) workers.
     sampler = EpochIndices(DistributedSampler(
@@ -485,6 +500,21 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
     best = tracker.best_score if tracker.best_epoch is not None else None
     return TrainResult(run_dir, final, completed, iteration, loss_value, seconds, best,
                        tracker.best_epoch)
+
+
+def unlabelled_cases(train_names: list[str], fraction: float, seed: int) -> frozenset[str]:
+    """The training cases whose labels a semi-supervised run leaves unused: all but
+    ``max(1, round(fraction * n))`` of the ``n`` cases, drawn with ``seed`` (a function of the
+    sorted case ids, the same on every process)."""
+    cases = sorted({case_of(name) for name in train_names})
+    if fraction >= 1:
+        return frozenset()
+    keep = max(1, round(fraction * len(cases)))
+    order = np.random.default_rng([seed, 22]).permutation(len(cases))
+    unlabelled = frozenset(cases[int(i)] for i in order[keep:])
+    log.info("semi-supervised: %d of %d training cases labelled, %d used without labels",
+             keep, len(cases), len(unlabelled))
+    return unlabelled
 
 
 def _missing_sequences(config: TrainConfig, train_names: list[str]) -> MissingSequences | None:

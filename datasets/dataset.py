@@ -11,7 +11,7 @@ from torch.utils.data import Dataset, Sampler
 
 from datasets.augment import AugmentConfig, augment, drop_sequences
 from datasets.missing import MissingSequences
-from datasets.processed import ProcessedLayout
+from datasets.processed import ProcessedLayout, case_of
 from datasets.sequence_jitter import JitterConfig, jitter_sequences
 
 
@@ -72,6 +72,8 @@ class SliceDataset(Dataset):
     after augmentation (whose noise would otherwise refill them), the absent-sequence convention
     of :mod:`networks.sequences`. Sequences a case lacks (``missing``, see
     :mod:`datasets.missing`) are absent in every epoch; dropout then draws among the others.
+    Slices of ``unlabelled`` cases (semi-supervised training) carry an all-background label that
+    is never read and ``labelled = False``: their real label does not leave this class.
 
     Augmentation and dropout randomness are pure functions of ``(seed, epoch, index)``: results
     depend neither on the number of loader workers nor on which worker or rank serves an index,
@@ -83,7 +85,8 @@ class SliceDataset(Dataset):
     def __init__(self, layout: ProcessedLayout, names: list[str], img_size: int,
                  augment_config: AugmentConfig | None = None, seed: int = 0,
                  sequence_dropout: float = 0.0, jitter: JitterConfig | None = None,
-                 missing: MissingSequences | None = None) -> None:
+                 missing: MissingSequences | None = None,
+                 unlabelled: frozenset[str] = frozenset()) -> None:
         if img_size < 1:
             raise ValueError(f"img_size must be >= 1, got {img_size}")
         if not names:
@@ -98,6 +101,7 @@ class SliceDataset(Dataset):
         self.sequence_dropout = float(sequence_dropout)
         self.jitter = jitter
         self.missing = missing
+        self.unlabelled = frozenset(unlabelled)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -126,7 +130,11 @@ class SliceDataset(Dataset):
             present[have[drop_sequences(len(have), self.sequence_dropout, rng)]] = True
         if not present.all():
             image = image * present[:, None, None].astype(image.dtype)
+        labelled = case_of(name) not in self.unlabelled
+        if not labelled:
+            label = np.zeros_like(label)
         return {"image": torch.from_numpy(np.ascontiguousarray(image)),
                 "label": torch.from_numpy(np.ascontiguousarray(label).astype(np.int64)),
                 "sequence_mask": torch.from_numpy(present),
+                "labelled": torch.tensor(labelled),
                 "name": name}

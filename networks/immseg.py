@@ -144,6 +144,9 @@ class IMMSegOutput(NamedTuple):
     scale_embeddings: tuple[tuple[Tensor, ...], ...] = ()
     scale_texts: tuple[Tensor, ...] = ()
     ignored_classes: tuple[tuple[int, ...], ...] = ()
+    #: per sequence, its encoder's bottleneck [B, C, h, w] (the semi-supervised channel
+    #: consistency compares them)
+    sequence_features: tuple[Tensor, ...] = ()
 
 
 class ContrastProjection(nn.Sequential):
@@ -355,8 +358,9 @@ class IMMSeg(nn.Module):
 
     def _main(
         self, x: Tensor, sequence_mask: Tensor | None
-    ) -> tuple[Tensor, Tensor, list[Tensor], list[list[Tensor]]]:
-        """Main path shared by both forwards: (logits, class embeddings, enhanced, skips)."""
+    ) -> tuple[Tensor, Tensor, list[Tensor], list[list[Tensor]], list[Tensor]]:
+        """Main path shared by both forwards: (logits, class embeddings, enhanced, skips,
+        encoder bottlenecks)."""
         mask = self._check_input(x, sequence_mask)
         encoded = [self.encoders[seq](x[:, i:i + 1])
                    for i, seq in enumerate(self.config.sequences)]
@@ -368,7 +372,7 @@ class IMMSeg(nn.Module):
         modulated = self.cfm(self.class_priors, fused.mean(dim=(2, 3)), self.modality_priors,
                              mask)
         logits = self.head(decoded, modulated.classes, modulated.context)
-        return logits, modulated.classes, enhanced, skips
+        return logits, modulated.classes, enhanced, skips, features
 
     def forward(self, x: Tensor, sequence_mask: Tensor | None = None) -> Tensor:
         """Main logits [B, K, H, W]; ``sequence_mask`` [B, S] bool marks present sequences."""
@@ -383,7 +387,7 @@ class IMMSeg(nn.Module):
         gradient back into its encoder, where GroupNorm over a constant (zeroed) image
         amplifies it by up to ``1 / sqrt(eps)``.
         """
-        logits, classes, enhanced, skips = self._main(x, sequence_mask)
+        logits, classes, enhanced, skips, features = self._main(x, sequence_mask)
         mask = self._check_input(x, sequence_mask)
         aux_logits: list[Tensor] = []
         embeddings: list[Tensor] = []
@@ -399,7 +403,8 @@ class IMMSeg(nn.Module):
             aux_logits.append(aux)
             embeddings.append(embedding)
         if self.config.contrastive != "release":
-            return IMMSegOutput(logits, tuple(aux_logits), tuple(embeddings), classes)
+            return IMMSegOutput(logits, tuple(aux_logits), tuple(embeddings), classes,
+                                sequence_features=tuple(features))
         scales = []
         for i, seq in enumerate(self.config.sequences):
             raw = skips[i]  # not enhanced, as in the release
@@ -411,7 +416,8 @@ class IMMSeg(nn.Module):
         return IMMSegOutput(
             logits, tuple(aux_logits), tuple(embeddings), classes, tuple(scales),
             tuple(project(self.class_priors) for project in self.contrast_texts),
-            tuple(RELEASE_IGNORED.get(seq, ()) for seq in self.config.sequences))
+            tuple(RELEASE_IGNORED.get(seq, ()) for seq in self.config.sequences),
+            tuple(features))
 
     def extra_repr(self) -> str:
         params = sum(p.numel() for p in self.parameters())

@@ -438,8 +438,10 @@ class IMMSegReleased(nn.Module):
             raise ValueError(f"expected input [B, 3, {size}, {size}] with channels "
                              f"{list(MODALITIES)}, got {tuple(getattr(x, 'shape', ()))}")
 
-    def _encode(self, x: Tensor) -> tuple[list[Tensor], list[Tensor], list[list[Tensor]]]:
-        """Per sequence: the enhanced bottleneck, the decoded map, the raw skips."""
+    def _encode(self, x: Tensor
+                ) -> tuple[list[Tensor], list[Tensor], list[list[Tensor]], list[Tensor]]:
+        """Per sequence: the enhanced bottleneck, the decoded map, the raw skips, the raw
+        bottleneck."""
         modal = self.modal_text_to_vision(self.modality_priors)  # [S, E]
         names = self._names()
         raw, gated, skips = [], [], []
@@ -459,7 +461,7 @@ class IMMSegReleased(nn.Module):
             exchanged = [_pixel_exchange(gated[s], gated[p]) for p in range(len(names)) if p != s]
             enhanced.append(getattr(self, f"mix_{seq}")(raw[s], *exchanged))
             decoded.append(getattr(self, f"decoder{s + 1}")(enhanced[s], skips[s]))
-        return enhanced, decoded, skips
+        return enhanced, decoded, skips, raw
 
     def _fused(self, decoded: list[Tensor], skips: list[list[Tensor]],
                classes: Tensor) -> Tensor:
@@ -469,7 +471,7 @@ class IMMSegReleased(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Fused logits ``[B, K, H, W]`` for ``x [B, 3, H, W]`` (bSSFP, LGE, T2w)."""
         self._check_input(x)
-        _, decoded, skips = self._encode(x)
+        _, decoded, skips, _ = self._encode(x)
         return self._fused(decoded, skips, self.text_to_vision(self.class_priors))
 
     def forward_train(self, x: Tensor, sequence_mask: Tensor | None = None) -> IMMSegOutput:
@@ -479,7 +481,7 @@ class IMMSegReleased(nn.Module):
         if sequence_mask is not None:
             raise ValueError("immseg_released has no missing-sequence handling (as released)")
         self._check_input(x)
-        enhanced, decoded, skips = self._encode(x)
+        enhanced, decoded, skips, raw = self._encode(x)
         classes = self.text_to_vision(self.class_priors)  # [K, E]
         logits = self._fused(decoded, skips, classes)
         weights = self.modal_text_to_weight(self.modality_priors)  # [S, 64]
@@ -495,7 +497,8 @@ class IMMSegReleased(nn.Module):
         texts = tuple(getattr(self, f"text_to_{w}")(self.class_priors) for w in self._widths)
         return IMMSegOutput(
             logits, tuple(per_sequence), (), classes.expand(x.shape[0], -1, -1),
-            tuple(projections), texts, tuple(RELEASE_IGNORED.get(seq, ()) for seq in MODALITIES))
+            tuple(projections), texts, tuple(RELEASE_IGNORED.get(seq, ()) for seq in MODALITIES),
+            tuple(raw))
 
     def extra_repr(self) -> str:
         params = sum(p.numel() for p in self.parameters())

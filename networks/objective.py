@@ -26,6 +26,19 @@ DMAF-Net; ours, not the release's):
   ``w_s = n * r_s / sum_present r`` with ``r_s = ema_s / first_s``. The tracked values are
   state (:meth:`TrainingObjective.state_dict`), saved in resumable checkpoints.
 
+Semi-supervised training (``labelled`` rows, in the spirit of CMC; ours): every supervised term
+counts only the labelled samples, and unlabelled samples train through cross-sequence
+consistency, weighted ``consistency_weight`` times a ramp ``exp(-5 (1 - t)^2)`` over the first
+``consistency_rampup`` of the epochs:
+
+* prediction agreement: for each pair of sequences present in a sample, the mean squared
+  difference of their branches' class probabilities;
+* channel-wise semantic consistency: for each such pair, the mean squared difference of their
+  encoder bottlenecks' channel affinities (``f f^T`` of the spatially L2-normalised channels).
+
+Both carry gradients into both branches of a pair (the released CMC code computes them without
+gradient, so they train nothing there).
+
 ``seg = ce_weight * CE + dice_weight * Dice``. Networks
 without auxiliary outputs (the TransUNet baselines) get the main term only. Auxiliary logits at
 H/4 are upsampled to the label size rather than the labels shrunk: shrinking labels by nearest
@@ -101,6 +114,10 @@ class ObjectiveConfig(ConfigRecord):
     distill_temperature: float = 2.0
     #: per-sequence auxiliary weights that follow each branch's relative progress
     balance: bool = False
+    #: semi-supervised: weight of the cross-sequence consistency on unlabelled samples, reached
+    #: after the first ``consistency_rampup`` (a fraction) of the epochs
+    consistency_weight: float = 0.1
+    consistency_rampup: float = 0.3
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -112,7 +129,12 @@ class ObjectiveConfig(ConfigRecord):
             raise ValueError(f"contrastive_start_epoch must be an int >= 0, got "
                              f"{self.contrastive_start_epoch!r}")
         require_finite_fields(self, "temperature", "distill_temperature", positive=True)
-        require_finite_fields(self, "distill_weight")
+        require_finite_fields(self, "distill_weight", "consistency_weight")
+        if self.consistency_weight < 0:
+            raise ValueError(f"consistency_weight must be >= 0, got {self.consistency_weight}")
+        if not 0.0 <= self.consistency_rampup <= 1.0:
+            raise ValueError(f"consistency_rampup must lie in [0, 1], got "
+                             f"{self.consistency_rampup}")
         if self.distill_weight < 0:
             raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
         if not isinstance(self.balance, bool):
@@ -195,9 +217,33 @@ class TrainingObjective(nn.Module):
             return TermWeights(0.0, 1.0, True, 0.1 if started else 0.0)
         return TermWeights(1.0, 0.5, True, 0.05 if started else 0.0)
 
+    def consistency_ramp(self, epoch: int) -> float:
+        """The consistency weight in 0-based ``epoch`` (the ramp over the first epochs)."""
+        config = self.config
+        length = config.consistency_rampup * config.max_epochs
+        if length <= 0 or epoch >= length:
+            return config.consistency_weight
+        return config.consistency_weight * math.exp(-5.0 * (1.0 - epoch / length) ** 2)
+
+    def _segmentation(self, logits: Tensor, labels: Tensor,
+                      labelled: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+        if labelled is None:
+            return self.segmentation(logits, labels)
+        seg = self.segmentation
+        total, ce, dice = seg.from_statistics(global_sum(seg.statistics(logits, labels,
+                                                                        labelled)))
+        return total, {"ce": float(ce.detach()), "dice": float(dice.detach()),
+                       "total": float(total.detach())}
+
     def forward(self, outputs: Outputs, labels: Tensor, epoch: int,
-                sequence_mask: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+                sequence_mask: Tensor | None = None,
+                labelled: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+        """``labelled`` ([B] bool, None: all) marks the samples whose labels count."""
+        if labelled is not None and bool(labelled.all()):
+            labelled = None
         if isinstance(outputs, Tensor):
+            if labelled is not None:
+                raise ValueError("unlabelled samples need a network with per-sequence branches")
             loss, parts = self.segmentation(outputs, labels)
             return loss, {"seg": parts["total"], "ce": parts["ce"], "dice": parts["dice"],
                           "total": parts["total"]}
@@ -205,10 +251,19 @@ class TrainingObjective(nn.Module):
             raise ValueError(f"outputs must be logits or IMMSegOutput, got "
                              f"{type(outputs).__name__}")
         weights = self.weights(epoch)
-        main, main_parts = self.segmentation(outputs.logits, labels)
+        main, main_parts = self._segmentation(outputs.logits, labels, labelled)
         total = weights.main * main
         parts = {"seg": main_parts["total"], "ce": main_parts["ce"], "dice": main_parts["dice"]}
-        present = _presence(sequence_mask, labels, len(outputs.aux_logits))
+        available = _presence(sequence_mask, labels, len(outputs.aux_logits))
+        # Supervised terms see the labelled samples; the consistency the unlabelled ones.
+        present = available if labelled is None else available & labelled.to(labels.device)
+
+        weight = self.consistency_ramp(epoch)
+        if labelled is not None and weight > 0:
+            unlabelled = available & ~labelled.to(labels.device)
+            term = self._consistency(outputs, unlabelled)
+            total = total + weight * term
+            parts["consistency"] = float(term.detach())
 
         if weights.aux > 0 and outputs.aux_logits:
             aux, count = self._auxiliary(outputs.aux_logits, labels, present)
@@ -280,6 +335,17 @@ class TrainingObjective(nn.Module):
             weights = self.branch_weights(present)
         return (weights * torch.where(present, loss, 0.0)).sum() / present.sum().clamp_min(1)
 
+    def _consistency(self, outputs: IMMSegOutput, rows: Tensor) -> Tensor:
+        """Mean over pairs of sequences (and over the two kinds) of the cross-sequence
+        disagreement on the ``rows`` samples ([S, B] bool: unlabelled and present)."""
+        totals = global_sum(_consistency_terms(outputs, rows))
+        if totals.numel() == 0:
+            return rows.new_zeros((), dtype=torch.float32)
+        means = torch.cat([totals[:, 0] / totals[:, 1].clamp_min(1),
+                           totals[:, 2] / totals[:, 3].clamp_min(1)])
+        counted = torch.cat([totals[:, 1], totals[:, 3]]) > 0
+        return torch.where(counted, means, 0.0).sum() / counted.sum().clamp_min(1)
+
     def _distillation(self, logits: Tensor, aux_logits: Sequence[Tensor],
                       present: Tensor) -> Tensor:
         """Mean over present sequences of the tempered KL from the detached fused prediction to
@@ -347,6 +413,35 @@ class TrainingObjective(nn.Module):
         if not terms:
             return labels.new_zeros((), dtype=torch.float32)
         return torch.stack(terms).mean()
+
+
+def _pairs(count: int) -> list[tuple[int, int]]:
+    return [(s, t) for s in range(count) for t in range(s + 1, count)]
+
+
+def channel_affinity(features: Tensor) -> Tensor:
+    """``[B, C, C]``: products of the spatially L2-normalised channels of ``[B, C, h, w]``."""
+    flat = F.normalize(features.float().flatten(2), dim=2)
+    return flat @ flat.transpose(1, 2)
+
+
+def _consistency_terms(outputs: IMMSegOutput, rows: Tensor) -> Tensor:
+    """``[P, 4]`` sums per pair of sequences: prediction disagreement and its sample count,
+    affinity disagreement and its sample count, over the samples where both are in ``rows``."""
+    probabilities = [torch.softmax(a.float(), dim=1) for a in outputs.aux_logits]
+    affinities = [channel_affinity(f) for f in outputs.sequence_features]
+    sums = []
+    for s, t in _pairs(len(probabilities)):
+        both = (rows[s] & rows[t]).float()
+        agreement = ((probabilities[s] - probabilities[t]) ** 2).sum(dim=1).mean(dim=(1, 2))
+        row = [(agreement * both).sum(), both.sum()]
+        if affinities:
+            semantic = ((affinities[s] - affinities[t]) ** 2).mean(dim=(1, 2))
+            row += [(semantic * both).sum(), both.sum()]
+        else:
+            row += [both.new_zeros(()), both.new_zeros(())]
+        sums.append(torch.stack(row))
+    return torch.stack(sums) if sums else rows.new_zeros((0, 4), dtype=torch.float32)
 
 
 def _presence(sequence_mask: Tensor | None, labels: Tensor, sequences: int) -> Tensor:

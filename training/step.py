@@ -22,11 +22,12 @@ class TrainStep:
     """``step(batch, epoch) -> parts``: one update of ``model`` on ``batch``.
 
     ``batch`` is what :class:`datasets.dataset.SliceDataset` yields, collated: ``image``
-    ``[B, S, H, W]`` (absent sequences already zeroed), ``label`` ``[B, H, W]`` and
-    ``sequence_mask`` ``[B, S]``. The mask reaches the network and the objective only when
-    ``pass_mask`` (training with sequence dropout) and the network declares it takes one;
-    otherwise an absent sequence is only its zeroed channel. ``parts`` are the objective's
-    floats for logging (``total`` among them).
+    ``[B, S, H, W]`` (absent sequences already zeroed), ``label`` ``[B, H, W]``,
+    ``sequence_mask`` ``[B, S]`` and ``labelled`` ``[B]`` (semi-supervised runs: whose labels
+    count; the objective trains the others through consistency). The mask reaches the network
+    and the objective only when ``pass_mask`` (training with sequence dropout) and the network
+    declares it takes one; otherwise an absent sequence is only its zeroed channel. ``parts``
+    are the objective's floats for logging (``total`` among them).
 
     ``forward`` is the module to call for the outputs: by default :class:`TrainingForward` of
     ``model``; under DistributedDataParallel the trainer passes that wrapper wrapped, so that
@@ -51,7 +52,9 @@ class TrainStep:
         with torch.autocast(self.device.type, dtype=torch.float16,
                             enabled=self.scaler.is_enabled()):
             outputs = self.forward(images, mask)
-        loss, parts = self.objective(outputs, labels, epoch, mask)
+        labelled = batch.get("labelled")
+        loss, parts = self.objective(outputs, labels, epoch, mask,
+                                     None if labelled is None else labelled.to(self.device))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
