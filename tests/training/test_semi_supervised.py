@@ -88,7 +88,7 @@ def test_consistency_values_and_gradients():
     assert a.grad is not None and b.grad is not None and f0.grad is not None
     assert float(b.grad.abs().sum()) > 0  # both branches learn, not only one
     # Labelled samples take no part; the ramp starts near zero.
-    assert float(objective._consistency(outputs, torch.tensor([[False], [True]]))) == 0.0
+    assert float(objective._consistency(outputs, torch.tensor([[False], [True]])).detach()) == 0.0
     ramped = TrainingObjective(4, ObjectiveConfig(consistency_weight=1.0, max_epochs=10,
                                                   consistency_rampup=0.5), num_sequences=2)
     assert ramped.consistency_ramp(0) == pytest.approx(math.exp(-5))
