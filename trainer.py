@@ -404,7 +404,8 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
     # Early-fusion TransUNet sees only the zeroed channels; the I_MMSeg variants get the mask.
     step = TrainStep(model, TrainingObjective(config.num_classes, config.objective()).to(device),
                      _optimizer(config, model), device, amp=config.amp,
-                     pass_mask=config.sequence_dropout > 0 or missing is not None)
+                     pass_mask=config.sequence_dropout > 0 or missing is not None,
+                     pass_labelled=bool(unlabelled))
     optimizer, scaler = step.optimizer, step.scaler
     tracker = BestModelTracker(config.patience)
     start_epoch, iteration = 0, 0

@@ -238,9 +238,9 @@ class TrainingObjective(nn.Module):
     def forward(self, outputs: Outputs, labels: Tensor, epoch: int,
                 sequence_mask: Tensor | None = None,
                 labelled: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
-        """``labelled`` ([B] bool, None: all) marks the samples whose labels count."""
-        if labelled is not None and bool(labelled.all()):
-            labelled = None
+        """``labelled`` ([B] bool, None: all) marks the samples whose labels count. Given, it
+        makes the run semi-supervised on every rank alike (never decided from one rank's
+        samples, which would make the ranks' collectives differ)."""
         if isinstance(outputs, Tensor):
             if labelled is not None:
                 raise ValueError("unlabelled samples need a network with per-sequence branches")

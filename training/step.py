@@ -23,11 +23,12 @@ class TrainStep:
 
     ``batch`` is what :class:`datasets.dataset.SliceDataset` yields, collated: ``image``
     ``[B, S, H, W]`` (absent sequences already zeroed), ``label`` ``[B, H, W]``,
-    ``sequence_mask`` ``[B, S]`` and ``labelled`` ``[B]`` (semi-supervised runs: whose labels
-    count; the objective trains the others through consistency). The mask reaches the network
-    and the objective only when ``pass_mask`` (training with sequence dropout) and the network
-    declares it takes one; otherwise an absent sequence is only its zeroed channel. ``parts``
-    are the objective's floats for logging (``total`` among them).
+    ``sequence_mask`` ``[B, S]`` and ``labelled`` ``[B]`` (whose labels count; passed on with
+    ``pass_labelled``, in semi-supervised runs, where the objective trains the others through
+    consistency). The mask reaches the network and the objective only when ``pass_mask``
+    (training with sequence dropout) and the network declares it takes one; otherwise an absent
+    sequence is only its zeroed channel. ``parts`` are the objective's floats for logging
+    (``total`` among them).
 
     ``forward`` is the module to call for the outputs: by default :class:`TrainingForward` of
     ``model``; under DistributedDataParallel the trainer passes that wrapper wrapped, so that
@@ -36,12 +37,14 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, objective: TrainingObjective,
                  optimizer: torch.optim.Optimizer, device: torch.device, *, amp: bool = True,
-                 pass_mask: bool = False, forward: nn.Module | None = None) -> None:
+                 pass_mask: bool = False, pass_labelled: bool = False,
+                 forward: nn.Module | None = None) -> None:
         self.model = model
         self.objective = objective
         self.optimizer = optimizer
         self.device = device
         self.pass_mask = pass_mask and capabilities_of(model).sequence_mask
+        self.pass_labelled = pass_labelled
         self.forward = forward if forward is not None else TrainingForward(model)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
 
@@ -52,9 +55,8 @@ class TrainStep:
         with torch.autocast(self.device.type, dtype=torch.float16,
                             enabled=self.scaler.is_enabled()):
             outputs = self.forward(images, mask)
-        labelled = batch.get("labelled")
-        loss, parts = self.objective(outputs, labels, epoch, mask,
-                                     None if labelled is None else labelled.to(self.device))
+        labelled = batch["labelled"].to(self.device) if self.pass_labelled else None
+        loss, parts = self.objective(outputs, labels, epoch, mask, labelled)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)

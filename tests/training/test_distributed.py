@@ -63,8 +63,13 @@ def _spawn(config: dict, timeout: float = 300.0) -> None:
     ("immseg_noprior", {"sequence_dropout": 0.5, "contrastive_start_epoch": 1}, 3e-5),
     # A weighted CE is a ratio of sums; a mean of per-rank weighted means would differ.
     ("transunet", {"class_weights": (0.5, 1.0, 3.0, 2.0)}, 1e-6),
+    # Half the cases unlabelled (consistency), branches balanced by progress and distilled from
+    # the fused prediction: every term is formed from global sums, and the tracked progress is
+    # the same on both ranks.
+    ("immseg_noprior", {"labelled_fraction": 0.5, "consistency_rampup": 0.0, "balance": True,
+                        "distill_weight": 0.5, "sequence_dropout": 0.5}, 3e-5),
 ], ids=["transunet", "immseg_noprior", "immseg_noprior-sequence_dropout",
-        "transunet-class_weights"])
+        "transunet-class_weights", "immseg_noprior-semi_supervised-balanced"])
 def test_two_processes_equal_one_on_the_same_global_batch(tmp_path, model, changes, atol):
     root = write_ring_dataset(tmp_path / "data", train_cases=4, slices_per_case=2)
     single = _config(root, tmp_path / "single", model, **changes)
