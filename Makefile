@@ -39,7 +39,7 @@ MYOPS_CV_EPOCHS ?= 30
 MYOPS_CV_MODELS ?= immseg transunet immseg_noprior
 
 .PHONY: demo test install myops myops_subsets myops_data myops_cv_train myops_cv nnunet_cv \
-	myops_ablation
+	myops_ablation myops_missing myops_semi
 
 install: $(STAMP)
 
@@ -138,6 +138,42 @@ myops_ablation: myops_data
 	$(PY) -m bench.results_table immseg=$(MYOPS_CV_RUNS)/immseg/test \
 		$(foreach row,$(ABLATION_ROWS),$(row)=$(MYOPS_ABLATION_RUNS)/$(row)/test) \
 		immseg_noprior=$(MYOPS_CV_RUNS)/immseg_noprior/test --paired immseg
+
+# Incomplete and unlabelled training cases (docs/missing_and_unlabelled.md), on the folds, budget
+# and seed of myops_cv. Missing: one PASSION-style draw over all cases (bSSFP 0.2, LGE 0.4,
+# T2w 0.6 missing), trained plainly, with sequence dropout, and with the balancing options; each
+# tested on all 7 sequence subsets. Semi-supervised: 10, 20 and 50 % of each fold's training
+# cases labelled, with and without the unlabelled rest. Reruns resume.
+MYOPS_MISSING_RUNS ?= runs/myops2020_missing
+MISSING_RATES ?= bSSFP=0.2,LGE=0.4,T2w=0.6
+MISSING_FILE = $(MYOPS_DATA)/missing/passion.json
+MISSING_ROWS ?= plain dropout balanced
+MISSING_plain =
+MISSING_dropout = --sequence_dropout 0.5
+MISSING_balanced = --sequence_dropout 0.5 --balance_sequences --distill_weight 0.5
+MYOPS_SEMI_RUNS ?= runs/myops2020_semi
+SEMI_FRACTIONS ?= 0.1 0.2 0.5
+CV_FLAGS = --dataset Myops --vit_name $(MYOPS_CV_BACKBONE) --root_path $(MYOPS_DATA) \
+	--priors_path $(DEMO_PRIORS) --max_epochs $(MYOPS_CV_EPOCHS) --batch_size 8 --seed 1234 \
+	--val_every 0 --val_fraction 0 --num_workers 0 --folds $(MYOPS_FOLDS) --resume
+
+myops_missing: myops_data
+	$(PY) -m datasets.missing --root $(MYOPS_DATA) --all_cases --rates $(MISSING_RATES) \
+		--seed 0 --out $(MISSING_FILE)
+	$(foreach row,$(MISSING_ROWS),$(PY) train.py $(CV_FLAGS) --model immseg \
+		--missing_file $(MISSING_FILE) $(MISSING_$(row)) --output_dir $(MYOPS_MISSING_RUNS)/$(row) && \
+		$(PY) test.py --run_dir $(MYOPS_MISSING_RUNS)/$(row) --all_subsets \
+		--output_dir $(MYOPS_MISSING_RUNS)/$(row)/test && ) true
+
+myops_semi: myops_data
+	$(foreach f,$(SEMI_FRACTIONS),$(PY) train.py $(CV_FLAGS) --model immseg \
+		--labelled_fraction $(f) --consistency_weight 0 --output_dir $(MYOPS_SEMI_RUNS)/labelled_only_$(f) && \
+		$(PY) train.py $(CV_FLAGS) --model immseg --labelled_fraction $(f) \
+		--output_dir $(MYOPS_SEMI_RUNS)/semi_$(f) && \
+		$(PY) test.py --run_dir $(MYOPS_SEMI_RUNS)/labelled_only_$(f) && \
+		$(PY) test.py --run_dir $(MYOPS_SEMI_RUNS)/semi_$(f) && ) true
+	$(PY) -m bench.results_table $(foreach f,$(SEMI_FRACTIONS),labelled_only_$(f)=$(MYOPS_SEMI_RUNS)/labelled_only_$(f)/test \
+		semi_$(f)=$(MYOPS_SEMI_RUNS)/semi_$(f)/test) --folds $(MYOPS_FOLDS)
 
 # nnU-Net v2 beside immseg (README "Results"): the optional extra in its own environment, the same
 # 30 cases and 5 folds, our scorer. On CPU it trains on the label-free 224 x 224 crop grids of our

@@ -371,8 +371,13 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
         names, config.val_fraction if config.val_every else 0.0)
     # Dropout masks, like augmentation, are functions of (seed, epoch, sample index): the same
     # samples lose the same sequences on 1 or N processes, and a resumed epoch replays them.
-    missing = _missing_sequences(config, train_names)
+    missing = _missing_sequences(config, layout, train_names)
     unlabelled = unlabelled_cases(train_names, config.labelled_fraction, config.seed)
+    if unlabelled and config.consistency_weight == 0:
+        # Nothing would train on them: the baseline of the labelled cases alone.
+        train_names = [name for name in train_names if case_of(name) not in unlabelled]
+        log.info("consistency_weight 0: the %d unlabelled cases are left out", len(unlabelled))
+        unlabelled = frozenset()
     dataset = SliceDataset(layout, train_names, config.img_size,
                            AugmentConfig() if config.augment else None, seed=config.seed,
                            sequence_dropout=config.sequence_dropout,
@@ -518,18 +523,23 @@ def unlabelled_cases(train_names: list[str], fraction: float, seed: int) -> froz
     return unlabelled
 
 
-def _missing_sequences(config: TrainConfig, train_names: list[str]) -> MissingSequences | None:
-    """The run's missing file, checked against its training cases: a file naming cases this run
-    does not train on (another fold's, another dataset's) is refused."""
+def _missing_sequences(config: TrainConfig, layout: ProcessedLayout,
+                       train_names: list[str]) -> MissingSequences | None:
+    """The run's missing file. It may cover a whole dataset (one file for every fold of a
+    cross-validation: each fold uses its training cases' entries); a case the data root does not
+    hold means the file belongs to other data and is refused."""
     if not config.missing_file:
         return None
     missing = MissingSequences.read(config.missing_file)
+    known = {case_of(name) for split in ("train", "test_vol") for name in layout.scan(split)}
+    unknown = sorted(set(missing.absent) - known)
+    if unknown:
+        raise ValueError(f"{config.missing_file}: names {len(unknown)} case(s) that "
+                         f"{layout.root} does not hold ({', '.join(unknown[:4])}...); it was "
+                         "drawn for other data")
     cases = {case_of(name) for name in train_names}
-    foreign = sorted(set(missing.absent) - cases)
-    if foreign:
-        raise ValueError(f"{config.missing_file}: names {len(foreign)} case(s) this run does not "
-                         f"train on ({', '.join(foreign[:4])}...); draw it from this run's list")
-    counts = missing.counts()
+    counts = {name: sum(name in missing.absent.get(case, ()) for case in cases)
+              for name in missing.sequences}
     log.info("missing sequences from %s: of %d training cases, absent %s", config.missing_file,
              len(cases), ", ".join(f"{name} {count}" for name, count in counts.items()))
     return missing

@@ -16,8 +16,12 @@ segmentation target does not depend on which sequences were acquired.
 imbalanced missing rates: sequence ``s`` is absent from exactly ``round(rate_s * n)`` of the ``n``
 training cases, drawn with a fixed seed, and no case loses every sequence.
 
-    python -m datasets.missing --root data/myops2020 --list_dir data/myops2020/lists/cv5/fold0 \
-        --rates bSSFP=0.2,LGE=0.4,T2w=0.6 --seed 0 --out data/myops2020/missing/fold0.json
+    python -m datasets.missing --root data/myops2020 --rates bSSFP=0.2,LGE=0.4,T2w=0.6 \
+        --seed 0 --out data/myops2020/missing/passion.json [--list_dir LISTS | --all_cases]
+
+Drawn over the cases of a training list (default ``<root>/lists``), the rates are exact for that
+run; drawn over every case (``--all_cases``), one file serves all folds of a cross-validation and
+each fold's training cases lack their sequences at close to the rates.
 """
 
 from __future__ import annotations
@@ -159,9 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", required=True, help="processed data root")
-    parser.add_argument("--list_dir", default=None,
-                        help="lists folder whose train.txt names the training cases (default: "
-                             "<root>/lists; a fold's for cross-validation)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--list_dir", default=None,
+                       help="lists folder whose train.txt names the training cases (default: "
+                            "<root>/lists; a fold's for cross-validation)")
+    where.add_argument("--all_cases", action="store_true",
+                       help="every case of the root (one file for all folds)")
     parser.add_argument("--rates", required=True, help="e.g. bSSFP=0.2,LGE=0.4,T2w=0.6")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="missing file to write (JSON)")
@@ -170,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         layout = ProcessedLayout(Path(args.root),
                                  list_dir=Path(args.list_dir) if args.list_dir else None)
-        cases = {case_of(name) for name in layout.names("train", create=False)}
+        cases = ({case_of(name) for split in ("train", "test_vol")
+                  for name in layout.scan(split)} if args.all_cases
+                 else {case_of(name) for name in layout.names("train", create=False)})
         drawn = draw_missing(cases, parse_rates(args.rates), args.seed)
         drawn.write(args.out)
     except (ValueError, OSError) as error:

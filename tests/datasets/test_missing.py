@@ -100,8 +100,12 @@ def test_draw_command_and_a_training_run_with_missing_sequences(ring_root, tmp_p
     assert train_script.main([*common, "--missing_file", str(out), "--output_dir",
                               str(run)]) == 0
     assert json.loads((run / "config.json").read_text())["missing_file"] == str(out)
-    # A file naming cases the run does not train on is another run's: refused.
+    # A file naming cases the data root does not hold was drawn for other data: refused.
     foreign = MissingSequences({"case0009": ("LGE",)}).write(tmp_path / "foreign.json")
     assert train_script.main([*common, "--missing_file", str(foreign), "--output_dir",
                               str(tmp_path / "run2")]) == 1
     assert np.array_equal(drawn.presence("case0001"), drawn.presence("case0001_slice000"))
+    every = tmp_path / "every.json"
+    assert main(["--root", str(ring_root), "--rates", "LGE=0.5", "--all_cases", "--out",
+                 str(every)]) == 0
+    assert MissingSequences.read(every).counts()["LGE"] == 2

@@ -106,4 +106,13 @@ def test_a_semi_supervised_run_trains(tmp_path):
         str(bank), "--output_dir", str(run), "--max_epochs", "2", "--labelled_fraction", "0.5",
         "--consistency_rampup", "0"]) == 0
     log = (run / "log.txt").read_text()
-    assert "2 of 4 training cases labelled" in log
+    assert "2 of 4 training cases labelled" in log and "on 8 slices" in log
+    # Without consistency the unlabelled cases would train nothing: the labelled ones alone.
+    alone = tmp_path / "alone"
+    assert train_script.main([
+        "--dataset", "Myops", "--model", "immseg", "--vit_name", "tiny", "--root_path",
+        str(root), "--img_size", "32", "--batch_size", "4", "--num_workers", "0",
+        "--val_every", "0", "--val_fraction", "0", "--device", "cpu", "--priors_path",
+        str(bank), "--output_dir", str(alone), "--max_epochs", "1", "--labelled_fraction",
+        "0.5", "--consistency_weight", "0"]) == 0
+    assert "on 4 slices" in (alone / "log.txt").read_text()
