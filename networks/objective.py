@@ -272,7 +272,8 @@ class TrainingObjective(nn.Module):
             parts["aux"] = float(aux.detach())
 
         if self.config.distill_weight > 0 and outputs.aux_logits:
-            distill = self._distillation(outputs.logits, outputs.aux_logits, present)
+            # Label-free: unlabelled samples are distilled too.
+            distill = self._distillation(outputs.logits, outputs.aux_logits, available)
             total = total + self.config.distill_weight * distill
             parts["distill"] = float(distill.detach())
 
