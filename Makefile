@@ -39,7 +39,7 @@ MYOPS_CV_EPOCHS ?= 30
 MYOPS_CV_MODELS ?= immseg transunet immseg_noprior
 
 .PHONY: demo test install myops myops_subsets myops_data myops_cv_train myops_cv nnunet_cv \
-	myops_ablation myops_missing myops_semi
+	myops_ablation myops_missing myops_semi myops_jitter myops_misalignment
 
 install: $(STAMP)
 
@@ -138,6 +138,26 @@ myops_ablation: myops_data
 	$(PY) -m bench.results_table immseg=$(MYOPS_CV_RUNS)/immseg/test \
 		$(foreach row,$(ABLATION_ROWS),$(row)=$(MYOPS_ABLATION_RUNS)/$(row)/test) \
 		immseg_noprior=$(MYOPS_CV_RUNS)/immseg_noprior/test --paired immseg
+
+# Misaligned sequences (issue 17, docs/misalignment.md): immseg trained with per-sequence jitter
+# of bSSFP and T2w on the CV folds, then what a known misalignment costs each model out of fold,
+# label-free, in native space (bench.bench_misalignment, one whole-volume and one per-slice draw;
+# a table already written is kept).
+MYOPS_JITTER ?= 0.5
+MISALIGNMENT_MODELS ?= $(MYOPS_CV_RUNS)/immseg $(MYOPS_CV_RUNS)/immseg_jitter
+MISALIGNMENT_OUT ?= runs/misalignment
+
+myops_jitter: myops_data
+	$(PY) train.py $(CV_FLAGS) --model immseg --sequence_jitter $(MYOPS_JITTER) \
+		--output_dir $(MYOPS_CV_RUNS)/immseg_jitter
+	$(PY) test.py --run_dir $(MYOPS_CV_RUNS)/immseg_jitter
+
+myops_misalignment:
+	mkdir -p $(MISALIGNMENT_OUT)
+	$(foreach run,$(MISALIGNMENT_MODELS),$(foreach per,sequence slice,\
+		out=$(MISALIGNMENT_OUT)/$(notdir $(run))_$(per).json; [ -f $$out ] || { \
+		$(PY) -m bench.bench_misalignment --run_dir $(run) --raw_root $(MYOPS_RAW) --per $(per) \
+		> $$out.tmp && mv $$out.tmp $$out; } && )) true
 
 # Incomplete and unlabelled training cases (docs/missing_and_unlabelled.md), on the folds, budget
 # and seed of myops_cv. Missing: one PASSION-style draw over all cases (bSSFP 0.2, LGE 0.4,
