@@ -27,7 +27,7 @@ from datasets.augment import AugmentConfig
 from datasets.dataset import EpochIndices, SliceDataset
 from datasets.folds import check_fold, fold_list_dir
 from datasets.labels import MODALITIES, NUM_CLASSES
-from datasets.missing import MissingSequences
+from datasets.missing import DATASET_MISSING_FILE, MissingSequences
 from datasets.processed import DEFAULT_PROCESSED_ROOT, ProcessedLayout, case_of
 from datasets.sequence_jitter import JitterConfig
 from networks.backbones import list_backbones
@@ -525,23 +525,33 @@ def unlabelled_cases(train_names: list[str], fraction: float, seed: int) -> froz
 
 def _missing_sequences(config: TrainConfig, layout: ProcessedLayout,
                        train_names: list[str]) -> MissingSequences | None:
-    """The run's missing file. It may cover a whole dataset (one file for every fold of a
-    cross-validation: each fold uses its training cases' entries); a case the data root does not
-    hold means the file belongs to other data and is refused."""
-    if not config.missing_file:
+    """What the training cases lack: the data's own record (``<root>/missing.json``, written by
+    preprocess_data.py --allow_missing) and the run's ``missing_file``. The latter may cover a
+    whole dataset (one file for every fold of a cross-validation: each fold uses its training
+    cases' entries); a case the data root does not hold means it belongs to other data and is
+    refused."""
+    records = []
+    own = layout.root / DATASET_MISSING_FILE
+    if own.is_file():
+        records.append((own, MissingSequences.read(own)))
+    if config.missing_file:
+        records.append((Path(config.missing_file), MissingSequences.read(config.missing_file)))
+    if not records:
         return None
-    missing = MissingSequences.read(config.missing_file)
     known = {case_of(name) for split in ("train", "test_vol") for name in layout.scan(split)}
-    unknown = sorted(set(missing.absent) - known)
-    if unknown:
-        raise ValueError(f"{config.missing_file}: names {len(unknown)} case(s) that "
-                         f"{layout.root} does not hold ({', '.join(unknown[:4])}...); it was "
-                         "drawn for other data")
+    missing = records[0][1]
+    for path, record in records:
+        unknown = sorted(set(record.absent) - known)
+        if unknown:
+            raise ValueError(f"{path}: names {len(unknown)} case(s) that {layout.root} does not "
+                             f"hold ({', '.join(unknown[:4])}...); it was drawn for other data")
+        missing = missing.union(record)
     cases = {case_of(name) for name in train_names}
     counts = {name: sum(name in missing.absent.get(case, ()) for case in cases)
               for name in missing.sequences}
-    log.info("missing sequences from %s: of %d training cases, absent %s", config.missing_file,
-             len(cases), ", ".join(f"{name} {count}" for name, count in counts.items()))
+    log.info("missing sequences (%s): of %d training cases, absent %s",
+             ", ".join(str(path) for path, _ in records), len(cases),
+             ", ".join(f"{name} {count}" for name, count in counts.items()))
     return missing
 
 

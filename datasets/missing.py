@@ -7,10 +7,13 @@ case, the sequences it lacks::
      "rates": {"bSSFP": 0.2, "LGE": 0.4, "T2w": 0.6}, "seed": 0,
      "absent": {"Case3002": ["T2w"], "Case3004": ["LGE", "T2w"], ...}}
 
-``train.py --missing_file`` reads it: every slice of a listed case has those channels zeroed and
-marked absent in its ``sequence_mask`` in every epoch (sequence dropout, when also on, draws only
-among the sequences the case has). Cases not listed have everything. The label is kept: the
-segmentation target does not depend on which sequences were acquired.
+``preprocess_data.py --allow_missing`` writes one for the cases of a processed root that really
+lack a sequence (``<root>/missing.json``, applied by train.py by itself); ``train.py
+--missing_file`` adds another (an experiment's draw). Either way every slice of a listed case
+has those channels zeroed and marked absent in its ``sequence_mask`` in every epoch (sequence
+dropout, when also on, draws only among the sequences the case has). Cases not listed have
+everything. The label is kept: the segmentation target does not depend on which sequences were
+acquired.
 
 :func:`draw_missing` makes such a file for experiments, in the spirit of PASSION and DMAF-Net's
 imbalanced missing rates: sequence ``s`` is absent from exactly ``round(rate_s * n)`` of the ``n``
@@ -44,6 +47,9 @@ log = logging.getLogger("missing")
 
 FORMAT = "immseg-missing-sequences"
 VERSION = 1
+#: Where preprocess_data.py --allow_missing records the cases of a processed root that lack a
+#: sequence; train.py applies it by itself.
+DATASET_MISSING_FILE = "missing.json"
 
 
 class MissingFileError(ValueError):
@@ -77,6 +83,14 @@ class MissingSequences:
         """``[S]`` bool for a case or one of its slices (``Case_slice003``)."""
         missing = self.absent.get(case_of(name), ())
         return np.array([s not in missing for s in self.sequences], dtype=bool)
+
+    def union(self, other: MissingSequences) -> MissingSequences:
+        """Both records' absences per case (the data's own and a drawn experiment's)."""
+        cases = set(self.absent) | set(other.absent)
+        return MissingSequences({case: tuple(set(self.absent.get(case, ()))
+                                             | set(other.absent.get(case, ())))
+                                 for case in cases}, self.sequences,
+                                dict(other.rates or self.rates), other.seed)
 
     def counts(self) -> dict[str, int]:
         """How many listed cases lack each sequence."""

@@ -150,7 +150,11 @@ def predict_case(model: nn.Module, case: TestCase, img_size: int, device: torch.
     if case.stacks is None:
         return predict_volume(model, case.image, img_size, device, config.batch_size,
                               tta=config.tta, sequences=subset), None
-    stacks = case.stacks.with_sequences(subset)
+    # A case lacking a sequence (preprocessed with --allow_missing) is given what it has.
+    given = [name for name in subset if name in case.stacks.present]
+    if not given:
+        raise ValueError(f"{case.name}: has none of the sequences {list(subset)}")
+    stacks = case.stacks.with_sequences(given)
     result = predict_stacks(model, img_size, stacks, config, device, networks)
     grid = result.grid_labels(stacks.images.shape[-1])
     if case.native is None:

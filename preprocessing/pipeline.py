@@ -61,10 +61,12 @@ class AlignedCase:
     images: dict[str, np.ndarray]
     unregistered: dict[str, np.ndarray]
     manifest: dict
+    #: the sequences the case has (the others are zero stacks, never registered)
+    present: tuple[str, ...] = MODALITIES
 
     @property
     def moving(self) -> tuple[str, ...]:
-        return tuple(name for name in MODALITIES if name != self.fixed)
+        return tuple(name for name in self.present if name != self.fixed)
 
     def metric_mask(self, margin_mm: float, spacing_mm: float) -> np.ndarray:
         """Dilated myocardium of every slice, ``[D, roi, roi]`` (where similarity counts)."""
@@ -120,7 +122,7 @@ def align_case(case: RawCase, config: PreprocessConfig,
     registrations: dict[str, list[dict]] = {}
     if config.affine_registration:
         for name in MODALITIES:
-            if name == fixed:
+            if name == fixed or name not in stacks.present:
                 continue
             results = affine_fits(config.affine_metric, full[fixed], full[name], label_full,
                                   (row0, col0), config.roi_size, name, config.affine,
@@ -157,11 +159,12 @@ def align_case(case: RawCase, config: PreprocessConfig,
         "output_spacing": (ref_volume.spacing[0], config.pixel_spacing_mm,
                            config.pixel_spacing_mm),
         "num_slices": len(kept),
+        "present": list(stacks.present),
     }
     return AlignedCase(case.case_id, fixed, grids, partners, (row0, col0),
                        np.ascontiguousarray(label_full[roi]), windows, affine_fields, images,
                        {name: np.ascontiguousarray(full[name][roi]) for name in MODALITIES},
-                       manifest)
+                       manifest, tuple(stacks.present))
 
 
 def _describe(segmenter: Segmenter) -> dict | str:

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from datasets.folds import fold_cases, fold_list_dir, release_test_cases
 from datasets.labels import MODALITIES
+from datasets.missing import DATASET_MISSING_FILE, MissingSequences
 from datasets.processed import ProcessedLayout, write_test_volume, write_training_slice
 from datasets.raw import LAYOUTS, CaseFiles, RawCase, discover_cases, load_case
 from preprocessing.grid_stacks import GridStacks
@@ -91,6 +92,9 @@ class RunOptions:
     workers: int = setting(1, "parallel processes")
     overwrite: bool = setting(False, "redo finished cases")
     layout: str | None = setting(None, "raw layout", choices=LAYOUTS, shown="detected")
+    allow_missing: bool = setting(
+        False, "accept cases that lack a sequence: its channel is written as zeros and the case "
+        "is listed in <out_root>/missing.json, which train.py applies")
     qa: bool = setting(True, "skip the QA pictures", flag="no_qa")
     voxelmorph: VoxelMorphConfig = field(default_factory=VoxelMorphConfig,
                                          metadata={"cli": False})
@@ -211,7 +215,9 @@ def run_preprocessing(raw_root: str | Path, out_root: str | Path,
 def _run(raw_root: str | Path, out_root: Path, config: PreprocessConfig,
          options: RunOptions) -> list[CaseResult]:
     work = out_root / ".work"
-    cases = {files.case_id: files for files in discover_cases(raw_root, options.layout)}
+    required = () if options.allow_missing else MODALITIES
+    cases = {files.case_id: files
+             for files in discover_cases(raw_root, options.layout, required=required)}
     splits = assign_splits(list(cases), options.test_every)
     checkpoint = options.voxelmorph_checkpoint or out_root / VOXELMORPH_CHECKPOINT
     # The network a finished case must have been written through: none, the reusable
@@ -274,6 +280,7 @@ def _run(raw_root: str | Path, out_root: Path, config: PreprocessConfig,
                                               int(manifest["num_slices"]), 0.0, skipped=True)
     ordered = [results[case_id] for case_id in sorted(results)]
     _write_lists(ProcessedLayout(out_root), ordered, options.folds)
+    _write_missing(out_root, [r.case_id for r in ordered])
     if errors:
         details = "\n".join(f"  {case_id}: {error}" for case_id, error in sorted(errors.items()))
         raise RuntimeError(f"{len(errors)} of {len(cases)} cases failed:\n{details}")
@@ -476,6 +483,24 @@ def _write_lists(layout: ProcessedLayout, results: list[CaseResult], folds: int)
         for fold in range(folds):
             train, test = fold_cases(ids, folds, fold)
             _write_split(fold_list_dir(layout.list_dir, folds, fold), train, test, slices)
+
+
+def _write_missing(out_root: Path, case_ids: list[str]) -> None:
+    """``<out_root>/missing.json`` (:mod:`datasets.missing`) from the manifests' ``present``
+    sequences, when some case lacks one; a stale file goes otherwise."""
+    absent = {}
+    for case_id in case_ids:
+        manifest = json.loads(manifest_path(out_root, case_id).read_text())
+        present = manifest.get("present", MODALITIES)
+        lacking = tuple(name for name in MODALITIES if name not in present)
+        if lacking:
+            absent[case_id] = lacking
+    path = out_root / DATASET_MISSING_FILE
+    if absent:
+        MissingSequences(absent).write(path)
+        log.info("%d case(s) lack a sequence; recorded in %s", len(absent), path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _write_split(directory: Path, train: list[str], test: list[str],

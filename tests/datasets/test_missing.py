@@ -109,3 +109,42 @@ def test_draw_command_and_a_training_run_with_missing_sequences(ring_root, tmp_p
     assert main(["--root", str(ring_root), "--rates", "LGE=0.5", "--all_cases", "--out",
                  str(every)]) == 0
     assert MissingSequences.read(every).counts()["LGE"] == 2
+
+
+def test_raw_cases_lacking_a_sequence_preprocess_train_and_test(tmp_path):
+    """preprocess_data.py --allow_missing: a case without T2w is written with a zero T2w
+    channel and recorded; train.py masks it by itself; test.py gives it what it has."""
+    import commands.test as test_script
+    from datasets.phantom import write_phantom_dataset
+    from datasets.raw import RawDataError, discover_cases
+    from preprocessing.pipeline import PreprocessConfig
+    from preprocessing.runner import RunOptions, run_preprocessing
+
+    raw, out = tmp_path / "raw", tmp_path / "processed"
+    write_phantom_dataset(raw, 3, seed=2)
+    lacking = discover_cases(raw)[1]
+    lacking.images["T2w"].unlink()
+    config = PreprocessConfig(nonrigid_registration=False, affine_metric="ngf")
+    with pytest.raises(RawDataError, match="lacks T2w"):
+        run_preprocessing(raw, out, config, RunOptions(test_every=3, folds=0, qa=False))
+    run_preprocessing(raw, out, config, RunOptions(test_every=3, folds=0, qa=False,
+                                                   allow_missing=True))
+    recorded = MissingSequences.read(out / "missing.json")
+    assert recorded.absent == {lacking.case_id: ("T2w",)}
+    layout = ProcessedLayout(out)
+    names = [n for n in layout.names("train") if n.startswith(lacking.case_id)]
+    assert names
+    for name in names:
+        image, _ = layout.read_slice(name)
+        assert not image[2].any() and image[1].any()  # T2w zeros, LGE kept
+    bank = save_prior_bank(random_bank(), tmp_path / "bank.pt")
+    run = tmp_path / "run"
+    assert train_script.main([
+        "--dataset", "Myops", "--model", "immseg", "--vit_name", "tiny", "--root_path",
+        str(out), "--img_size", "128", "--batch_size", "4", "--max_epochs", "1",
+        "--num_workers", "0", "--val_every", "0", "--val_fraction", "0", "--device", "cpu",
+        "--priors_path", str(bank), "--output_dir", str(run)]) == 0
+    assert "absent bSSFP 0, LGE 0, T2w 1" in (run / "log.txt").read_text()
+    # The lacking case as a test volume: predicted from bSSFP and LGE.
+    (out / "lists" / "test_vol.txt").write_text(f"{lacking.case_id}\n")
+    assert test_script.main(["--run_dir", str(run), "--device", "cpu"]) == 0
