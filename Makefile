@@ -113,7 +113,7 @@ myops_cv: myops_cv_train
 		$(PY) test.py --run_dir $(MYOPS_CV_RUNS)/$$model --output_dir $(MYOPS_CV_RUNS)/$$model/test; \
 	done
 	$(PY) -m bench.results_table $(foreach m,$(MYOPS_CV_MODELS),$(m)=$(MYOPS_CV_RUNS)/$(m)/test) \
-		$(if $(filter immseg,$(MYOPS_CV_MODELS)),--paired immseg)
+		$(if $(filter immseg,$(MYOPS_CV_MODELS)),--paired immseg) --folds $(MYOPS_FOLDS)
 
 # What each part of the release buys (docs/ablation.md): immseg with each of the release's parts
 # switched on, all of them, and the released network itself, on the folds, budget and seed of
@@ -137,7 +137,7 @@ myops_ablation: myops_data
 		--output_dir $(MYOPS_ABLATION_RUNS)/$(row)/test && ) true
 	$(PY) -m bench.results_table immseg=$(MYOPS_CV_RUNS)/immseg/test \
 		$(foreach row,$(ABLATION_ROWS),$(row)=$(MYOPS_ABLATION_RUNS)/$(row)/test) \
-		immseg_noprior=$(MYOPS_CV_RUNS)/immseg_noprior/test --paired immseg
+		immseg_noprior=$(MYOPS_CV_RUNS)/immseg_noprior/test --paired immseg --folds $(MYOPS_FOLDS)
 
 # Misaligned sequences (issue 17, docs/misalignment.md): immseg trained with per-sequence jitter
 # of bSSFP and T2w on the CV folds, then what a known misalignment costs each model out of fold,
