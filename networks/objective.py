@@ -272,8 +272,8 @@ class TrainingObjective(nn.Module):
             parts["aux"] = float(aux.detach())
 
         if self.config.distill_weight > 0 and outputs.aux_logits:
-            # Label-free: unlabelled samples are distilled too.
-            distill = self._distillation(outputs.logits, outputs.aux_logits, available)
+            # Over the labelled samples: the fused prediction is the supervised teacher there.
+            distill = self._distillation(outputs.logits, outputs.aux_logits, present)
             total = total + self.config.distill_weight * distill
             parts["distill"] = float(distill.detach())
 

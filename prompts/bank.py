@@ -239,8 +239,9 @@ def load_released_priors(directory: str | os.PathLike[str], *, normalize: bool =
     tensors: list[torch.Tensor] = []
     for names in RELEASED_FILES:
         path = next((directory / name for name in names if (directory / name).is_file()),
-                    directory / names[0])
-        tensor = load_torch_file(path, "released prior tensor")
+                    directory / names[-1])
+        tensor = load_torch_file(path, "released prior tensor",
+                                 missing=f"released prior tensor not found (nor {names[0]})")
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"{path}: expected a tensor, found {type(tensor).__name__}")
         tensors.append(tensor)

@@ -191,9 +191,21 @@ def test_released_priors_round_trip(priors_dir, tmp_path):
 
 
 def test_released_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match=RELEASED_MODALITY_FILE):
+    with pytest.raises(FileNotFoundError,
+                       match=rf"{RELEASED_MODALITY_FILE}: .*nor embedding_MRI_information"):
         load_released_priors(tmp_path)
     with pytest.raises(ValueError, match=r"modality must be a \[3, D\]"):
         bank_from_released_tensors(torch.randn(4, 16), torch.randn(4, 16))
     with pytest.raises(ValueError, match=r"classes must be a \[4, D\]"):
         bank_from_released_tensors(torch.randn(3, 16), torch.randn(3, 16))
+
+
+def test_released_files_under_the_releases_own_names(priors_dir, tmp_path):
+    import shutil
+
+    shutil.copy(priors_dir / RELEASED_MODALITY_FILE, tmp_path / "embedding_MRI_information.pth")
+    shutil.copy(priors_dir / "biomedclip_class_prompts.pth",
+                tmp_path / "embedding_class_information.pth")
+    renamed = load_released_priors(tmp_path)
+    original = load_released_priors(priors_dir)
+    assert torch.equal(renamed.modality_matrix(), original.modality_matrix())
