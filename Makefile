@@ -156,7 +156,7 @@ myops_misalignment:
 	mkdir -p $(MISALIGNMENT_OUT)
 	$(foreach run,$(MISALIGNMENT_MODELS),$(foreach per,sequence slice,\
 		out=$(MISALIGNMENT_OUT)/$(notdir $(run))_$(per).json; [ -f $$out ] || { \
-		$(PY) -m bench.bench_misalignment --run_dir $(run) --raw_root $(MYOPS_RAW) --per $(per) \
+		$(PY) -m bench.bench_misalignment --run_dir $(run) --raw_root $(MYOPS_RAW) --per $(per) --rounds 2 \
 		> $$out.tmp && mv $$out.tmp $$out; } && )) true
 
 # Incomplete and unlabelled training cases (docs/missing_and_unlabelled.md), on the folds, budget

@@ -17,6 +17,8 @@ native grid:
 * ``misaligned + affine``: the same inputs with the affine registration of preprocessing at
   prediction time (``--register on``: the training data's metric, guided by the first-pass
   myocardium);
+* ``misaligned + affine, N rounds`` with ``--rounds N``: register, predict, register again with
+  the new myocardium, N times (``predict.py --register_rounds``);
 * ``misaligned + affine + non-rigid`` with ``--voxelmorph``.
 
 The misalignment centre (the heart) comes from the label: it shapes the synthetic warp, never
@@ -128,13 +130,17 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     models = _models(args, device)
     warp = warp_model(args.strength, args.nonrigid_mm)
-    conditions = ["aligned", "misaligned", "misaligned + affine"]
+    # condition -> (affine, non-rigid, register-then-predict rounds)
+    conditions = {"aligned": (False, False, 1), "misaligned": (False, False, 1),
+                  "misaligned + affine": (True, False, 1)}
+    if args.rounds > 1:
+        conditions[f"misaligned + affine, {args.rounds} rounds"] = (True, False, args.rounds)
     voxelmorph = None
     if args.voxelmorph:
         from preprocessing.voxelmorph import load_voxelmorph
 
         voxelmorph = load_voxelmorph(args.voxelmorph, device)
-        conditions.append("misaligned + affine + non-rigid")
+        conditions["misaligned + affine + non-rigid"] = (True, True, 1)
     scores = {condition: MetricAccumulator() for condition in conditions}
     rng = np.random.default_rng(args.seed)
     cases = {files.case_id: files for files in discover_cases(args.raw_root)}
@@ -148,15 +154,14 @@ def run(args: argparse.Namespace) -> dict:
             truth = case.label
             records = {name: draw_records(truth, case.images[name].num_slices, args.per, warp,
                                           rng) for name in TARGET_SPACING}
-            for condition in conditions:
+            for condition, (affine, nonrigid, rounds) in conditions.items():
                 moved = {name: moved_volume(case.images[name], spacing,
                                             None if condition == "aligned" else records[name])
                          for name, spacing in TARGET_SPACING.items()}
-                registered = condition != "aligned" and condition != "misaligned"
-                geometry = dataclasses.replace(
-                    preprocess, affine_registration=registered,
-                    nonrigid_registration=condition.endswith("non-rigid"))
-                config = PredictConfig(preprocess=geometry, register=registered)
+                geometry = dataclasses.replace(preprocess, affine_registration=affine,
+                                               nonrigid_registration=nonrigid)
+                config = PredictConfig(preprocess=geometry, register=affine,
+                                       register_rounds=rounds)
                 patient = PatientImages(case_id, {"LGE": case.images["LGE"]} | moved)
                 prediction = predict_patient(loaded.model, loaded.img_size, patient, config,
                                              device, Registration(voxelmorph=voxelmorph))
@@ -190,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per", choices=("sequence", "slice"), default="sequence")
     parser.add_argument("--voxelmorph", default=None,
                         help="non-rigid network for the affine + non-rigid condition")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="also the affine condition with this many register-then-predict "
+                             "rounds (predict.py --register_rounds)")
     parser.add_argument("--cases", type=int, default=0, help="at most this many (0: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)

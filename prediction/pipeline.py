@@ -82,6 +82,9 @@ class PredictConfig:
                               "times)")
     tta: bool = setting(False, "flip test-time augmentation: average probabilities over 4 "
                         "flips")
+    register_rounds: int = setting(
+        1, "with registration: rounds of register-then-predict, each registering with the "
+        "myocardium the previous round predicted")
 
     def __post_init__(self) -> None:
         if not isinstance(self.preprocess, PreprocessConfig):
@@ -94,6 +97,8 @@ class PredictConfig:
             raise ValueError(f"min_evidence must be > 0, got {self.min_evidence}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if isinstance(self.register_rounds, bool) or self.register_rounds < 1:
+            raise ValueError(f"register_rounds must be >= 1, got {self.register_rounds!r}")
 
     def to_dict(self) -> dict:
         """Settings that shaped this prediction (training-only preprocessing flags left out)."""
@@ -168,15 +173,18 @@ def predict_stacks(model: nn.Module, img_size: int, stacks: GridStacks, config: 
     if (config.register and len(stacks.present) > 1 and location.found
             and (geometry.affine_registration or nonrigid)):
         fixed = PREFERRED_FIXED if PREFERRED_FIXED in stacks.present else stacks.reference
-        first_pass = GridPrediction(probabilities, location, {}).grid_labels(geometry.crop_size)
-        roi_images, registered = register_sequences(
-            stacks, fixed, first_pass, location.origin, geometry,
-            segmenter=networks.segmenter, voxelmorph=networks.voxelmorph if nonrigid else None,
-            device=device)
+        for _ in range(config.register_rounds):
+            # Each round registers the original stacks, guided by the latest myocardium.
+            guide = GridPrediction(probabilities, location, {}).grid_labels(geometry.crop_size)
+            roi_images, registered = register_sequences(
+                stacks, fixed, guide, location.origin, geometry,
+                segmenter=networks.segmenter,
+                voxelmorph=networks.voxelmorph if nonrigid else None, device=device)
+            probabilities = window_probabilities(model, roi_images, stacks.present, img_size,
+                                                 device, config.batch_size, tta=config.tta)
         registration = {"fixed": fixed, "affine": registered.affine,
-                        "nonrigid_max_displacement_px": registered.nonrigid_max_px}
-        probabilities = window_probabilities(model, roi_images, stacks.present, img_size,
-                                             device, config.batch_size, tta=config.tta)
+                        "nonrigid_max_displacement_px": registered.nonrigid_max_px,
+                        "rounds": config.register_rounds}
     return GridPrediction(probabilities, location, registration)
 
 

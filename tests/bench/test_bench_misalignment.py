@@ -41,7 +41,17 @@ def test_resampling_alone_keeps_the_field_of_view_and_a_shift_moves_by_its_mm():
                                atol=1e-3)
 
 
-def test_one_real_case_under_every_condition(myops2020_dir, tmp_path, capsys):
+def test_one_real_case_under_every_condition(myops2020_dir, tmp_path, capsys, monkeypatch):
+    import prediction.pipeline as pipeline
+
+    calls = []
+    real_register = pipeline.register_sequences
+
+    def counted(stacks, fixed, guide, *args, **kwargs):
+        calls.append(guide.copy())
+        return real_register(stacks, fixed, guide, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "register_sequences", counted)
     torch.manual_seed(0)
     model = create_network("transunet", backbone="tiny", img_size=128).eval()
     checkpoint = tmp_path / "model.pth"
@@ -52,10 +62,13 @@ def test_one_real_case_under_every_condition(myops2020_dir, tmp_path, capsys):
     for path in (myops2020_dir / "Case3001").iterdir():
         (raw / path.name).symlink_to(path)
     assert bench.main(["--checkpoint", str(checkpoint), "--raw_root", str(raw.parent),
-                       "--per", "slice", "--threads", "1"]) == 0
+                       "--per", "slice", "--threads", "1", "--rounds", "2"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["cases"] == 1
-    assert list(report["dice_percent"]) == ["aligned", "misaligned", "misaligned + affine"]
+    assert list(report["dice_percent"]) == ["aligned", "misaligned", "misaligned + affine",
+                                            "misaligned + affine, 2 rounds"]
+    # One registration for the affine condition, two (register, predict, register) for rounds.
+    assert len(calls) == 3
     for row in report["dice_percent"].values():
         assert set(row) == {"myocardium", "scar", "edema alone", "scar+edema",
                             "whole myocardium"}
