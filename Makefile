@@ -121,11 +121,14 @@ myops_cv: myops_cv_train
 MYOPS_ABLATION_RUNS ?= runs/myops2020_ablation
 ABLATION_ROWS ?= pixel_exchange release_schedule release_contrast release_parts immseg_released
 ABLATION_pixel_exchange = --model immseg --cross_attention pixel
-ABLATION_release_schedule = --model immseg --loss_schedule release_staged
+# The release's schedule also starts its contrast early: epoch 21 of 300, i.e. 2 of 30.
+RELEASE_SCHEDULE = --loss_schedule release_staged \
+	--contrastive_start_epoch $(shell echo $$(( 21 * $(MYOPS_CV_EPOCHS) / 300 )))
+ABLATION_release_schedule = --model immseg $(RELEASE_SCHEDULE)
 ABLATION_release_contrast = --model immseg --contrastive release
-ABLATION_release_parts = --model immseg --cross_attention pixel --loss_schedule release_staged \
+ABLATION_release_parts = --model immseg --cross_attention pixel $(RELEASE_SCHEDULE) \
 	--contrastive release
-ABLATION_immseg_released = --model immseg_released --loss_schedule release_staged
+ABLATION_immseg_released = --model immseg_released $(RELEASE_SCHEDULE)
 
 myops_ablation: myops_data
 	$(foreach row,$(ABLATION_ROWS),$(PY) train.py --dataset Myops $(ABLATION_$(row)) \
