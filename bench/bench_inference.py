@@ -15,9 +15,9 @@ peak memory (process peak RSS; on CUDA also ``max_memory_allocated``). Prints on
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.measure import peak_rss_mb, sync
+from bench.measure import peak_rss_mb, print_report, sync
 from datasets.labels import MODALITIES
 from networks.backbones import list_backbones
 from networks.inference import predict_volume, predict_volume_slicewise
@@ -94,8 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return print_report(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The report: every timing of one synthetic volume (see the module docstring)."""
     for name in ("slices", "img_size", "batch_size", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -104,7 +109,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     torch.manual_seed(0)
     rss_before = peak_rss_mb()
-    priors = random_prior_bank(model_id="bench/random") if args.model == "immseg" else None
+    priors = (random_prior_bank(model_id="bench/random") if VARIANTS[args.model].text_priors
+              else None)
     model = create_network(args.model, backbone=args.vit_name, img_size=args.img_size,
                            priors=priors)
     model = model.to(device).eval()
@@ -132,9 +138,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     if device.type == "cuda":
         report["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    print(json.dumps(report, indent=2))
     return report
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

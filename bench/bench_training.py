@@ -76,7 +76,8 @@ def write_synthetic_layout(root: Path, slices: int, size: int, seed: int = 0) ->
 def bench_model(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Median seconds of ``args.steps`` train steps after ``args.warmup`` untimed ones."""
     torch.manual_seed(0)
-    priors = random_prior_bank(model_id="bench/random") if args.model == "immseg" else None
+    priors = (random_prior_bank(model_id="bench/random") if VARIANTS[args.model].text_priors
+              else None)
     model = create_network(args.model, backbone=args.vit_name, img_size=args.img_size,
                            num_classes=NUM_CLASSES, priors=priors).to(device)
     model.train()
@@ -84,7 +85,7 @@ def bench_model(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     # The step train.py takes (training.step.TrainStep), on one fixed synthetic batch.
     step = TrainStep(model, TrainingObjective(NUM_CLASSES, config).to(device),
                      torch.optim.AdamW(model.parameters(), lr=1e-4), device,
-                     pass_mask=args.sequence_dropout > 0)
+                     amp=args.amp, pass_mask=args.sequence_dropout > 0)
     images = torch.rand(args.batch_size, len(MODALITIES), args.img_size, args.img_size)
     labels = torch.randint(0, NUM_CLASSES, (args.batch_size, args.img_size, args.img_size))
     mask = torch.ones(args.batch_size, len(MODALITIES), dtype=torch.bool)
@@ -166,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2, help="untimed train steps first")
     parser.add_argument("--loader_batches", type=int, default=40, help="timed loader batches")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--no_amp", dest="amp", action="store_false",
+                        help="no float16 autocast on CUDA (train.py's --no_amp)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     return parser
 
@@ -192,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = {
         "model": args.model, "vit_name": args.vit_name, "batch_size": args.batch_size,
         "img_size": args.img_size, "sequence_dropout": args.sequence_dropout,
+        "amp": args.amp and device.type == "cuda",
         "device": str(device),
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                         else platform.processor() or platform.machine()),
