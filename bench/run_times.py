@@ -1,0 +1,79 @@
+"""Training time of runs, from their logs (JSON): what each model cost per fold.
+
+    python -m bench.run_times runs/myops2020_cv/immseg runs/myops2020_cv/transunet
+
+For each run (or each ``fold<k>`` of a cross-validation folder) the trainer's ``log.txt`` gives:
+
+* ``wall_s``: the "finished in" time of the process that ended the run (a resumed run counts
+  only its own part, and cores shared with other work lengthen it);
+* ``median_epoch_s``: the median gap between consecutive epoch lines, which a pause or a
+  neighbour's burst moves less;
+* ``estimate_s``: ``median_epoch_s`` times the epochs, the training time on cores as quiet as
+  the typical epoch's.
+
+nnU-Net folds (``baselines.nnunet``) report the seconds their budget used (``budget.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from bench.measure import print_report
+
+_STAMP = r"(?P<stamp>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
+_EPOCH = re.compile(_STAMP + r" INFO trainer: epoch (?P<epoch>\d+)/(?P<total>\d+): mean loss")
+_FINISHED = re.compile(r"INFO trainer: finished in (?P<seconds>[\d.]+) s")
+
+
+def log_times(log: Path) -> dict[str, Any]:
+    """The times one trainer log holds (see the module docstring)."""
+    text = log.read_text(errors="replace")
+    epochs: dict[int, datetime] = {}
+    total = None
+    for match in _EPOCH.finditer(text):
+        # A resumed run repeats epochs: the last line of each counts.
+        epochs[int(match["epoch"])] = datetime.strptime(match["stamp"], "%Y-%m-%d %H:%M:%S,%f")
+        total = int(match["total"])
+    gaps = [(epochs[k] - epochs[k - 1]).total_seconds() for k in sorted(epochs)
+            if k - 1 in epochs]
+    finished = [float(m["seconds"]) for m in _FINISHED.finditer(text)]
+    median = statistics.median(gaps) if gaps else None
+    return {"epochs_logged": len(epochs), "epochs": total,
+            "wall_s": finished[-1] if finished else None,
+            "median_epoch_s": None if median is None else round(median, 2),
+            "estimate_s": None if median is None or total is None else round(median * total, 1)}
+
+
+def run_times(folder: Path) -> dict[str, Any]:
+    """Per fold (or for the one run) of ``folder``, and their sums."""
+    logs = sorted(folder.glob("fold*/log.txt")) or sorted(folder.glob("log.txt"))
+    budgets = sorted(folder.glob("nnUNet_results/*/*/fold_*/budget.json"))
+    if not logs and not budgets:
+        raise ValueError(f"{folder}: no trainer log.txt and no nnU-Net budget.json")
+    parts = {log.parent.name: log_times(log) for log in logs}
+    parts |= {budget.parent.name: {"wall_s": round(json.loads(budget.read_text())["seconds"], 1),
+                                   "epochs": json.loads(budget.read_text())["epochs"]}
+              for budget in budgets}
+    totals = {key: round(sum(part[key] for part in parts.values()), 1)
+              for key in ("wall_s", "estimate_s")
+              if parts and all(part.get(key) is not None for part in parts.values())}
+    return {"folds": parts, "total": totals}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run or cross-validation folders")
+    args = parser.parse_args(argv)
+    return print_report(lambda: {run: run_times(Path(run)) for run in args.runs})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
