@@ -56,6 +56,6 @@ def test_the_mask_reaches_only_networks_that_declare_it():
 
 def test_the_benchmark_times_the_training_step():
     args = argparse.Namespace(model="transunet", vit_name="tiny", img_size=32, batch_size=2,
-                              sequence_dropout=0.5, warmup=1, steps=2)
+                              sequence_dropout=0.5, warmup=1, steps=2, amp=True)
     result = bench_model(args, CPU)
     assert result["steps_timed"] == 2 and result["s_per_step"] > 0
