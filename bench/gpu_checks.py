@@ -9,7 +9,8 @@
 3. ``inference.json``: batched whole-volume inference against one slice per forward pass
    (:mod:`bench.bench_inference`);
 4. ``short_training.json``: a short R50 immseg training through ``trainer.train`` on synthetic
-   ring slices written here (no NIfTI readers needed), with its wall time and final loss.
+   ring slices (:mod:`datasets.rings`, no NIfTI readers needed), with its wall time and final
+   loss.
 
 Everything runs with the packages of a bare GPU image (torch, numpy, scipy, h5py, tqdm,
 tensorboard) plus medpy, which the trainer's metrics import: carry it as a wheel (see
@@ -26,40 +27,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from bench import bench_inference, bench_training
-from datasets.labels import MODALITIES
-from datasets.processed import ProcessedLayout, write_training_slice
+from datasets.rings import write_ring_dataset
 from prompts.bank import random_prior_bank, save_prior_bank
 from utils import write_json
-
-
-def ring_slices(root: Path, cases: int, slices: int, size: int, seed: int = 0) -> Path:
-    """A processed layout of synthetic ring slices (myocardium, scar, edema), ``case0001..``."""
-    layout = ProcessedLayout(root)
-    rng = np.random.default_rng(seed)
-    rows, cols = np.mgrid[:size, :size] - size / 2
-    radius = np.hypot(rows, cols)
-    for case in range(1, cases + 1):
-        for index in range(slices):
-            inner = size * rng.uniform(0.12, 0.18)
-            ring = (radius > inner) & (radius < inner + size * 0.08)
-            label = ring.astype(np.uint8)
-            angle = np.arctan2(rows, cols)
-            start = rng.uniform(-np.pi, np.pi)
-            label[ring & (np.abs(np.angle(np.exp(1j * (angle - start)))) < 0.5)] = 2
-            label[ring & (np.abs(np.angle(np.exp(1j * (angle - start - 1.2)))) < 0.4)] = 3
-            base = {"bSSFP": np.where(radius < inner, 200, np.where(ring, 60, 30)),
-                    "LGE": np.where(label == 2, 230, np.where(ring, 50, 90)),
-                    "T2w": np.where(label >= 2, 220, np.where(ring, 90, 40))}
-            for modality in MODALITIES:
-                image = np.clip(base[modality] + rng.normal(0, 5, (size, size)), 0, 255)
-                write_training_slice(
-                    layout.item_path(modality, "train", f"case{case:04d}_slice{index:03d}"),
-                    image.astype(np.float32), label)
-    return root
 
 
 def _bench(module, argv: list[str]) -> dict[str, Any]:
@@ -79,8 +52,8 @@ def short_training(out: Path, device: str, quick: bool) -> dict[str, Any]:
     from trainer import TrainConfig, train
 
     work = out / "work"
-    root = ring_slices(work / "data", cases=4 if quick else 20, slices=2 if quick else 8,
-                       size=64 if quick else 128)
+    root = write_ring_dataset(work / "data", train_cases=4 if quick else 20,
+                              slices_per_case=2 if quick else 8, size=64 if quick else 128)
     bank = save_prior_bank(random_prior_bank(model_id="gpu_checks/random"), work / "bank.pt")
     config = TrainConfig(
         model="immseg", vit_name="tiny" if quick else "R50-ViT-B_16", root_path=str(root),
