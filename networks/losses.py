@@ -145,8 +145,11 @@ class SegmentationLoss(nn.Module):
         self.dice_weight = float(dice_weight)
         self.dice = DiceLoss(num_classes)
 
-    def forward(self, logits: Tensor, target: Tensor) -> tuple[Tensor, dict[str, float]]:
-        total, ce, dice = self.from_statistics(global_sum(self.statistics(logits, target)))
+    def forward(self, logits: Tensor, target: Tensor,
+                rows: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+        """The loss over the global batch, of the ``rows`` samples only when given (see
+        :meth:`statistics`)."""
+        total, ce, dice = self.from_statistics(global_sum(self.statistics(logits, target, rows)))
         # One host transfer gives both the finiteness check and the logged values.
         ce_value, dice_value, total_value = torch.stack([ce, dice, total]).detach().cpu().tolist()
         parts = {"ce": ce_value, "dice": dice_value, "total": total_value}

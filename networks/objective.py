@@ -55,6 +55,7 @@ under DataParallel on exactly 2 GPUs).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -225,16 +226,6 @@ class TrainingObjective(nn.Module):
             return config.consistency_weight
         return config.consistency_weight * math.exp(-5.0 * (1.0 - epoch / length) ** 2)
 
-    def _segmentation(self, logits: Tensor, labels: Tensor,
-                      labelled: Tensor | None) -> tuple[Tensor, dict[str, float]]:
-        if labelled is None:
-            return self.segmentation(logits, labels)
-        seg = self.segmentation
-        total, ce, dice = seg.from_statistics(global_sum(seg.statistics(logits, labels,
-                                                                        labelled)))
-        return total, {"ce": float(ce.detach()), "dice": float(dice.detach()),
-                       "total": float(total.detach())}
-
     def forward(self, outputs: Outputs, labels: Tensor, epoch: int,
                 sequence_mask: Tensor | None = None,
                 labelled: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
@@ -251,17 +242,18 @@ class TrainingObjective(nn.Module):
             raise ValueError(f"outputs must be logits or IMMSegOutput, got "
                              f"{type(outputs).__name__}")
         weights = self.weights(epoch)
-        main, main_parts = self._segmentation(outputs.logits, labels, labelled)
+        if labelled is not None:
+            labelled = labelled.to(labels.device)
+        main, main_parts = self.segmentation(outputs.logits, labels, labelled)
         total = weights.main * main
         parts = {"seg": main_parts["total"], "ce": main_parts["ce"], "dice": main_parts["dice"]}
         available = _presence(sequence_mask, labels, len(outputs.aux_logits))
         # Supervised terms see the labelled samples; the consistency the unlabelled ones.
-        present = available if labelled is None else available & labelled.to(labels.device)
+        present = available if labelled is None else available & labelled
 
         weight = self.consistency_ramp(epoch)
         if labelled is not None and weight > 0:
-            unlabelled = available & ~labelled.to(labels.device)
-            term = self._consistency(outputs, unlabelled)
+            term = self._consistency(outputs, available & ~labelled)
             total = total + weight * term
             parts["consistency"] = float(term.detach())
 
@@ -416,10 +408,6 @@ class TrainingObjective(nn.Module):
         return torch.stack(terms).mean()
 
 
-def _pairs(count: int) -> list[tuple[int, int]]:
-    return [(s, t) for s in range(count) for t in range(s + 1, count)]
-
-
 def channel_affinity(features: Tensor) -> Tensor:
     """``[B, C, C]``: products of the spatially L2-normalised channels of ``[B, C, h, w]``."""
     flat = F.normalize(features.float().flatten(2), dim=2)
@@ -432,7 +420,7 @@ def _consistency_terms(outputs: IMMSegOutput, rows: Tensor) -> Tensor:
     probabilities = [torch.softmax(a.float(), dim=1) for a in outputs.aux_logits]
     affinities = [channel_affinity(f) for f in outputs.sequence_features]
     sums = []
-    for s, t in _pairs(len(probabilities)):
+    for s, t in itertools.combinations(range(len(probabilities)), 2):
         both = (rows[s] & rows[t]).float()
         agreement = ((probabilities[s] - probabilities[t]) ** 2).sum(dim=1).mean(dim=(1, 2))
         row = [(agreement * both).sum(), both.sum()]
