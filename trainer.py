@@ -512,9 +512,9 @@ def unlabelled_cases(train_names: list[str], fraction: float, seed: int) -> froz
     """The training cases whose labels a semi-supervised run leaves unused: all but
     ``max(1, round(fraction * n))`` of the ``n`` cases, drawn with ``seed`` (a function of the
     sorted case ids, the same on every process)."""
-    cases = sorted({case_of(name) for name in train_names})
     if fraction >= 1:
         return frozenset()
+    cases = sorted({case_of(name) for name in train_names})
     keep = max(1, round(fraction * len(cases)))
     order = np.random.default_rng([seed, 22]).permutation(len(cases))
     unlabelled = frozenset(cases[int(i)] for i in order[keep:])
@@ -538,8 +538,8 @@ def _missing_sequences(config: TrainConfig, layout: ProcessedLayout,
         records.append((Path(config.missing_file), MissingSequences.read(config.missing_file)))
     if not records:
         return None
-    known = {case_of(name) for split in ("train", "test_vol") for name in layout.scan(split)}
-    missing = records[0][1]
+    known = layout.case_ids()
+    missing = MissingSequences({})
     for path, record in records:
         unknown = sorted(set(record.absent) - known)
         if unknown:
@@ -547,8 +547,7 @@ def _missing_sequences(config: TrainConfig, layout: ProcessedLayout,
                              f"hold ({', '.join(unknown[:4])}...); it was drawn for other data")
         missing = missing.union(record)
     cases = {case_of(name) for name in train_names}
-    counts = {name: sum(name in missing.absent.get(case, ()) for case in cases)
-              for name in missing.sequences}
+    counts = missing.counts(cases)
     log.info("missing sequences (%s): of %d training cases, absent %s",
              ", ".join(str(path) for path, _ in records), len(cases),
              ", ".join(f"{name} {count}" for name, count in counts.items()))

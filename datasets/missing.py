@@ -92,9 +92,11 @@ class MissingSequences:
                                  for case in cases}, self.sequences,
                                 dict(other.rates or self.rates), other.seed)
 
-    def counts(self) -> dict[str, int]:
-        """How many listed cases lack each sequence."""
-        return {s: sum(s in names for names in self.absent.values()) for s in self.sequences}
+    def counts(self, cases: Iterable[str] | None = None) -> dict[str, int]:
+        """How many cases lack each sequence: of ``cases``, or of those listed."""
+        chosen = self.absent if cases is None else set(cases)
+        return {s: sum(s in self.absent.get(case, ()) for case in chosen)
+                for s in self.sequences}
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "sequences": list(self.sequences),
@@ -191,8 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         layout = ProcessedLayout(Path(args.root),
                                  list_dir=Path(args.list_dir) if args.list_dir else None)
-        cases = ({case_of(name) for split in ("train", "test_vol")
-                  for name in layout.scan(split)} if args.all_cases
+        cases = (layout.case_ids() if args.all_cases
                  else {case_of(name) for name in layout.names("train", create=False)})
         drawn = draw_missing(cases, parse_rates(args.rates), args.seed)
         drawn.write(args.out)

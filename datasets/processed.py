@@ -79,6 +79,10 @@ class ProcessedLayout:
             present = names if present is None else present & names
         return sorted(present or ())
 
+    def case_ids(self) -> set[str]:
+        """Every case the root holds, as training slices or as a test volume."""
+        return {case_of(name) for split in SPLITS for name in self.scan(split)}
+
     def names(self, split: str, *, create: bool = True) -> list[str]:
         """Entries of the ``split`` list, writing it from the files on disk when absent.
 

@@ -53,8 +53,9 @@ def score_folder(pred_dir: str | Path, raw_root: str | Path,
     """Score every labelled case of ``raw_root`` (or the ``only`` ones) against its label map in
     ``pred_dir``."""
     predictions = prediction_files(pred_dir)
+    chosen = None if only is None else set(only)
     cases = [case for case in discover_cases(raw_root, layout, require_label=False, required=())
-             if case.label is not None and (only is None or case.case_id in set(only))]
+             if case.label is not None and (chosen is None or case.case_id in chosen)]
     if not cases:
         raise RawDataError(f"{raw_root}: no labelled cases found")
     missing = [case.case_id for case in cases if case.case_id not in predictions]
