@@ -311,8 +311,8 @@ def score(work: str | Path, folds: Sequence[int] | None = None,
     if source["kind"] == "processed":
         scores = score_processed(work, source["root"], only)
         obtained = (scores.describe() if scores.roi_given else
-                    f"{scores.describe().split(';')[0]}; label-free (nnU-Net on the whole crop "
-                    "grids of our processed layout, made without the label)")
+                    f"{scores.where}; label-free (nnU-Net on the whole crop grids of our "
+                    "processed layout, made without the label)")
     else:
         folder = collect_raw_predictions(work, source["root"], Path(work) / "predictions",
                                          source.get("layout"))

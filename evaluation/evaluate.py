@@ -78,13 +78,17 @@ class Scores:
         self.native.extend(other.native)
         self.roi_given.extend(other.roi_given)
 
+    @property
+    def where(self) -> str:
+        """Where the headline numbers were scored, in words."""
+        return ("native space (the labelled sequence's grid and spacing, raw label)"
+                if self.space == "native" else "processed grid")
+
     def describe(self) -> str:
         """How the headline numbers were obtained, for tables and JSON."""
         given = (f"; ROI given for {len(self.roi_given)} of {len(self.grid)} cases"
                  if self.roi_given else "; label-free (heart found by the network)")
-        where = ("native space (the labelled sequence's grid and spacing, raw label)"
-                 if self.space == "native" else "processed grid")
-        return f"{where}{given}"
+        return f"{self.where}{given}"
 
 
 def evaluate_subsets(model: nn.Module, layout: ProcessedLayout, names: list[str], img_size: int,
