@@ -26,12 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.measure import peak_rss_mb, print_report, sync
+from bench.measure import bench_priors, peak_rss_mb, print_report, sync
 from datasets.labels import MODALITIES
 from networks.backbones import list_backbones
 from networks.inference import predict_volume, predict_volume_slicewise
 from networks.variants import VARIANTS, count_parameters, create_network
-from prompts.bank import random_prior_bank
 
 TARGET_RATIO = 3.0
 _TTA_MODES = {"off": (False,), "on": (True,), "both": (False, True)}
@@ -109,8 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     torch.manual_seed(0)
     rss_before = peak_rss_mb()
-    priors = (random_prior_bank(model_id="bench/random") if VARIANTS[args.model].text_priors
-              else None)
+    priors = bench_priors(args.model)
     model = create_network(args.model, backbone=args.vit_name, img_size=args.img_size,
                            priors=priors)
     model = model.to(device).eval()

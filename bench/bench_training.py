@@ -38,7 +38,7 @@ import torch
 from scipy import ndimage
 from torch.utils.data import DataLoader, RandomSampler
 
-from bench.measure import peak_rss_mb, sync
+from bench.measure import bench_priors, peak_rss_mb, sync
 from datasets.augment import AugmentConfig, drop_sequences
 from datasets.dataset import EpochIndices, SliceDataset
 from datasets.labels import MODALITIES, NUM_CLASSES
@@ -47,7 +47,6 @@ from networks.backbones import list_backbones
 from networks.objective import ObjectiveConfig, TrainingObjective
 from networks.sequences import zero_absent
 from networks.variants import VARIANTS, count_parameters, create_network
-from prompts.bank import random_prior_bank
 from training.step import TrainStep
 from utils import resolve_device
 
@@ -76,8 +75,7 @@ def write_synthetic_layout(root: Path, slices: int, size: int, seed: int = 0) ->
 def bench_model(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Median seconds of ``args.steps`` train steps after ``args.warmup`` untimed ones."""
     torch.manual_seed(0)
-    priors = (random_prior_bank(model_id="bench/random") if VARIANTS[args.model].text_priors
-              else None)
+    priors = bench_priors(args.model)
     model = create_network(args.model, backbone=args.vit_name, img_size=args.img_size,
                            num_classes=NUM_CLASSES, priors=priors).to(device)
     model.train()

@@ -6,14 +6,27 @@ import json
 import resource
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from prompts.bank import PriorBank
 
 
 def sync(device: torch.device) -> None:
     """Wait for queued GPU work, so that a wall-clock reading covers it (no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def bench_priors(variant: str) -> PriorBank | None:
+    """Random text priors for a variant that needs them (timing does not depend on the text).
+    Imported here, not at the top: the benches without networks start without them."""
+    from networks.variants import VARIANTS
+    from prompts.bank import random_prior_bank
+
+    return random_prior_bank(model_id="bench/random") if VARIANTS[variant].text_priors else None
 
 
 def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:

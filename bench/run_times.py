@@ -58,9 +58,9 @@ def run_times(folder: Path) -> dict[str, Any]:
     if not logs and not budgets:
         raise ValueError(f"{folder}: no trainer log.txt and no nnU-Net budget.json")
     parts = {log.parent.name: log_times(log) for log in logs}
-    parts |= {budget.parent.name: {"wall_s": round(json.loads(budget.read_text())["seconds"], 1),
-                                   "epochs": json.loads(budget.read_text())["epochs"]}
-              for budget in budgets}
+    for budget in budgets:
+        used = json.loads(budget.read_text())
+        parts[budget.parent.name] = {"wall_s": round(used["seconds"], 1), "epochs": used["epochs"]}
     totals = {key: round(sum(part[key] for part in parts.values()), 1)
               for key in ("wall_s", "estimate_s")
               if parts and all(part.get(key) is not None for part in parts.values())}
