@@ -149,6 +149,8 @@ myops_ablation: myops_data
 MYOPS_JITTER ?= 0.5
 MISALIGNMENT_MODELS ?= $(MYOPS_CV_RUNS)/immseg $(MYOPS_CV_RUNS)/immseg_jitter
 MISALIGNMENT_OUT ?= runs/misalignment
+# register-then-predict rounds also measured (1: the affine condition only; 2 did not help)
+MISALIGNMENT_ROUNDS ?= 1
 
 myops_jitter: myops_data
 	$(PY) train.py $(CV_FLAGS) --model immseg --sequence_jitter $(MYOPS_JITTER) \
@@ -159,7 +161,8 @@ myops_misalignment:
 	mkdir -p $(MISALIGNMENT_OUT)
 	$(foreach run,$(MISALIGNMENT_MODELS),$(foreach per,sequence slice,\
 		out=$(MISALIGNMENT_OUT)/$(notdir $(run))_$(per).json; [ -f $$out ] || { \
-		$(PY) -m bench.bench_misalignment --run_dir $(run) --raw_root $(MYOPS_RAW) --per $(per) --rounds 2 \
+		$(PY) -m bench.bench_misalignment --run_dir $(run) --raw_root $(MYOPS_RAW) --per $(per) \
+		--rounds $(MISALIGNMENT_ROUNDS) --threads 1 \
 		> $$out.tmp && mv $$out.tmp $$out; } && )) true
 
 # Incomplete and unlabelled training cases (docs/missing_and_unlabelled.md), on the folds, budget
