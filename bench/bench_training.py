@@ -10,8 +10,8 @@ Measures, one after the other so that they do not share the cores:
   random initial weights and one synthetic batch: s/step and images/s;
 * the real :class:`datasets.dataset.SliceDataset` with augmentation (and sequence dropout when
   asked) behind a ``DataLoader`` with ``--workers`` processes: images/s. Without
-  ``--data_root`` it reads a temporary processed layout of synthetic 128x128 slices written with
-  the layout's own writers;
+  ``--data_root`` it reads a temporary processed layout of 128x128 ring slices
+  (:mod:`datasets.rings`);
 * the ratio loader / model images per second (target >= 10: the loader then costs the training
   loop at most a tenth of a step even with no overlap), peak resident memory of this process and
   of the largest loader worker, and on CUDA the peak allocated GPU memory.
@@ -35,14 +35,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch.utils.data import DataLoader, RandomSampler
 
 from bench.measure import bench_priors, peak_rss_mb, sync
 from datasets.augment import AugmentConfig, drop_sequences
 from datasets.dataset import EpochIndices, SliceDataset
 from datasets.labels import MODALITIES, NUM_CLASSES
-from datasets.processed import ProcessedLayout, write_training_slice
+from datasets.processed import ProcessedLayout
+from datasets.rings import write_ring_dataset
 from networks.backbones import list_backbones
 from networks.objective import ObjectiveConfig, TrainingObjective
 from networks.sequences import zero_absent
@@ -52,24 +52,6 @@ from utils import resolve_device
 
 #: Loader images/s over model images/s that leaves the loader out of the critical path.
 TARGET_RATIO = 10.0
-
-
-def write_synthetic_layout(root: Path, slices: int, size: int, seed: int = 0) -> ProcessedLayout:
-    """``slices`` training slices of smooth noise in [0, 255] with a ring label, per sequence."""
-    layout = ProcessedLayout(root)
-    rng = np.random.default_rng(seed)
-    rows, cols = np.mgrid[:size, :size] - (size - 1) / 2
-    radius = np.hypot(rows, cols) / size
-    # Rings of myocardium (1), scar (2) and edema (3) around a background blood pool.
-    label = np.digitize(radius, [0.12, 0.16, 0.18, 0.2]).astype(np.uint8)
-    label[label == 4] = 0
-    for index in range(slices):
-        for modality in MODALITIES:
-            image = ndimage.gaussian_filter(rng.random((size, size)), 3.0)
-            image = 255 * (image - image.min()) / max(float(np.ptp(image)), 1e-6)
-            write_training_slice(layout.item_path(modality, "train", f"case0001_slice{index:03d}"),
-                                 image, label)
-    return layout
 
 
 def bench_model(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -183,8 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory(prefix="bench_training_") as scratch:
         if args.data_root is None:
-            layout = write_synthetic_layout(Path(scratch), args.synthetic_slices, 128)
-            source = f"synthetic: {args.synthetic_slices} slices of 128x128"
+            layout = ProcessedLayout(write_ring_dataset(
+                Path(scratch), train_cases=1, slices_per_case=args.synthetic_slices, size=128))
+            source = f"synthetic: {args.synthetic_slices} ring slices of 128x128"
         else:
             layout, source = ProcessedLayout(Path(args.data_root)), args.data_root
         loader = bench_loader(args, layout)
