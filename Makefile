@@ -151,6 +151,8 @@ MISALIGNMENT_MODELS ?= $(MYOPS_CV_RUNS)/immseg $(MYOPS_CV_RUNS)/immseg_jitter
 MISALIGNMENT_OUT ?= runs/misalignment
 # register-then-predict rounds also measured (1: the affine condition only; 2 did not help)
 MISALIGNMENT_ROUNDS ?= 1
+# intra-op threads per bench (1 when the cores are shared with a training)
+MISALIGNMENT_THREADS ?= 2
 
 myops_jitter: myops_data
 	$(PY) train.py $(CV_FLAGS) --model immseg --sequence_jitter $(MYOPS_JITTER) \
@@ -162,7 +164,7 @@ myops_misalignment:
 	$(foreach run,$(MISALIGNMENT_MODELS),$(foreach per,sequence slice,\
 		out=$(MISALIGNMENT_OUT)/$(notdir $(run))_$(per).json; [ -f $$out ] || { \
 		$(PY) -m bench.bench_misalignment --run_dir $(run) --raw_root $(MYOPS_RAW) --per $(per) \
-		--rounds $(MISALIGNMENT_ROUNDS) --threads 1 \
+		--rounds $(MISALIGNMENT_ROUNDS) --threads $(MISALIGNMENT_THREADS) \
 		> $$out.tmp && mv $$out.tmp $$out; } && )) true
 
 # Incomplete and unlabelled training cases (docs/missing_and_unlabelled.md), on the folds, budget
