@@ -205,12 +205,15 @@ myops_semi: myops_data
 
 # nnU-Net v2 beside immseg (README "Results"): the optional extra in its own environment, the same
 # 30 cases and 5 folds, our scorer. On CPU it trains on the label-free 224 x 224 crop grids of our
-# processed layout (NNUNET_SOURCE=raw: the raw NIfTI, as on a GPU), under a wall-clock budget per
-# fold: 18 minutes is what one immseg fold took on 2 cores (R26-ViT-S_16, 30 epochs). Reruns resume.
+# processed layout (NNUNET_SOURCE=raw: the raw NIfTI, as on a GPU), under an epoch budget per fold
+# equal in CPU time to one immseg fold (R26-ViT-S_16, 30 epochs): measured back to back on the same
+# 2 idle cores, an immseg epoch took 55 s and an nnU-Net 2d epoch of 25 iterations 128-141 s, so
+# 13 nnU-Net epochs cost what 30 immseg epochs do, on any day's speed (docs/nnunet.md).
+# NNUNET_BUDGET=--minutes 18 gives a wall-clock budget instead. Reruns resume.
 NNUNET_VENV ?= .venv-nnunet
 NNUNET_WORK ?= runs/nnunet_myops2020
 NNUNET_SOURCE ?= processed
-NNUNET_MINUTES ?= 18
+NNUNET_BUDGET ?= --epochs 13
 NNUNET_ITERATIONS ?= 25
 NNUNET_EXPORT = $(if $(filter raw,$(NNUNET_SOURCE)),--raw_root $(MYOPS_RAW),--processed_root $(MYOPS_DATA))
 
@@ -224,7 +227,7 @@ nnunet_cv: $(NNUNET_VENV)/.installed $(if $(filter raw,$(NNUNET_SOURCE)),,myops_
 		--work $(NNUNET_WORK) --folds $(MYOPS_FOLDS)
 	set -e; for fold in $$(seq 0 $$(($(MYOPS_FOLDS) - 1))); do \
 		$(NNUNET_VENV)/bin/python -m baselines.nnunet train --work $(NNUNET_WORK) \
-			--fold $$fold --minutes $(NNUNET_MINUTES) --iterations $(NNUNET_ITERATIONS); \
+			--fold $$fold $(NNUNET_BUDGET) --iterations $(NNUNET_ITERATIONS); \
 	done
 	$(NNUNET_VENV)/bin/python -m baselines.nnunet score --work $(NNUNET_WORK)
 

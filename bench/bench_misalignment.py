@@ -17,6 +17,10 @@ native grid:
 * ``misaligned + affine``: the same inputs with the affine registration of preprocessing at
   prediction time (``--register on``: the training data's metric, guided by the first-pass
   myocardium);
+* ``misaligned + affine, M metric`` with ``--metrics M[,N]``: another affine metric than the
+  training data's (``ngf``, ``mattes``, ``consensus``);
+* ``misaligned + affine, P pooling`` with ``--pooling P[,Q]``: the slices' fits pooled over the
+  stack (``stack`` or ``shrink``, :mod:`preprocessing.affine_pooling`);
 * ``misaligned + affine, N rounds`` with ``--rounds N``: register, predict, register again with
   the new myocardium, N times (``predict.py --register_rounds``);
 * ``misaligned + affine + non-rigid`` with ``--voxelmorph``.
@@ -130,18 +134,28 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     models = _models(args, device)
     warp = warp_model(args.strength, args.nonrigid_mm)
-    # condition -> (affine, non-rigid, register-then-predict rounds)
-    conditions = {"aligned": (False, False, 1), "misaligned": (False, False, 1),
-                  "misaligned + affine": (True, False, 1)}
+    # condition -> (affine, non-rigid, register-then-predict rounds, other preprocessing)
+    conditions = {"aligned": (False, False, 1, {}), "misaligned": (False, False, 1, {}),
+                  "misaligned + affine": (True, False, 1, {})}
+    for metric in args.metrics:
+        conditions[f"misaligned + affine, {metric} metric"] = (True, False, 1,
+                                                               {"affine_metric": metric})
+    for pooling in args.pooling:
+        conditions[f"misaligned + affine, {pooling} pooling"] = (True, False, 1,
+                                                                 {"affine_pooling": pooling})
     if args.rounds > 1:
-        conditions[f"misaligned + affine, {args.rounds} rounds"] = (True, False, args.rounds)
+        conditions[f"misaligned + affine, {args.rounds} rounds"] = (True, False, args.rounds,
+                                                                     {})
     voxelmorph = None
     if args.voxelmorph:
         from preprocessing.voxelmorph import load_voxelmorph
 
         voxelmorph = load_voxelmorph(args.voxelmorph, device)
-        conditions["misaligned + affine + non-rigid"] = (True, True, 1)
+        conditions["misaligned + affine + non-rigid"] = (True, True, 1, {})
     scores = {condition: MetricAccumulator() for condition in conditions}
+    # registered conditions: slices fitted and slices whose fit fell back to the identity
+    fits = {condition: {"slices": 0, "identity": 0} for condition, spec in conditions.items()
+            if spec[0]}
     rng = np.random.default_rng(args.seed)
     cases = {files.case_id: files for files in discover_cases(args.raw_root)}
     done = 0
@@ -154,12 +168,12 @@ def run(args: argparse.Namespace) -> dict:
             truth = case.label
             records = {name: draw_records(truth, case.images[name].num_slices, args.per, warp,
                                           rng) for name in TARGET_SPACING}
-            for condition, (affine, nonrigid, rounds) in conditions.items():
+            for condition, (affine, nonrigid, rounds, other) in conditions.items():
                 moved = {name: moved_volume(case.images[name], spacing,
                                             None if condition == "aligned" else records[name])
                          for name, spacing in TARGET_SPACING.items()}
                 geometry = dataclasses.replace(preprocess, affine_registration=affine,
-                                               nonrigid_registration=nonrigid)
+                                               nonrigid_registration=nonrigid, **other)
                 config = PredictConfig(preprocess=geometry, register=affine,
                                        register_rounds=rounds)
                 patient = PatientImages(case_id, {"LGE": case.images["LGE"]} | moved)
@@ -167,6 +181,11 @@ def run(args: argparse.Namespace) -> dict:
                                              device, Registration(voxelmorph=voxelmorph))
                 scores[condition].update(case_id, prediction.labels, truth.array,
                                          truth.spacing)
+                for sequence_fits in prediction.record["registration"].get("affine",
+                                                                            {}).values():
+                    fits[condition]["slices"] += len(sequence_fits)
+                    fits[condition]["identity"] += sum(fit["model"] == "identity"
+                                                       for fit in sequence_fits)
             done += 1
     table = {condition: {group: 100 * values["dice"]["mean"]
                          for group, values in accumulator.summary().items()}
@@ -177,6 +196,7 @@ def run(args: argparse.Namespace) -> dict:
             "loss_vs_aligned": {condition: {group: table["aligned"][group] - value
                                             for group, value in row.items()}
                                 for condition, row in table.items() if condition != "aligned"},
+            "affine_fits": fits,
             "groups": list(EVAL_GROUPS), "sequences": list(MODALITIES),
             "per_case": {condition: accumulator.per_case()
                          for condition, accumulator in scores.items()}}
@@ -198,6 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="also the affine condition with this many register-then-predict "
                              "rounds (predict.py --register_rounds)")
+    parser.add_argument("--metrics", type=lambda text: text.split(",") if text else [],
+                        default=[], help="also the affine condition with these metrics, e.g. "
+                                         "ngf,mattes (preprocess_data.py --affine_metric)")
+    parser.add_argument("--pooling", type=lambda text: text.split(",") if text else [],
+                        default=[], help="also the affine condition with these poolings of the "
+                                         "slices' fits, e.g. stack,shrink "
+                                         "(preprocessing.affine_pooling)")
     parser.add_argument("--cases", type=int, default=0, help="at most this many (0: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)

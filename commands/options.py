@@ -25,6 +25,7 @@ from networks.checkpoint import (
     run_checkpoints,
 )
 from prediction.pipeline import PredictConfig, preprocess_config_for
+from preprocessing.affine_pooling import AFFINE_POOLINGS
 from prompts.bank import load_prior_bank, load_released_priors
 
 REGISTER_CHOICES = ("auto", "on", "off")
@@ -91,6 +92,9 @@ def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
                         help="register the other sequences onto LGE before the final pass: "
                              "auto (default) as the training data were (metric, non-rigid "
                              "step), on: the affine step even if they were not, off: never")
+    parser.add_argument("--affine_pooling", default=None, choices=AFFINE_POOLINGS,
+                        help="how the slices' affine fits are pooled over the stack (default: "
+                             "as the training data were; preprocessing.affine_pooling)")
     parser.add_argument("--segmenter", default=None,
                         help="checkpoint for registration data made with --affine_metric "
                              "segmentation")
@@ -102,6 +106,7 @@ def predict_config(args: argparse.Namespace, payload: dict,
                    overrides: dict | None = None) -> tuple[PredictConfig, str]:
     """The label-free path's settings: the training data's preprocessing (from the checkpoint
     or the training manifests), ``overrides`` and the flags."""
+    overrides = dict(overrides or {}) | {"affine_pooling": getattr(args, "affine_pooling", None)}
     preprocess, source = preprocess_config_for(payload, overrides)
     register = args.register
     if register == "auto" and source == "defaults":

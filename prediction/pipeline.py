@@ -60,7 +60,8 @@ log = logging.getLogger(__name__)
 GEOMETRY_FIELDS: tuple[str, ...] = ("pixel_spacing_mm", "crop_size", "roi_size",
                                     "max_slice_distance_mm", "low_percentile",
                                     "high_percentile", "affine_registration",
-                                    "nonrigid_registration", "affine_metric")
+                                    "nonrigid_registration", "affine_metric",
+                                    "affine_pooling")
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 #: The sequence the others are registered onto when given (the labelled one in training data).
 PREFERRED_FIXED = "LGE"
@@ -183,6 +184,7 @@ def predict_stacks(model: nn.Module, img_size: int, stacks: GridStacks, config: 
             probabilities = window_probabilities(model, roi_images, stacks.present, img_size,
                                                  device, config.batch_size, tta=config.tta)
         registration = {"fixed": fixed, "affine": registered.affine,
+                        "affine_pooling": registered.pooling,
                         "nonrigid_max_displacement_px": registered.nonrigid_max_px,
                         "rounds": config.register_rounds}
     return GridPrediction(probabilities, location, registration)

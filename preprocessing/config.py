@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from preprocessing.affine_pooling import AFFINE_POOLINGS
 from preprocessing.affine_registration import AffineRegistrationConfig
 from preprocessing.mask_affine import MaskAffineConfig
 from preprocessing.ngf_affine import NGFAffineConfig
@@ -38,6 +39,11 @@ class PreprocessConfig(ConfigRecord):
         "sequences' contrasts); mattes: mutual information (closer on simple contrasts); "
         "segmentation: each sequence's myocardium as predicted by --segmenter, laid onto the "
         "label's", choices=AFFINE_METRICS)
+    affine_pooling: str = setting(
+        "slice", "slice: every slice keeps its own affine fit; stack: one transform for the "
+        "whole stack (a sequence that moved as a whole); shrink: each slice's fit pulled toward "
+        "the stack's as far as the slices agree within a fit's noise "
+        "(preprocessing.affine_pooling)", choices=AFFINE_POOLINGS)
     affine: AffineRegistrationConfig = field(default_factory=AffineRegistrationConfig,
                                              metadata={"cli": False})
     ngf: NGFAffineConfig = field(default_factory=NGFAffineConfig, metadata={"cli": False})
@@ -47,6 +53,9 @@ class PreprocessConfig(ConfigRecord):
         if self.affine_metric not in AFFINE_METRICS:
             raise ValueError(f"affine_metric must be one of {AFFINE_METRICS}, got "
                              f"{self.affine_metric!r}")
+        if self.affine_pooling not in AFFINE_POOLINGS:
+            raise ValueError(f"affine_pooling must be one of {AFFINE_POOLINGS}, got "
+                             f"{self.affine_pooling!r}")
         require_finite_fields(self, "pixel_spacing_mm", "max_slice_distance_mm", positive=True)
         require_finite_fields(self, "low_percentile", "high_percentile")
         if not 0 < self.roi_size <= self.crop_size:

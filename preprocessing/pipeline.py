@@ -120,13 +120,15 @@ def align_case(case: RawCase, config: PreprocessConfig,
     base_field = roi_field((row0, col0), config.roi_size)
     affine_fields = {name: [base_field] * len(kept) for name in MODALITIES}
     registrations: dict[str, list[dict]] = {}
+    poolings: dict[str, dict] = {}
     if config.affine_registration:
         for name in MODALITIES:
             if name == fixed or name not in stacks.present:
                 continue
-            results = affine_fits(config.affine_metric, full[fixed], full[name], label_full,
-                                  (row0, col0), config.roi_size, name, config.affine,
-                                  config.ngf, config.mask_fit, segmenter)
+            results, poolings[name] = affine_fits(
+                config.affine_metric, full[fixed], full[name], label_full, (row0, col0),
+                config.roi_size, name, config.affine, config.ngf, config.mask_fit, segmenter,
+                config.affine_pooling)
             registrations[name] = [result.to_dict() for result in results]
             affine_fields[name] = [result.transform.map_field(base_field) for result in results]
 
@@ -154,6 +156,7 @@ def align_case(case: RawCase, config: PreprocessConfig,
         "roi": {"row0": row0, "col0": col0, "size": config.roi_size},
         "intensity_window": windows,
         "affine_registration": registrations,
+        "affine_pooling": poolings,
         "affine_segmenter": (_describe(segmenter) if config.affine_registration
                              and config.affine_metric == "segmentation" else None),
         "output_spacing": (ref_volume.spacing[0], config.pixel_spacing_mm,

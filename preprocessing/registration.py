@@ -18,12 +18,13 @@ member "NGF to the myocardium", and the target of the segmentation-guided fit.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from datasets.labels import MODALITIES
+from preprocessing.affine_pooling import pool_affine_fits
 from preprocessing.affine_registration import (
     AffineRegistrationConfig,
     AffineResult,
@@ -54,6 +55,7 @@ class Registered:
     fields: dict[str, list[np.ndarray]]
     affine: dict[str, list[dict]]
     nonrigid_max_px: dict[str, list[float]]
+    pooling: dict[str, dict] = field(default_factory=dict)
 
 
 def roi_field(origin: tuple[int, int], size: int) -> np.ndarray:
@@ -70,13 +72,26 @@ def metric_masks(myocardium: np.ndarray, margin_mm: float, spacing_mm: float) ->
 def affine_fits(metric: str, fixed: np.ndarray, moving: np.ndarray, myocardium: np.ndarray,
                 origin: tuple[int, int], roi_size: int, sequence: str,
                 bounds: AffineRegistrationConfig, ngf: NGFAffineConfig,
-                mask_fit: MaskAffineConfig, segmenter: Segmenter | None = None
-                ) -> list[AffineResult]:
-    """Fit every slice ``fixed[i] -> moving[i]`` (``[D, H, W]`` full grids, [0, 255]).
+                mask_fit: MaskAffineConfig, segmenter: Segmenter | None = None,
+                pooling: str = "slice") -> tuple[list[AffineResult], dict]:
+    """Fit every slice ``fixed[i] -> moving[i]`` (``[D, H, W]`` full grids, [0, 255]), then pool
+    the fits over the stack (:mod:`preprocessing.affine_pooling`); the fits and the pooling
+    record.
 
     ``myocardium [D, H, W]`` (labels or a prediction, > 0 is myocardium) sits on the fixed grid;
     the ROI at ``origin`` is where the segmentation-guided fit compares masks.
     """
+    fits = _slice_fits(metric, fixed, moving, myocardium, origin, roi_size, sequence, bounds,
+                       ngf, mask_fit, segmenter)
+    return pool_affine_fits(fits, myocardium, pooling, bounds.pixel_spacing_mm)
+
+
+def _slice_fits(metric: str, fixed: np.ndarray, moving: np.ndarray, myocardium: np.ndarray,
+                origin: tuple[int, int], roi_size: int, sequence: str,
+                bounds: AffineRegistrationConfig, ngf: NGFAffineConfig,
+                mask_fit: MaskAffineConfig, segmenter: Segmenter | None
+                ) -> list[AffineResult]:
+    """Each slice fitted on its own by ``metric``."""
     if metric not in AFFINE_METRICS:
         raise ValueError(f"affine_metric must be one of {AFFINE_METRICS}, got {metric!r}")
     myocardium = np.asarray(myocardium)
@@ -157,9 +172,10 @@ def register_sequences(stacks: GridStacks, fixed: str, myocardium: np.ndarray,
             continue
         fields = [base] * stacks.depth
         if config.affine_registration:
-            fits = affine_fits(config.affine_metric, stacks.channel(fixed), stacks.channel(name),
-                               myocardium, origin, size, name, config.affine, config.ngf,
-                               config.mask_fit, segmenter)
+            fits, result.pooling[name] = affine_fits(
+                config.affine_metric, stacks.channel(fixed), stacks.channel(name), myocardium,
+                origin, size, name, config.affine, config.ngf, config.mask_fit, segmenter,
+                config.affine_pooling)
             fields = [fit.transform.map_field(base) for fit in fits]
             result.affine[name] = [fit.to_dict() for fit in fits]
         if voxelmorph is not None:

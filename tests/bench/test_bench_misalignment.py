@@ -62,13 +62,21 @@ def test_one_real_case_under_every_condition(myops2020_dir, tmp_path, capsys, mo
     for path in (myops2020_dir / "Case3001").iterdir():
         (raw / path.name).symlink_to(path)
     assert bench.main(["--checkpoint", str(checkpoint), "--raw_root", str(raw.parent),
-                       "--per", "slice", "--threads", "1", "--rounds", "2"]) == 0
+                       "--per", "slice", "--threads", "1", "--rounds", "2",
+                       "--pooling", "stack", "--metrics", "ngf"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["cases"] == 1
-    assert list(report["dice_percent"]) == ["aligned", "misaligned", "misaligned + affine",
-                                            "misaligned + affine, 2 rounds"]
-    # One registration for the affine condition, two (register, predict, register) for rounds.
-    assert len(calls) == 3
+    registered = ["misaligned + affine", "misaligned + affine, ngf metric",
+                  "misaligned + affine, stack pooling",
+                  "misaligned + affine, 2 rounds"]
+    assert list(report["dice_percent"]) == ["aligned", "misaligned", *registered]
+    # One registration per affine condition, two (register, predict, register) for rounds.
+    assert len(calls) == 5
+    # Every registered condition fits each slice of bSSFP and of T2w once (the last round's).
+    assert list(report["affine_fits"]) == registered
+    slices = {counts["slices"] for counts in report["affine_fits"].values()}
+    assert len(slices) == 1 and slices.pop() % 2 == 0
+    assert all(0 <= c["identity"] <= c["slices"] for c in report["affine_fits"].values())
     for row in report["dice_percent"].values():
         assert set(row) == {"myocardium", "scar", "edema alone", "scar+edema",
                             "whole myocardium"}

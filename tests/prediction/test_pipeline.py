@@ -209,6 +209,25 @@ def test_preprocess_config_from_training_manifests(tmp_path):
     assert (source, config.roi_size, config.pixel_spacing_mm) == ("checkpoint", 112, 1.0)
 
 
+def test_the_affine_pooling_comes_from_the_training_data_unless_a_flag_says_otherwise(tmp_path):
+    import argparse
+
+    from commands.options import add_prediction_arguments, predict_config
+
+    parser = argparse.ArgumentParser()
+    add_prediction_arguments(parser)
+    stored = {"preprocess": PreprocessConfig(affine_pooling="stack").to_dict()}
+    config, _ = predict_config(parser.parse_args([]), stored)
+    assert config.preprocess.affine_pooling == "stack"
+    assert config.to_dict()["geometry"]["affine_pooling"] == "stack"
+    config, _ = predict_config(parser.parse_args(["--affine_pooling", "shrink"]), stored)
+    assert config.preprocess.affine_pooling == "shrink"
+    config, _ = predict_config(parser.parse_args([]), {})
+    assert config.preprocess.affine_pooling == "slice"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--affine_pooling", "mean"])
+
+
 def test_a_failed_write_leaves_the_previous_outputs_whole(off_centre, tmp_path, monkeypatch):
     """A full disk used to delete the old JSON record before the new write failed."""
     import errno

@@ -77,6 +77,20 @@ def test_recovered_fraction_of_the_phantom_misalignment(phantom_cases):
         assert errors[name].centre_error("affine") < errors[name].centre_error("none") / 3
 
 
+def test_stack_pooling_gives_every_slice_one_transform(phantom_cases):
+    case, _ = phantom_cases[0]
+    aligned = align_case(case, PreprocessConfig(affine_metric="mattes", affine_pooling="stack"))
+    for name in ("bSSFP", "T2w"):
+        record = aligned.manifest["affine_pooling"][name]
+        assert record["mode"] == "stack" and record["slices_used"]
+        transforms = [fit["transform"] for fit in aligned.manifest["affine_registration"][name]]
+        for transform in transforms:
+            np.testing.assert_allclose(transform["matrix"], record["stack_transform"]["matrix"])
+            np.testing.assert_allclose(transform["offset"], record["stack_transform"]["offset"])
+    plain = align_case(case, PreprocessConfig(affine_metric="mattes"))
+    assert plain.manifest["affine_pooling"]["bSSFP"] == {"mode": "slice"}
+
+
 def test_without_registration_fields_are_the_roi_identity(phantom_cases):
     case, _ = phantom_cases[0]
     config = PreprocessConfig(affine_registration=False, nonrigid_registration=False)
