@@ -132,6 +132,10 @@ class TrainConfig(ConfigRecord):
         "supervised contrast of sampled pixels of each sequence's raw skips at H/2, H/4, H/8 "
         "with the class texts; bSSFP leaves out scar and edema, LGE and T2w background)",
         choices=CONTRASTIVE)
+    anchor_skips: int = setting(
+        IMMSegConfig.anchor_skips,
+        "immseg variants (ours, for misaligned inputs): the finest N skip resolutions (1: H/2, "
+        "2: also H/4, 3: also H/8) reach the decoder from LGE alone; 0: every sequence")
     root_path: str = setting(DATASETS["Myops"]["root_path"],
                              "processed data root, written by preprocess_data.py")
     list_dir: str | None = setting(None, "lists folder", shown="<root_path>/lists, or the "

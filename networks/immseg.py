@@ -44,6 +44,8 @@ from utils import ConfigRecord, check_int, from_mapping
 
 #: Index of the H/4 skip in the encoder's highest-resolution-first skip list.
 AUX_SKIP = 1
+#: The sequence anchored skips read: the one the label is drawn on.
+ANCHOR_SEQUENCE = "LGE"
 #: Forms of the contrastive term (IMMSegConfig.contrastive).
 CONTRASTIVE: tuple[str, ...] = ("pixel_text", "release")
 
@@ -76,6 +78,12 @@ class IMMSegConfig(ConfigRecord):
     #: or "release" (the released code's supervised contrast over sampled pixels of each
     #: sequence's raw skips at H/2, H/4, H/8, with per-sequence ignored classes)
     contrastive: str = "pixel_text"
+    #: ours, for misaligned inputs (docs/misalignment.md): the finest ``anchor_skips`` skip
+    #: resolutions (1: H/2; 2: H/2 and H/4; 3: also H/8) reach the decoder from LGE alone, the
+    #: sequence the label is drawn on, so the other sequences shape boundaries only through the
+    #: coarser skips and the bottleneck. Without LGE in a sample, its present sequences serve.
+    #: 0: every sequence at every resolution (the release's and our default).
+    anchor_skips: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.backbone, TransUNetConfig):
@@ -106,6 +114,13 @@ class IMMSegConfig(ConfigRecord):
         if self.pixel_values not in PixelPairAttention.VALUES:
             raise ValueError(f"pixel_values must be one of {PixelPairAttention.VALUES}, got "
                              f"{self.pixel_values!r}")
+        if (isinstance(self.anchor_skips, bool) or not isinstance(self.anchor_skips, int)
+                or not 0 <= self.anchor_skips <= NUM_SKIPS):
+            raise ValueError(f"anchor_skips must be an int in 0..{NUM_SKIPS}, got "
+                             f"{self.anchor_skips!r}")
+        if self.anchor_skips and ANCHOR_SEQUENCE not in sequences:
+            raise ValueError(f"anchor_skips needs {ANCHOR_SEQUENCE} among the sequences, got "
+                             f"{sequences}")
         if self.contrastive not in CONTRASTIVE:
             raise ValueError(f"contrastive must be one of {CONTRASTIVE}, got "
                              f"{self.contrastive!r}")
@@ -158,17 +173,33 @@ class ContrastProjection(nn.Sequential):
                          nn.ReLU(inplace=True), nn.Conv2d(width, width, 1))
 
 
+def anchor_mask(mask: Tensor | None, sequences: Sequence[str], batch: int,
+                device: torch.device) -> Tensor:
+    """``[B, S]`` bool: the anchor sequence alone where a sample has it, else the sample's
+    present sequences (``mask``, None meaning all present)."""
+    anchor = torch.zeros(batch, len(sequences), dtype=torch.bool, device=device)
+    anchor[:, list(sequences).index(ANCHOR_SEQUENCE)] = True
+    if mask is None:
+        return anchor
+    has_anchor = mask[:, list(sequences).index(ANCHOR_SEQUENCE), None]
+    return torch.where(has_anchor, anchor, mask)
+
+
 class SkipFusion(nn.Module):
     """Per resolution, concat the S sequences' skips -> 1x1 conv -> BN -> ReLU (one skip width).
 
     Only the ``n_skip`` deepest skips are fused (the others are never read by the decoder, and a
     fusion layer without gradient would be dead weight); unused slots pass sequence 0's skip.
+    The ``anchored`` resolutions (indices, 0 = H/2) take their own weights, which
+    :func:`anchor_mask` sets to the anchor sequence alone.
     """
 
-    def __init__(self, skip_channels: Sequence[int], num_sequences: int, n_skip: int) -> None:
+    def __init__(self, skip_channels: Sequence[int], num_sequences: int, n_skip: int,
+                 anchored: Sequence[int] = ()) -> None:
         super().__init__()
         self.num_sequences = num_sequences
         self.used = tuple(range(NUM_SKIPS - n_skip, NUM_SKIPS))
+        self.anchored = tuple(i for i in anchored if i in self.used)
         self.fuse = nn.ModuleDict({
             str(i): nn.Sequential(
                 nn.Conv2d(num_sequences * skip_channels[i], skip_channels[i], 1, bias=False),
@@ -178,13 +209,16 @@ class SkipFusion(nn.Module):
             for i in self.used
         })
 
-    def forward(self, skips: Sequence[Sequence[Tensor]], weights: Tensor | None) -> list[Tensor]:
-        """``skips[s][i]``: skip i of sequence s; ``weights`` [B, S] from presence_weights."""
+    def forward(self, skips: Sequence[Sequence[Tensor]], weights: Tensor | None,
+                anchored_weights: Tensor | None = None) -> list[Tensor]:
+        """``skips[s][i]``: skip i of sequence s; ``weights`` [B, S] from presence_weights, and
+        ``anchored_weights`` [B, S] for the anchored resolutions."""
         fused = list(skips[0])
         for i in self.used:
             stacked = torch.stack([s[i] for s in skips], dim=1)
-            if weights is not None:
-                stacked = stacked * weights[:, :, None, None, None]
+            scale = anchored_weights if i in self.anchored else weights
+            if scale is not None:
+                stacked = stacked * scale[:, :, None, None, None]
             fused[i] = self.fuse[str(i)](stacked.flatten(1, 2))
         return fused
 
@@ -274,7 +308,8 @@ class IMMSeg(nn.Module):
             shared=shared, cross_attention=config.cross_attention,
             pixel_values=config.pixel_values,
         )
-        self.skip_fusion = SkipFusion(skip_channels, len(seqs), backbone.decoder.n_skip)
+        self.skip_fusion = SkipFusion(skip_channels, len(seqs), backbone.decoder.n_skip,
+                                      anchored=range(config.anchor_skips))
         self.decoder = TransUNetDecoder(hidden, skip_channels, backbone.decoder)
         self.cfm = ClassFeatureModulation(config.prior_dim, hidden, config.embed_dim)
         self.head = DynamicHead(self.decoder.out_channels, config.embed_dim,
@@ -367,7 +402,10 @@ class IMMSeg(nn.Module):
         features = [f for f, _ in encoded]
         skips = [s for _, s in encoded]
         enhanced, fused = self.cmfe(features, self.modality_priors, mask)
-        fused_skips = self.skip_fusion(skips, presence_weights(mask, len(features)))
+        anchored = (presence_weights(anchor_mask(mask, self.config.sequences, x.shape[0],
+                                                 x.device), len(features))
+                    if self.config.anchor_skips else None)
+        fused_skips = self.skip_fusion(skips, presence_weights(mask, len(features)), anchored)
         decoded = self.decoder(fused, fused_skips)
         modulated = self.cfm(self.class_priors, fused.mean(dim=(2, 3)), self.modality_priors,
                              mask)

@@ -132,7 +132,8 @@ class SingleSequenceTransUNet(TransUNet):
 
 #: Build options of the I_MMSeg variants (see networks.prior_attention) and their defaults.
 _IMMSEG_OPTIONS = {name: getattr(IMMSegConfig, name)
-                   for name in ("share_encoder", "cross_attention", "pixel_values", "contrastive")}
+                   for name in ("share_encoder", "cross_attention", "pixel_values", "contrastive",
+                                "anchor_skips")}
 
 
 def _build_immseg(request: BuildRequest, use_priors: bool) -> IMMSeg:

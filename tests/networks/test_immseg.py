@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from networks.backbones import backbone_config
 from networks.configs import DecoderConfig
 from networks.contrastive import PixelTextContrastiveLoss
-from networks.immseg import IMMSeg, IMMSegConfig, IMMSegOutput
+from networks.immseg import IMMSeg, IMMSegConfig, IMMSegOutput, SkipFusion, anchor_mask
 from networks.npz_loader import load_google_npz, read_npz, write_google_npz
 from networks.transunet import TransUNetEncoder
 
@@ -66,7 +66,8 @@ def test_output_shapes(img_size: int, batch: int) -> None:
     "kwargs",
     [{}, {"use_priors": False}, {"share_encoder": True},
      {"sequences": ("LGE", "T2w"), "share_encoder": True, "use_priors": False},
-     {"cross_attention": "pixel"}, {"cross_attention": "pixel", "pixel_values": "partner"}],
+     {"cross_attention": "pixel"}, {"cross_attention": "pixel", "pixel_values": "partner"},
+     {"anchor_skips": 2}],
 )
 def test_gradients_reach_every_trainable_parameter(kwargs: dict) -> None:
     model = _model(**kwargs).train()
@@ -89,6 +90,47 @@ def test_fewer_decoder_skips_leave_no_dead_fusion_layer() -> None:
     _loss(model.forward_train(torch.randn(2, 3, 32, 32)),
           torch.randint(0, K, (2, 32, 32))).backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_anchor_mask_keeps_lge_alone_where_a_sample_has_it() -> None:
+    everything = anchor_mask(None, SEQS, 2, torch.device("cpu"))
+    assert everything.tolist() == [[False, True, False]] * 2
+    mask = torch.tensor([[True, True, True], [True, False, True], [False, True, False]])
+    assert anchor_mask(mask, SEQS, 3, torch.device("cpu")).tolist() == [
+        [False, True, False], [True, False, True], [False, True, False]]
+
+
+def test_anchored_resolutions_ignore_the_other_sequences_skips() -> None:
+    torch.manual_seed(0)
+    fusion = SkipFusion((4, 6, 8), 3, n_skip=3, anchored=(0, 1)).eval()
+    sizes = (16, 8, 4)
+    skips = [[torch.randn(2, c, n, n) for c, n in zip((4, 6, 8), sizes, strict=True)]
+             for _ in SEQS]
+    moved = [list(skips[0]), list(skips[1]), list(skips[2])]
+    for s in (0, 2):  # bSSFP and T2w change at every resolution
+        moved[s] = [skip + torch.randn_like(skip) for skip in skips[s]]
+    weights = torch.ones(2, 3)
+    anchored = anchor_mask(None, SEQS, 2, torch.device("cpu")).float() * 3
+    before, after = fusion(skips, weights, anchored), fusion(moved, weights, anchored)
+    torch.testing.assert_close(before[0], after[0])
+    torch.testing.assert_close(before[1], after[1])
+    assert not torch.allclose(before[2], after[2])
+    # without anchoring every resolution follows them
+    plain = fusion(skips, weights), fusion(moved, weights)
+    assert not torch.allclose(plain[0][0], plain[1][0])
+
+
+def test_anchor_skips_is_recorded_and_checked() -> None:
+    config = _config(anchor_skips=2)
+    assert IMMSegConfig.from_dict(config.to_dict()).anchor_skips == 2
+    model = _model(anchor_skips=2).eval()
+    assert model.skip_fusion.anchored == (0, 1)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, K, 32, 32)
+    for bad in (4, -1, True, 1.0):
+        with pytest.raises(ValueError, match="anchor_skips"):
+            _config(anchor_skips=bad)
+    with pytest.raises(ValueError, match="needs LGE"):
+        _config(anchor_skips=1, sequences=("bSSFP", "T2w"))
 
 
 def test_priors_are_frozen_buffers() -> None:
