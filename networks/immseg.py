@@ -81,8 +81,9 @@ class IMMSegConfig(ConfigRecord):
     #: ours, for misaligned inputs (docs/misalignment.md): the finest ``anchor_skips`` skip
     #: resolutions (1: H/2; 2: H/2 and H/4; 3: also H/8) reach the decoder from LGE alone, the
     #: sequence the label is drawn on, so the other sequences shape boundaries only through the
-    #: coarser skips and the bottleneck. Without LGE in a sample, its present sequences serve.
-    #: 0: every sequence at every resolution (the release's and our default).
+    #: coarser skips and the bottleneck. Without LGE in a sample, its present sequences serve;
+    #: their weights there learn only from training samples that lacked LGE (sequence dropout
+    #: or a missing file). 0: every sequence at every resolution (the release's and our default).
     anchor_skips: int = 0
 
     def __post_init__(self) -> None:
