@@ -58,6 +58,8 @@ from prediction.pipeline import (
     predict_patient,
     preprocess_config_for,
 )
+from preprocessing.affine_pooling import AFFINE_POOLINGS
+from preprocessing.config import AFFINE_METRICS
 from preprocessing.resample import antialias_sigma
 
 #: MyoPS380's in-plane pixel sizes (mm) for the moved sequences.
@@ -130,6 +132,11 @@ def _models(args: argparse.Namespace, device: torch.device
 
 
 def run(args: argparse.Namespace) -> dict:
+    for chosen, known, what in ((args.metrics, AFFINE_METRICS, "--metrics"),
+                                (args.pooling, AFFINE_POOLINGS, "--pooling")):
+        unknown = sorted(set(chosen) - set(known))
+        if unknown:
+            raise ValueError(f"{what}: unknown {unknown}; known: {list(known)}")
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     models = _models(args, device)
@@ -202,7 +209,7 @@ def run(args: argparse.Namespace) -> dict:
                          for condition, accumulator in scores.items()}}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     where = parser.add_mutually_exclusive_group(required=True)
@@ -229,7 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return print_report(lambda: run(args))
 
 

@@ -41,6 +41,13 @@ def test_resampling_alone_keeps_the_field_of_view_and_a_shift_moves_by_its_mm():
                                atol=1e-3)
 
 
+def test_unknown_metrics_or_poolings_stop_before_any_work(tmp_path):
+    for flag, value in (("--metrics", "ngf,sift"), ("--pooling", "mean")):
+        with pytest.raises(ValueError, match=f"{flag}: unknown"):
+            bench.run(bench.build_parser().parse_args(
+                ["--checkpoint", str(tmp_path / "absent.pth"), flag, value]))
+
+
 def test_one_real_case_under_every_condition(myops2020_dir, tmp_path, capsys, monkeypatch):
     import prediction.pipeline as pipeline
 
