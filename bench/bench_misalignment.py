@@ -209,6 +209,11 @@ def run(args: argparse.Namespace) -> dict:
                          for condition, accumulator in scores.items()}}
 
 
+def _names(text: str) -> list[str]:
+    """A comma-separated flag value as a list (empty for an empty value)."""
+    return text.split(",") if text else []
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -225,10 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=1,
                         help="also the affine condition with this many register-then-predict "
                              "rounds (predict.py --register_rounds)")
-    parser.add_argument("--metrics", type=lambda text: text.split(",") if text else [],
+    parser.add_argument("--metrics", type=_names,
                         default=[], help="also the affine condition with these metrics, e.g. "
                                          "ngf,mattes (preprocess_data.py --affine_metric)")
-    parser.add_argument("--pooling", type=lambda text: text.split(",") if text else [],
+    parser.add_argument("--pooling", type=_names,
                         default=[], help="also the affine condition with these poolings of the "
                                          "slices' fits, e.g. stack,shrink "
                                          "(preprocessing.affine_pooling)")

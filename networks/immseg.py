@@ -178,12 +178,12 @@ def anchor_mask(mask: Tensor | None, sequences: Sequence[str], batch: int,
                 device: torch.device) -> Tensor:
     """``[B, S]`` bool: the anchor sequence alone where a sample has it, else the sample's
     present sequences (``mask``, None meaning all present)."""
+    index = list(sequences).index(ANCHOR_SEQUENCE)
     anchor = torch.zeros(batch, len(sequences), dtype=torch.bool, device=device)
-    anchor[:, list(sequences).index(ANCHOR_SEQUENCE)] = True
+    anchor[:, index] = True
     if mask is None:
         return anchor
-    has_anchor = mask[:, list(sequences).index(ANCHOR_SEQUENCE), None]
-    return torch.where(has_anchor, anchor, mask)
+    return torch.where(mask[:, index, None], anchor, mask)
 
 
 class SkipFusion(nn.Module):
