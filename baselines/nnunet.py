@@ -88,8 +88,9 @@ def budget_trainer_class() -> type:
     """:class:`nnUNetTrainer` with our budget: ``IMMSEG_NNUNET_EPOCHS`` epochs (a cap under a
     wall-clock budget), ``IMMSEG_NNUNET_SECONDS`` of training, ``IMMSEG_NNUNET_ITERATIONS``
     iterations per epoch (nnU-Net's 250 by default). Under a wall-clock budget the poly
-    schedule's length is re-planned after each epoch (:func:`planned_epochs`) and a checkpoint
-    is kept after every epoch, so a killed training loses at most one epoch."""
+    schedule's length is re-planned after each epoch (:func:`planned_epochs`). Under either
+    budget a checkpoint is kept after every epoch (nnU-Net keeps one every 50, more than a
+    short budget's whole training), so a killed training loses at most one epoch."""
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -107,8 +108,7 @@ def budget_trainer_class() -> type:
             self.budget_seconds = float(os.environ.get(ENV_SECONDS) or 0)
             self.epoch_cap = self.num_epochs
             self.elapsed_before = 0.0
-            if self.budget_seconds:
-                self.save_every = 1
+            self.save_every = 1
 
         def budget_path(self) -> Path:
             return Path(self.output_folder) / BUDGET_FILE
