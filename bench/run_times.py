@@ -11,7 +11,9 @@ For each run (or each ``fold<k>`` of a cross-validation folder) the trainer's ``
 * ``estimate_s``: ``median_epoch_s`` times the epochs, the training time on cores as quiet as
   the typical epoch's.
 
-nnU-Net folds (``baselines.nnunet``) report the seconds their budget used (``budget.json``).
+nnU-Net folds (``baselines.nnunet``) report the seconds their budget used (``budget.json``) as
+``wall_s``, and the median of the "Epoch time" lines of their ``training_log_*.txt`` (every start
+of a resumed fold writes one) times the epochs as ``estimate_s``, as for ours.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from bench.measure import print_report
 _STAMP = r"(?P<stamp>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
 _EPOCH = re.compile(_STAMP + r" INFO trainer: epoch (?P<epoch>\d+)/(?P<total>\d+): mean loss")
 _FINISHED = re.compile(r"INFO trainer: finished in (?P<seconds>[\d.]+) s")
+_NNUNET_EPOCH = re.compile(r": Epoch time: (?P<seconds>[\d.]+) s")
 
 
 def log_times(log: Path) -> dict[str, Any]:
@@ -51,6 +54,17 @@ def log_times(log: Path) -> dict[str, Any]:
             "estimate_s": None if median is None or total is None else round(median * total, 1)}
 
 
+def nnunet_times(fold: Path) -> dict[str, Any]:
+    """One nnU-Net fold's budget (``budget.json``) and the median of its logged epoch times."""
+    used = json.loads((fold / "budget.json").read_text())
+    epoch_s = [float(match["seconds"]) for log in sorted(fold.glob("training_log_*.txt"))
+               for match in _NNUNET_EPOCH.finditer(log.read_text(errors="replace"))]
+    median = round(statistics.median(epoch_s), 2) if epoch_s else None
+    return {"wall_s": round(used["seconds"], 1), "epochs": used["epochs"],
+            "median_epoch_s": median,
+            "estimate_s": None if median is None else round(median * used["epochs"], 1)}
+
+
 def run_times(folder: Path) -> dict[str, Any]:
     """Per fold (or for the one run) of ``folder``, and their sums."""
     logs = sorted(folder.glob("fold*/log.txt")) or sorted(folder.glob("log.txt"))
@@ -59,8 +73,7 @@ def run_times(folder: Path) -> dict[str, Any]:
         raise ValueError(f"{folder}: no trainer log.txt and no nnU-Net budget.json")
     parts = {log.parent.name: log_times(log) for log in logs}
     for budget in budgets:
-        used = json.loads(budget.read_text())
-        parts[budget.parent.name] = {"wall_s": round(used["seconds"], 1), "epochs": used["epochs"]}
+        parts[budget.parent.name] = nnunet_times(budget.parent)
     totals = {key: round(sum(part[key] for part in parts.values()), 1)
               for key in ("wall_s", "estimate_s")
               if parts and all(part.get(key) is not None for part in parts.values())}

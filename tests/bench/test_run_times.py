@@ -26,8 +26,15 @@ def test_median_epoch_is_robust_to_a_pause(tmp_path):
                      "estimate_s": 40.0}
     budget = tmp_path / "nnunet" / "nnUNet_results" / "D" / "T" / "fold_0"
     budget.mkdir(parents=True)
-    (budget / "budget.json").write_text(json.dumps({"seconds": 1080.4, "epochs": 9}))
-    assert run_times(tmp_path / "nnunet")["folds"]["fold_0"] == {"wall_s": 1080.4, "epochs": 9}
+    (budget / "budget.json").write_text(json.dumps({"seconds": 1080.4, "epochs": 3}))
+    # Two starts of the fold (killed in its second epoch): epoch times 100, 900 (paused), 120.
+    (budget / "training_log_2026_12_6_10_00_00.txt").write_text(
+        "2026-12-06 10:00:00.1: Epoch time: 100.00 s\n2026-12-06 10:15:00.1: Epoch 1\n")
+    (budget / "training_log_2026_12_6_11_00_00.txt").write_text(
+        "2026-12-06 11:15:00.1: Epoch time: 900.50 s\n"
+        "2026-12-06 11:17:00.1: Epoch time: 120.00 s\n")
+    assert run_times(tmp_path / "nnunet")["folds"]["fold_0"] == {
+        "wall_s": 1080.4, "epochs": 3, "median_epoch_s": 120.0, "estimate_s": 360.0}
     assert run_times(tmp_path)["total"] == {"wall_s": 331.0, "estimate_s": 40.0}
     with pytest.raises(ValueError, match="no trainer log"):
         run_times(tmp_path / "fold0" / "absent")
