@@ -166,6 +166,8 @@ myops_misalignment:
 		$(PY) -m bench.bench_misalignment --run_dir $(run) --raw_root $(MYOPS_RAW) --per $(per) \
 		--rounds $(MISALIGNMENT_ROUNDS) --threads $(MISALIGNMENT_THREADS) \
 		> $$out.tmp && mv $$out.tmp $$out; } && )) true
+	$(foreach per,sequence slice,$(PY) -m bench.misalignment_table \
+		$(foreach run,$(MISALIGNMENT_MODELS),$(notdir $(run))=$(MISALIGNMENT_OUT)/$(notdir $(run))_$(per).json) && ) true
 
 # Incomplete and unlabelled training cases (docs/missing_and_unlabelled.md), on the folds, budget
 # and seed of myops_cv. Missing: one PASSION-style draw over all cases (bSSFP 0.2, LGE 0.4,
