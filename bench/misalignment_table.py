@@ -71,16 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("benches", nargs="+", help="label=file.json, or file.json")
-    parser.add_argument("--conditions", default="",
-                        help="comma-separated conditions (default: the first file's)")
+    parser.add_argument("--conditions", nargs="+", default=None,
+                        help="the conditions to show, each one argument (their names hold "
+                        "commas, e.g. 'misaligned + affine, ngf metric'; default: the first "
+                        "file's)")
     args = parser.parse_args(argv)
     try:
         benches = {}
         for text in args.benches:
             label, _, file = text.rpartition("=")
             benches[label or Path(file).stem] = read_bench(Path(file))
-        conditions = [name for name in args.conditions.split(",") if name]
-        print(misalignment_table(benches, conditions or None))
+        print(misalignment_table(benches, args.conditions))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

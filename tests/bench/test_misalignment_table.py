@@ -32,6 +32,8 @@ def test_rows_cells_and_absent_conditions(tmp_path, capsys):
         "|---|---|---|---|",
         "| immseg | 73.5 / 53.5 | 1.9 / 7.2 | 4.2 / 10.2 |",
         "| b | 73.5 / 49.8 | 1.2 / 1.6 | - |"]
+    assert main([str(tmp_path / "a.json"), "--conditions", "misaligned"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "| a | 73.5 / 53.5 | 4.2 / 10.2 |"
 
 
 def test_draws_that_differ_do_not_compare(tmp_path, capsys):
