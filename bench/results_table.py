@@ -4,7 +4,8 @@
         transunet=runs/myops_transunet/test immseg_noprior=runs/myops_immseg_noprior/test
 
 Each argument is ``label=folder`` (or just a folder, labelled by its parent's name) holding the
-``summary.json`` that test.py writes. Columns follow the evaluation groups' order.
+``summary.json`` that test.py writes. Columns follow the evaluation groups' order. Runs over
+different cases (one fold beside a whole cross-validation) show their case counts in the label.
 
 ``--folds K`` adds the spread over cross-validation folds: each run's Dice averaged per fold (the
 cases of fold k as :func:`datasets.folds.fold_cases` deals them), then mean ± std of the K fold
@@ -55,6 +56,25 @@ def read_obtained(folder: Path) -> str | None:
     obtained = payload.get("obtained")
     evaluation = (payload.get("settings") or {}).get("evaluation")
     return "; ".join(part for part in (obtained, evaluation) if part) or None
+
+
+def read_case_ids(folder: Path) -> list[str]:
+    """The cases a summary was computed over (empty when it does not list them)."""
+    try:
+        return [str(row["case"]) for row in
+                json.loads((folder / "summary.json").read_text()).get("cases", [])]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
+def labelled_by_cases(folders: dict[str, Path]) -> dict[str, str]:
+    """Each run's label, with its case count added when the runs hold different cases (a
+    6-case fold beside a 30-case cross-validation must not read as the same comparison)."""
+    ids = {label: set(read_case_ids(folder)) for label, folder in folders.items()}
+    if len({frozenset(cases) for cases in ids.values()}) <= 1:
+        return {label: label for label in folders}
+    return {label: f"{label} ({len(cases)} case{'s' * (len(cases) != 1)})"
+            for label, cases in ids.items()}
 
 
 def read_case_dice(folder: Path) -> dict[str, dict[str, float]]:
@@ -158,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
             if label in runs:
                 raise ValueError(f"label {label!r} given twice")
             runs[label], folders[label] = read_summary(folder), folder
-        tables = [markdown_table(runs, metric) for metric in METRICS]
+        shown = labelled_by_cases(folders)
+        tables = [markdown_table({shown[label]: summary for label, summary in runs.items()},
+                                 metric) for metric in METRICS]
         if args.paired is not None or args.folds:
             cases = {label: read_case_dice(folder) for label, folder in folders.items()}
         if args.folds:
