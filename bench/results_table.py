@@ -58,20 +58,22 @@ def read_obtained(folder: Path) -> str | None:
     return "; ".join(part for part in (obtained, evaluation) if part) or None
 
 
-def read_case_ids(folder: Path) -> list[str]:
-    """The cases a summary was computed over (empty when it does not list them)."""
+def read_case_ids(folder: Path) -> set[str] | None:
+    """The cases a summary was computed over; None when it does not list them."""
     try:
-        return [str(row["case"]) for row in
-                json.loads((folder / "summary.json").read_text()).get("cases", [])]
+        return {str(row["case"]) for row in
+                json.loads((folder / "summary.json").read_text())["cases"]}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return []
+        return None
 
 
 def labelled_by_cases(folders: dict[str, Path]) -> dict[str, str]:
     """Each run's label, with its case count added when the runs hold different cases (a
-    6-case fold beside a 30-case cross-validation must not read as the same comparison)."""
-    ids = {label: set(read_case_ids(folder)) for label, folder in folders.items()}
-    if len({frozenset(cases) for cases in ids.values()}) <= 1:
+    6-case fold beside a 30-case cross-validation must not read as the same comparison).
+    Labels stay as given when a summary does not list its cases (no count to show)."""
+    ids = {label: read_case_ids(folder) for label, folder in folders.items()}
+    if any(cases is None for cases in ids.values()) or \
+            len({frozenset(cases) for cases in ids.values()}) <= 1:
         return {label: label for label in folders}
     return {label: f"{label} ({len(cases)} case{'s' * (len(cases) != 1)})"
             for label, cases in ids.items()}

@@ -39,6 +39,16 @@ def test_table_holds_the_accumulated_means(tmp_path, capsys):
     assert f"{myocardium:.2f} ± {spread:.2f}" in row
     assert any(line.startswith("| b (1 case) |") and "100.00 ± 0.00" in line
                for line in out.splitlines())
+    # A summary that does not list its cases gives no count: the labels stay as given.
+    unlisted = tmp_path / "unlisted"
+    unlisted.mkdir()
+    payload = json.loads((b / "summary.json").read_text())
+    del payload["cases"]
+    (unlisted / "summary.json").write_text(json.dumps(payload))
+    assert main([f"immseg={a}", f"c={unlisted}"]) == 0
+    rows = [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ")]
+    assert {"immseg", "c"} <= set(rows) and not any("case" in row for row in rows)
     assert "| HD95 mm |" in out
 
 
