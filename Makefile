@@ -135,11 +135,7 @@ ABLATION_immseg_released = --model immseg_released $(RELEASE_SCHEDULE)
 ABLATION_TARGETS = $(addprefix myops_ablation_,$(ABLATION_ROWS))
 .PHONY: $(ABLATION_TARGETS)
 $(ABLATION_TARGETS): myops_ablation_%: myops_data
-	$(PY) train.py --dataset Myops $(ABLATION_$*) \
-		--vit_name $(MYOPS_CV_BACKBONE) --root_path $(MYOPS_DATA) --priors_path $(DEMO_PRIORS) \
-		--max_epochs $(MYOPS_CV_EPOCHS) --batch_size 8 --seed 1234 --val_every 0 \
-		--val_fraction 0 --num_workers 0 --folds $(MYOPS_FOLDS) \
-		--output_dir $(MYOPS_ABLATION_RUNS)/$* --resume
+	$(PY) train.py $(CV_FLAGS) $(ABLATION_$*) --output_dir $(MYOPS_ABLATION_RUNS)/$*
 	$(PY) test.py --run_dir $(MYOPS_ABLATION_RUNS)/$* --output_dir $(MYOPS_ABLATION_RUNS)/$*/test
 
 myops_ablation: $(ABLATION_TARGETS)
