@@ -33,6 +33,7 @@ from commands.options import (
 )
 from datasets.labels import MODALITIES
 from datasets.processed import ProcessedLayout, case_of
+from evaluation.agreement import format_agreement
 from evaluation.evaluate import (
     Scores,
     all_subsets,
@@ -177,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sequences: {subset_label(subset)}")
         print(f"Scores in {scores.describe()}:")
         print(scores.headline.format_table())
+        print("Volumes, prediction against label:")
+        print(format_agreement(scores.headline.volume_agreement()))
         if scores.space == "native":
             print("On the processed grid:")
             print(scores.grid.format_table())

@@ -243,8 +243,9 @@ def write_reference_nifti(directory: Path, volume: TestCase) -> list[Path]:
 def write_results(directory: Path, scores: Scores, settings: Mapping[str, Any], *,
                   title: str = "", obtained: str | None = None) -> None:
     """``per_case.csv`` (processed grid), ``native_per_case.csv`` (when scored there),
-    ``summary.json`` (both summaries, the settings and how the numbers were obtained: ``obtained``
-    or :meth:`Scores.describe`) and ``dice_boxplot.png`` (the headline scores)."""
+    ``summary.json`` (both summaries and volume agreements, the settings and how the numbers
+    were obtained: ``obtained`` or :meth:`Scores.describe`) and ``dice_boxplot.png`` (the
+    headline scores)."""
     directory = Path(directory)
     scores.grid.write_csv(directory / "per_case.csv")
     if len(scores.native):
@@ -255,8 +256,11 @@ def write_results(directory: Path, scores: Scores, settings: Mapping[str, Any], 
         "space": scores.space, "obtained": obtained or scores.describe(),
         "roi_given": scores.roi_given,
         "summary": headline.summary(), "cases": headline.per_case(),
-        "grid": {"summary": scores.grid.summary(), "cases": scores.grid.per_case()},
-        "native": ({"summary": scores.native.summary(), "cases": scores.native.per_case()}
+        "volumes": headline.volume_agreement(),
+        "grid": {"summary": scores.grid.summary(), "cases": scores.grid.per_case(),
+                 "volumes": scores.grid.volume_agreement()},
+        "native": ({"summary": scores.native.summary(), "cases": scores.native.per_case(),
+                    "volumes": scores.native.volume_agreement()}
                    if len(scores.native) else None),
         "settings": dict(settings)})
     dice_boxplot(dice_by_group(headline), directory / "dice_boxplot.png", title=title)

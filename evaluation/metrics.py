@@ -9,6 +9,11 @@ Empty-mask rule, applied identically by :func:`dice`, :func:`hd95`, :func:`group
   volume can be further apart), so per-group means and standard deviations stay defined and remain
   comparable between runs instead of silently dropping the hardest cases.
 
+Each case's group volumes (prediction and label, mL) are kept beside its scores:
+:meth:`MetricAccumulator.volume_agreement` summarises them and the burdens
+(:mod:`evaluation.agreement`). A case whose label has no myocardium has no burden and is left out
+of the burdens' agreement; one whose prediction has none counts as burden 0.
+
 Masks or label volumes whose shapes differ raise ValueError; so does a spacing whose length does not
 match the array rank or that holds non-positive values. Spacing is ordered like the array axes:
 volumes are [D, H, W] with spacing (slice spacing, row spacing, column spacing).
@@ -24,11 +29,14 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from medpy.metric.binary import hd95 as _medpy_hd95
 
-from datasets.labels import EVAL_GROUPS
+from datasets.labels import EVAL_GROUPS, burdens, group_volumes
+from evaluation.agreement import agreement
 from utils import atomic_path, write_json
 
 #: Metric names in the order they appear in rows, tables and files.
 METRICS: tuple[str, ...] = ("dice", "hd95")
+#: Per-case volume columns (mL) after the metrics: ``<group>_ml_pred``, ``<group>_ml_label``.
+VOLUME_COLUMNS: tuple[str, ...] = ("ml_pred", "ml_label")
 
 
 def _check_same_shape(pred: np.ndarray, gt: np.ndarray, what: str) -> None:
@@ -141,6 +149,8 @@ class MetricAccumulator:
     def __init__(self, groups: Mapping[str, Sequence[int]] = EVAL_GROUPS) -> None:
         self.groups = _check_groups(groups)
         self._rows: dict[str, dict[str, dict[str, float]]] = {}
+        # case -> "ml_pred"/"ml_label" -> group -> mL
+        self._volumes: dict[str, dict[str, dict[str, float]]] = {}
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -148,6 +158,7 @@ class MetricAccumulator:
     def reset(self) -> None:
         """Forget every case (for reuse across validation epochs)."""
         self._rows.clear()
+        self._volumes.clear()
 
     def update(
         self,
@@ -163,6 +174,8 @@ class MetricAccumulator:
             raise ValueError(f"case {case_id!r} was already scored")
         scores = group_scores(pred_labels, gt_labels, spacing, self.groups)
         self._rows[case_id] = scores
+        self._volumes[case_id] = {"ml_pred": group_volumes(pred_labels, spacing, self.groups),
+                                  "ml_label": group_volumes(gt_labels, spacing, self.groups)}
         return scores
 
     def extend(self, other: MetricAccumulator) -> None:
@@ -175,18 +188,25 @@ class MetricAccumulator:
         if both:
             raise ValueError(f"case(s) {both} scored twice")
         self._rows.update(other._rows)
+        self._volumes.update(other._volumes)
 
     def _columns(self) -> list[str]:
-        return [f"{group}_{metric}" for group in self.groups for metric in METRICS]
+        return [*(f"{group}_{metric}" for group in self.groups for metric in METRICS),
+                *(f"{group}_{column}" for group in self.groups for column in VOLUME_COLUMNS)]
 
     def per_case(self) -> list[dict]:
-        """Flat rows sorted by case id: ``case`` plus ``<group>_dice`` and ``<group>_hd95``."""
+        """Flat rows sorted by case id: ``case``, ``<group>_dice``, ``<group>_hd95``, then each
+        group's ``<group>_ml_pred`` and ``<group>_ml_label`` (mL)."""
         rows = []
         for case_id in sorted(self._rows):
             row: dict = {"case": case_id}
             for group, scores in self._rows[case_id].items():
                 for metric in METRICS:
                     row[f"{group}_{metric}"] = scores[metric]
+            volumes = self._volumes[case_id]
+            for group in self.groups:
+                for column in VOLUME_COLUMNS:
+                    row[f"{group}_{column}"] = volumes[column][group]
             rows.append(row)
         return rows
 
@@ -206,6 +226,26 @@ class MetricAccumulator:
                 values = self._values(group, metric)
                 result[group][metric] = {"mean": float(values.mean()),
                                          "std": float(values.std()), "n": int(values.size)}
+        return result
+
+    def volume_agreement(self) -> dict[str, dict[str, float | int | None]]:
+        """Prediction against label over the scored cases, for each group's volume (mL) and
+        each burden (% of the whole myocardium) the groups allow:
+        :func:`evaluation.agreement.agreement` (bias, limits of agreement, MAE, Pearson r)."""
+        if not self._rows:
+            raise ValueError("no cases have been scored yet")
+        cases = sorted(self._volumes)
+        result = {group: agreement([self._volumes[c]["ml_pred"][group] for c in cases],
+                                   [self._volumes[c]["ml_label"][group] for c in cases])
+                  for group in self.groups}
+        pairs: dict[str, list[tuple[float, float]]] = {}
+        for case in cases:
+            predicted = burdens(self._volumes[case]["ml_pred"])
+            for name, true in burdens(self._volumes[case]["ml_label"]).items():
+                if true is not None:  # no myocardium in the label: no burden to match
+                    pairs.setdefault(name, []).append((predicted[name] or 0.0, true))
+        for name, values in pairs.items():
+            result[name] = agreement([p for p, _ in values], [t for _, t in values])
         return result
 
     def mean_dice(self, groups: Sequence[str] = ("scar", "edema alone")) -> float:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from datasets.raw import RawDataError, discover_cases, read_volume
+from evaluation.agreement import format_agreement
 from evaluation.metrics import MetricAccumulator
 from utils import setup_logging, write_json
 
@@ -96,12 +97,15 @@ def main(argv: list[str] | None = None) -> int:
         metrics.write_csv(output / "per_case.csv")
         write_json(output / "summary.json", {
             "space": "native", "pred": str(args.pred), "raw_root": str(args.raw_root),
-            "summary": metrics.summary(), "cases": metrics.per_case()})
+            "summary": metrics.summary(), "cases": metrics.per_case(),
+            "volumes": metrics.volume_agreement()})
     except (ValueError, OSError) as error:
         log.error("%s", error)
         return 1
     print(f"{len(metrics)} cases, native space")
     print(metrics.format_table())
+    print("Volumes, prediction against label:")
+    print(format_agreement(metrics.volume_agreement()))
     print(f"results: {output}")
     return 0
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from datasets.labels import CLASS_NAMES, MODALITIES
+from datasets.labels import CLASS_NAMES, EVAL_GROUPS, MODALITIES, burdens, group_volumes
 from datasets.processed import ProcessedLayout
 from datasets.raw import Volume, nifti_image
 from networks.inference import window_probabilities
@@ -211,7 +211,7 @@ def predict_patient(model: nn.Module, img_size: int, patient: PatientImages,
     row, col = location.centre
     centre_world = middle.origin + geometry.pixel_spacing_mm * (row * middle.row_axis
                                                                 + col * middle.col_axis)
-    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    groups = group_volumes(labels, volume.spacing, EVAL_GROUPS)
     record = {
         "case_id": patient.case_id,
         "sources": {name: str(patient.volumes[name].source) for name in patient.present},
@@ -232,8 +232,10 @@ def predict_patient(model: nn.Module, img_size: int, patient: PatientImages,
         "grids": [grid.to_dict() for grid in stacks.grids],
         "intensity_window": stacks.windows,
         "registration": result.registration,
-        "volume_ml": {CLASS_NAMES[k]: float((labels == k).sum()) * voxel_ml
-                      for k in range(1, len(CLASS_NAMES))},
+        "volume_ml": group_volumes(labels, volume.spacing,
+                                   {CLASS_NAMES[k]: (k,) for k in range(1, len(CLASS_NAMES))}),
+        "group_volume_ml": groups,
+        "burden_percent": burdens(groups),
         "config": config.to_dict(),
         "seconds": time.perf_counter() - start,
     }

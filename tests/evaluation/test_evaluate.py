@@ -90,9 +90,15 @@ def test_nifti_files_share_one_geometry_and_round_trip(layout, model, tmp_path):
         np.testing.assert_array_equal(
             np.asarray(loaded[sequence].dataobj).transpose(2, 1, 0), image[:, index])
     scores = group_scores(expected, label, spacing)
-    assert metrics.grid.per_case() == [{"case": "case0101", **{
+    (row,) = metrics.grid.per_case()
+    assert row == {"case": "case0101", **{
         f"{group}_{metric}": value for group, values in scores.items()
-        for metric, value in values.items()}}]
+        for metric, value in values.items()}} | {
+        key: value for key, value in row.items() if "_ml_" in key}
+    voxel_ml = 8.0 * 1.5 * 0.75 / 1000
+    assert row["scar_ml_label"] == pytest.approx(np.count_nonzero(label == 2) * voxel_ml)
+    assert row["whole myocardium_ml_pred"] == pytest.approx(
+        np.count_nonzero(expected > 0) * voxel_ml)
 
 
 def test_subsets_read_once_and_match_single_subset_runs(layout, model):

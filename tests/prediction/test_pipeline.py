@@ -108,6 +108,15 @@ def test_written_label_map_has_the_lge_geometry(off_centre, off_centre_files, tm
     assert record["roi"]["row0"] == prediction.record["heart"]["origin"][0]
     assert record["reference_slices_used"] == list(range(lge.shape[2]))
     assert record["outputs"]["labels"] == str(written["labels"])
+    # Volumes and burdens of the written map, counted here from its voxels and the LGE's zooms.
+    stored = np.asanyarray(image.dataobj)
+    voxel_ml = float(np.prod(lge.header.get_zooms()[:3])) / 1000
+    scar, whole = (np.count_nonzero(stored == 2) * voxel_ml,
+                   np.count_nonzero(stored > 0) * voxel_ml)
+    assert whole > 0
+    assert record["volume_ml"]["scar"] == pytest.approx(scar)
+    assert record["group_volume_ml"]["whole myocardium"] == pytest.approx(whole)
+    assert record["burden_percent"]["scar burden"] == pytest.approx(100 * scar / whole)
     assert sorted(p.name for p in written["labels"].parent.iterdir()) == [
         "pred.json", "pred.nii.gz", "pred_probabilities.nii.gz"]
 
