@@ -12,6 +12,11 @@ cases of fold k as :func:`datasets.folds.fold_cases` deals them), then mean ± s
 means. The case-level std mixes case difficulty with model variance; the fold spread shows how much
 a mean moves with the split.
 
+``--volumes`` adds how each run measures the pathology as a report would: bias [95 % limits of
+agreement] and Pearson r of the scar and scar+edema volumes (mL) and burdens (% of the
+myocardium) against the label (``summary.json``'s ``volumes``, written by test.py since volumes
+were added; an older summary is refused with a note to rerun test.py).
+
 ``--paired LABEL`` adds a case-by-case count: in how many test cases the run ``LABEL`` has a
 higher Dice than each other run, per group. With few test volumes a mean can rest on one or two
 cases; the count shows whether a difference is consistent.
@@ -27,9 +32,11 @@ from pathlib import Path
 import numpy as np
 
 from datasets.folds import fold_cases
-from datasets.labels import EVAL_GROUPS
+from datasets.labels import BURDENS, EVAL_GROUPS
 
 METRICS = {"dice": ("Dice %", 100.0, 2), "hd95": ("HD95 mm", 1.0, 2)}
+#: The volume agreements ``--volumes`` shows: the pathology's volumes (mL) and burdens (%).
+VOLUMES = ("scar", "scar+edema", *BURDENS)
 
 
 def read_summary(folder: Path) -> dict:
@@ -88,6 +95,37 @@ def read_case_dice(folder: Path) -> dict[str, dict[str, float]]:
                 for row in rows}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path}: no per-case Dice of every group ({error!r})") from error
+
+
+def read_volumes(folder: Path) -> dict[str, dict]:
+    """The ``volumes`` agreement rows of ``folder/summary.json`` that :data:`VOLUMES` names."""
+    path = folder / "summary.json"
+    try:
+        volumes = json.loads(path.read_text()).get("volumes")
+    except (OSError, ValueError, AttributeError) as error:
+        raise ValueError(f"{path}: not a test.py summary ({error!r})") from error
+    if not isinstance(volumes, dict) or not all(name in volumes for name in VOLUMES):
+        raise ValueError(f"{path}: no volume agreement of {list(VOLUMES)} (written by an older "
+                         "test.py: run test.py again)")
+    return {name: volumes[name] for name in VOLUMES}
+
+
+def volume_table(runs: dict[str, dict[str, dict]]) -> str:
+    """One row per run: bias [95 % limits], r of each quantity of :data:`VOLUMES`."""
+    units = {name: "%" if name in BURDENS else "mL" for name in VOLUMES}
+    lines = ["| prediction - label: bias [95 % limits], r | "
+             + " | ".join(f"{name} ({units[name]})" for name in VOLUMES) + " |",
+             "|---|" + "---|" * len(VOLUMES)]
+    for label, volumes in runs.items():
+        cells = []
+        for name in VOLUMES:
+            row = volumes[name]
+            limits = ("" if row.get("loa_low") is None
+                      else f" [{row['loa_low']:.1f}, {row['loa_high']:.1f}]")
+            r = "-" if row.get("pearson_r") is None else f"{row['pearson_r']:.2f}"
+            cells.append(f"{row['bias']:.1f}{limits}, r {r}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def paired_table(reference: str, cases: dict[str, dict[str, dict[str, float]]]) -> str:
@@ -172,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="count the cases where this run's Dice beats each other run's")
     parser.add_argument("--folds", type=int, default=None,
                         help="add the spread over these K cross-validation folds")
+    parser.add_argument("--volumes", action="store_true",
+                        help="add the agreement of scar and scar+edema volumes and burdens "
+                             "with the label")
     args = parser.parse_args(argv)
     try:
         runs, folders = {}, {}
@@ -189,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
             tables.append(fold_table(cases, args.folds))
         if args.paired is not None:
             tables.append(paired_table(args.paired, cases))
+        if args.volumes:
+            tables.append(volume_table({shown[label]: read_volumes(folder)
+                                        for label, folder in folders.items()}))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

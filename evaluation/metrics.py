@@ -282,10 +282,12 @@ class MetricAccumulator:
             writer.writerows(self.per_case())
 
     def write_json(self, path: str | os.PathLike[str]) -> None:
-        """Write groups, summary and per-case rows atomically as one JSON document."""
+        """Write groups, summary, volume agreement and per-case rows atomically as one JSON
+        document."""
         payload = {
             "groups": {name: list(labels) for name, labels in self.groups.items()},
             "summary": self.summary(),
+            "volumes": self.volume_agreement(),
             "cases": self.per_case(),
         }
         write_json(path, payload)

@@ -109,3 +109,34 @@ def test_fold_spread_averages_each_folds_cases_first(tmp_path, capsys):
     cells = [cell.strip() for cell in row.strip("|").split("|")][1:]
     expected = f"{100 * fold_means.mean():.2f} ± {100 * fold_means.std():.2f}"
     assert cells[list(EVAL_GROUPS).index("myocardium")] == expected
+
+
+def test_volume_table_shows_bias_limits_and_r(tmp_path, capsys):
+    truth = np.zeros((1, 10, 10), np.uint8)
+    truth[0, :5] = 1
+    truth[0, 2:4] = 2  # 20 scar pixels of a 50-pixel myocardium: burden 40 %
+    cases = {}
+    for case, scar_rows in (("c1", 1), ("c2", 3)):  # 10 and 30 of the 50 pixels predicted scar
+        prediction = truth.copy()
+        prediction[0, 2:4] = 1
+        prediction[0, 2:2 + scar_rows] = 2
+        cases[case] = prediction
+    metrics = MetricAccumulator()
+    for case, prediction in cases.items():
+        metrics.update(case, prediction, truth, (10.0, 10.0, 10.0))  # 1 mL voxels
+    folder = tmp_path / "v"
+    folder.mkdir()
+    metrics.write_json(folder / "summary.json")
+    assert main([f"run={folder}", "--volumes"]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| run |")][-1]
+    # Scar burden: 20 % and 60 % against 40 %: bias 0, SD of (-20, 20) = 28.28, limits +-55.4;
+    # the label is the same in both cases, so r is undefined.
+    cells = [cell.strip() for cell in row.split("|")[2:-1]]
+    assert cells[2] == "0.0 [-55.4, 55.4], r -"
+    assert cells[0] == "0.0 [-27.7, 27.7], r -"  # 10 and 30 mL against 20
+    old = _summary_dir(tmp_path, "old", {"c1": np.zeros((1, 8, 8), np.uint8)})
+    payload = json.loads((old / "summary.json").read_text())
+    del payload["volumes"]
+    (old / "summary.json").write_text(json.dumps(payload))
+    assert main([str(old), "--volumes"]) == 1
+    assert "run test.py again" in capsys.readouterr().err
