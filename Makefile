@@ -174,7 +174,8 @@ myops_misalignment:
 # and seed of myops_cv. Missing: one PASSION-style draw over all cases (bSSFP 0.2, LGE 0.4,
 # T2w 0.6 missing), trained plainly, with sequence dropout, and with the balancing options; each
 # tested on all 7 sequence subsets. Semi-supervised: 10, 20 and 50 % of each fold's training
-# cases labelled, with and without the unlabelled rest. Reruns resume.
+# cases labelled, with and without the unlabelled rest (half-labelled batches; the labelled-only
+# rows take the same steps). Reruns resume.
 MYOPS_MISSING_RUNS ?= runs/myops2020_missing
 MISSING_RATES ?= bSSFP=0.2,LGE=0.4,T2w=0.6
 MISSING_FILE = $(MYOPS_DATA)/missing/passion.json

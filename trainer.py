@@ -30,6 +30,7 @@ from datasets.labels import MODALITIES, NUM_CLASSES
 from datasets.missing import DATASET_MISSING_FILE, MissingSequences
 from datasets.processed import DEFAULT_PROCESSED_ROOT, ProcessedLayout, case_of
 from datasets.sequence_jitter import JitterConfig
+from datasets.two_stream import TwoStreamSampler, steps_per_pass
 from networks.backbones import list_backbones
 from networks.capabilities import capabilities_of
 from networks.checkpoint import (
@@ -187,6 +188,10 @@ class TrainConfig(ConfigRecord):
     labelled_fraction: float = setting(
         1.0, "semi-supervised: share of the training cases whose labels are used (drawn with "
         "the seed); the others train through cross-sequence consistency (immseg variants)")
+    labelled_per_batch: int | None = setting(
+        None, "semi-supervised: labelled slices in each global batch, the rest unlabelled; "
+        "every epoch takes the steps of one pass over all training slices, also when the "
+        "labelled cases train alone (datasets.two_stream)", shown="half the batch")
     consistency_weight: float = setting(_LOSS.consistency_weight,
                                         "weight of the consistency on unlabelled cases")
     consistency_rampup: float = setting(_LOSS.consistency_rampup,
@@ -271,6 +276,12 @@ class TrainConfig(ConfigRecord):
         if isinstance(self.labelled_fraction, bool) or not 0 < self.labelled_fraction <= 1:
             raise ValueError(f"labelled_fraction must lie in (0, 1], got "
                              f"{self.labelled_fraction!r}")
+        if self.labelled_per_batch is not None and (
+                isinstance(self.labelled_per_batch, bool)
+                or not 1 <= self.labelled_per_batch < self.batch_size
+                or self.labelled_fraction >= 1):
+            raise ValueError(f"labelled_per_batch needs labelled_fraction < 1 and must lie in "
+                             f"[1, batch_size - 1], got {self.labelled_per_batch!r}")
         if self.labelled_fraction < 1 and not spec.capabilities.training_outputs:
             raise ValueError(f"{self.model} has no per-sequence branches to train unlabelled "
                              "cases with; semi-supervised training needs an immseg variant")
@@ -377,10 +388,14 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
     # samples lose the same sequences on 1 or N processes, and a resumed epoch replays them.
     missing = _missing_sequences(config, layout, train_names)
     unlabelled = unlabelled_cases(train_names, config.labelled_fraction, config.seed)
+    # A semi-supervised epoch (and its labelled-only baseline) takes one pass's steps.
+    steps = steps_per_pass(len(train_names), config.batch_size) if unlabelled else 0
     if unlabelled and config.consistency_weight == 0:
         # Nothing would train on them: the baseline of the labelled cases alone.
         train_names = [name for name in train_names if case_of(name) not in unlabelled]
-        log.info("consistency_weight 0: the %d unlabelled cases are left out", len(unlabelled))
+        log.info("consistency_weight 0: the %d unlabelled cases are left out; the labelled "
+                 "slices fill every batch of the same %d steps per epoch", len(unlabelled),
+                 steps)
         unlabelled = frozenset()
     dataset = SliceDataset(layout, train_names, config.img_size,
                            AugmentConfig() if config.augment else None, seed=config.seed,
@@ -390,9 +405,18 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
                            unlabelled=unlabelled)
     # The shuffle is a pure function of (seed, epoch): a resumed epoch replays its batches. The
     # epoch travels with each index to the (persistent) workers.
-    sampler = EpochIndices(DistributedSampler(
-        dataset, num_replicas=context.world_size, rank=context.rank, shuffle=True,
-        seed=config.seed, drop_last=False))
+    sampler: EpochIndices | TwoStreamSampler
+    if steps:
+        is_labelled = [case_of(name) not in unlabelled for name in train_names]
+        sampler = TwoStreamSampler(
+            [i for i, flag in enumerate(is_labelled) if flag],
+            [i for i, flag in enumerate(is_labelled) if not flag], config.batch_size,
+            config.labelled_per_batch or config.batch_size // 2, steps, seed=config.seed,
+            num_replicas=context.world_size, rank=context.rank)
+    else:
+        sampler = EpochIndices(DistributedSampler(
+            dataset, num_replicas=context.world_size, rank=context.rank, shuffle=True,
+            seed=config.seed, drop_last=False))
     loader = DataLoader(dataset, batch_size=config.batch_size // context.world_size,
                         sampler=sampler, num_workers=config.num_workers,
                         # Its own generator keeps worker seeding off the global RNG (dropout).

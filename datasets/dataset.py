@@ -35,6 +35,9 @@ def resize_slice(image: np.ndarray, label: np.ndarray | None,
 _DROPOUT_STREAM = 1
 #: Seed word of the per-sequence misalignment stream (datasets.sequence_jitter).
 _JITTER_STREAM = 2
+#: Seed word before the draw number of a slice drawn more than once in an epoch (the two-stream
+#: batches of semi-supervised runs): each draw gets its own augmentation, the first the usual one.
+_REPEAT_STREAM = 3
 
 
 class EpochIndices(Sampler):
@@ -78,8 +81,9 @@ class SliceDataset(Dataset):
     Augmentation and dropout randomness are pure functions of ``(seed, epoch, index)``: results
     depend neither on the number of loader workers nor on which worker or rank serves an index,
     which makes runs reproducible, resumable and the same on 1 or N processes. Index it with
-    ``(epoch, index)`` (:class:`EpochIndices` does so for a loader), or with ``index`` after
-    :meth:`set_epoch`.
+    ``(epoch, index)`` (:class:`EpochIndices` does so for a loader), ``(epoch, index, draw)``
+    for the ``draw``-th repeat of a slice within an epoch (:class:`datasets.two_stream.
+    TwoStreamSampler`), or with ``index`` after :meth:`set_epoch`.
     """
 
     def __init__(self, layout: ProcessedLayout, names: list[str], img_size: int,
@@ -110,21 +114,22 @@ class SliceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.names)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+    def __getitem__(self, key: int | tuple[int, ...]) -> dict:
+        epoch, index, draw = (*key, 0)[:3] if isinstance(key, tuple) else (self.epoch, key, 0)
         name = self.names[index]
         image, label = self.layout.read_slice(name)
         image, label = resize_slice(image, label, self.img_size)
+        words = [self.seed, epoch, index] + ([_REPEAT_STREAM, draw] if draw else [])
         if self.augment_config is not None:
-            rng = np.random.default_rng([self.seed, epoch, index])
+            rng = np.random.default_rng(words)
             image, label = augment(image, label, self.augment_config, rng)
         if self.jitter is not None and self.jitter.probability > 0:
-            rng = np.random.default_rng([self.seed, epoch, index, _JITTER_STREAM])
+            rng = np.random.default_rng([*words, _JITTER_STREAM])
             image, _ = jitter_sequences(image, self.jitter, rng)
         present = (self.missing.presence(name) if self.missing is not None
                    else np.ones(len(image), dtype=bool))
         if self.sequence_dropout > 0:
-            rng = np.random.default_rng([self.seed, epoch, index, _DROPOUT_STREAM])
+            rng = np.random.default_rng([*words, _DROPOUT_STREAM])
             have = np.flatnonzero(present)
             present = np.zeros_like(present)
             present[have[drop_sequences(len(have), self.sequence_dropout, rng)]] = True

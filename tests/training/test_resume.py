@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from networks.checkpoint import CHECKPOINT_FINAL, CHECKPOINT_LAST
@@ -39,14 +40,21 @@ def _epoch_of(path: Path) -> int:
         return 0
 
 
-def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize(("model", "flags"), [
+    ("transunet", ()),
+    # Semi-supervised two-stream batches with repeated labelled slices, consistency from the
+    # first epoch and the sequences' progress weights, which the checkpoint must carry.
+    ("immseg_noprior", ("--labelled_fraction", "0.5", "--consistency_rampup", "0",
+                        "--balance_sequences")),
+], ids=["transunet", "immseg_noprior-semi_supervised"])
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, model, flags):
     root = write_ring_dataset(tmp_path / "data", train_cases=4, slices_per_case=8, size=64)
-    reference = subprocess.run(_command(root, tmp_path / "reference"), env=_environment(),
-                               capture_output=True, text=True, check=False)
+    reference = subprocess.run(_command(root, tmp_path / "reference", *flags, model=model),
+                               env=_environment(), capture_output=True, text=True, check=False)
     assert reference.returncode == 0, reference.stderr[-2000:]
 
     run = tmp_path / "interrupted"
-    process = subprocess.Popen(_command(root, run), env=_environment(),
+    process = subprocess.Popen(_command(root, run, *flags, model=model), env=_environment(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while _epoch_of(run / CHECKPOINT_LAST) < 1 and process.poll() is None:
@@ -59,7 +67,8 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     killed_at = _epoch_of(run / CHECKPOINT_LAST)
     assert 1 <= killed_at < 4
 
-    resumed = subprocess.run([*_command(root, run), "--resume"], env=_environment(),
+    resumed = subprocess.run([*_command(root, run, *flags, model=model), "--resume"],
+                             env=_environment(),
                              capture_output=True, text=True, check=False)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 

@@ -116,3 +116,8 @@ def test_a_semi_supervised_run_trains(tmp_path):
         str(bank), "--output_dir", str(alone), "--max_epochs", "1", "--labelled_fraction",
         "0.5", "--consistency_weight", "0"]) == 0
     assert "on 4 slices" in (alone / "log.txt").read_text()
+    # Both take one pass over all 8 training slices per epoch: 2 steps of batch 4, the
+    # semi-supervised run's batches half labelled, the labelled-only run's wholly.
+    semi = torch.load(run / "checkpoint_final.pth", weights_only=False)
+    baseline = torch.load(alone / "checkpoint_final.pth", weights_only=False)
+    assert semi["iteration"] == 4 and baseline["iteration"] == 2
