@@ -177,6 +177,12 @@ def _report(case_id: str, record: dict, written: dict) -> None:
           f"centre {[round(v, 1) for v in heart['centre_world_mm']]} mm"
           f"{'' if heart['found'] else ' (not found: grid centre used)'}; "
           f"{record['seconds']:.1f} s")
+    volumes, burden = record["group_volume_ml"], record["burden_percent"]
+    shares = {name: "-" if value is None else f"{value:.1f} % of the myocardium"
+              for name, value in burden.items()}
+    print(f"  whole myocardium {volumes['whole myocardium']:.1f} mL; scar "
+          f"{volumes['scar']:.1f} mL ({shares['scar burden']}); scar+edema "
+          f"{volumes['scar+edema']:.1f} mL ({shares['scar+edema burden']})")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ def test_predict_writes_a_label_map_on_the_lge_grid(run_dir, phantom_files, tmp_
     code = predict.main(["--checkpoint", str(run_dir / CHECKPOINT_FINAL), *sequence_args(
         phantom_files), "--out", str(out), "--save_probabilities", "--device", "cpu"])
     assert code == 0
-    assert "case0001: bSSFP, LGE, T2w ->" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "case0001: bSSFP, LGE, T2w ->" in printed
     lge = nib.load(str(phantom_files["LGE"]))
     image = nib.load(str(out))
     assert image.shape == lge.shape
@@ -58,6 +59,10 @@ def test_predict_writes_a_label_map_on_the_lge_grid(run_dir, phantom_files, tmp_
     assert record["reference"] == "LGE" and record["sequences_absent"] == []
     assert record["roi"]["size"] == 128 and len(record["grids"]) == lge.shape[2]
     assert set(record["heart"]) >= {"centre", "centre_world_mm", "origin", "found"}
+    # The report line carries the record's volumes and burden.
+    volumes = record["group_volume_ml"]
+    assert f"whole myocardium {volumes['whole myocardium']:.1f} mL; scar " \
+           f"{volumes['scar']:.1f} mL" in printed
 
 
 def test_predict_from_a_case_dir_with_a_subset(run_dir, phantom_root, phantom_files, tmp_path):
