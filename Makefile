@@ -39,7 +39,7 @@ MYOPS_CV_EPOCHS ?= 30
 MYOPS_CV_MODELS ?= immseg transunet immseg_noprior
 
 .PHONY: demo test install myops myops_subsets myops_data myops_cv_train myops_cv nnunet_cv \
-	myops_ablation myops_missing myops_semi myops_jitter myops_misalignment
+	myops_ablation myops_missing myops_semi myops_jitter myops_misalignment myops_cine
 
 install: $(STAMP)
 
@@ -160,6 +160,15 @@ myops_jitter: myops_data
 		--output_dir $(MYOPS_CV_RUNS)/immseg_jitter
 	$(PY) test.py --run_dir $(MYOPS_CV_RUNS)/immseg_jitter
 
+# Pathology from cine alone (the question of CineMyoPS): a one-sequence network on bSSFP, on the
+# folds, budget and seed of myops_cv, tested label-free with bSSFP as its only input (LGE and T2w
+# are not read, not even to place the heart); scored against the LGE label in native space.
+myops_cine: myops_data
+	$(PY) train.py $(CV_COMMON) --model transunet_single --sequence bSSFP \
+		--output_dir $(MYOPS_CV_RUNS)/transunet_single_bssfp
+	$(PY) test.py --run_dir $(MYOPS_CV_RUNS)/transunet_single_bssfp --sequences bSSFP \
+		--output_dir $(MYOPS_CV_RUNS)/transunet_single_bssfp/test
+
 myops_misalignment:
 	mkdir -p $(MISALIGNMENT_OUT)
 	$(foreach run,$(MISALIGNMENT_MODELS),$(foreach per,sequence slice,\
@@ -185,9 +194,11 @@ MISSING_dropout = --sequence_dropout 0.5
 MISSING_balanced = --sequence_dropout 0.5 --balance_sequences --distill_weight 0.5
 MYOPS_SEMI_RUNS ?= runs/myops2020_semi
 SEMI_FRACTIONS ?= 0.1 0.2 0.5
-CV_FLAGS = --dataset Myops --vit_name $(MYOPS_CV_BACKBONE) --root_path $(MYOPS_DATA) \
-	--priors_path $(DEMO_PRIORS) --max_epochs $(MYOPS_CV_EPOCHS) --batch_size 8 --seed 1234 \
-	--val_every 0 --val_fraction 0 --num_workers 0 --folds $(MYOPS_FOLDS) --resume
+# The settings of myops_cv's rows; CV_FLAGS adds the text priors, which only immseg reads.
+CV_COMMON = --dataset Myops --vit_name $(MYOPS_CV_BACKBONE) --root_path $(MYOPS_DATA) \
+	--max_epochs $(MYOPS_CV_EPOCHS) --batch_size 8 --seed 1234 --val_every 0 --val_fraction 0 \
+	--num_workers 0 --folds $(MYOPS_FOLDS) --resume
+CV_FLAGS = $(CV_COMMON) --priors_path $(DEMO_PRIORS)
 
 myops_missing: myops_data
 	$(PY) -m datasets.missing --root $(MYOPS_DATA) --all_cases --rates $(MISSING_RATES) \
