@@ -282,6 +282,9 @@ class TrainConfig(ConfigRecord):
                 or self.labelled_fraction >= 1):
             raise ValueError(f"labelled_per_batch needs labelled_fraction < 1 and must lie in "
                              f"[1, batch_size - 1], got {self.labelled_per_batch!r}")
+        if self.labelled_fraction < 1 and self.batch_size < 2:
+            raise ValueError("a semi-supervised batch holds labelled and unlabelled slices: "
+                             f"batch_size must be >= 2, got {self.batch_size}")
         if self.labelled_fraction < 1 and not spec.capabilities.training_outputs:
             raise ValueError(f"{self.model} has no per-sequence branches to train unlabelled "
                              "cases with; semi-supervised training needs an immseg variant")

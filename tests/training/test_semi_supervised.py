@@ -31,6 +31,12 @@ def test_labelled_cases_are_a_seeded_share_of_the_cases():
         TrainConfig(model="immseg", labelled_fraction=0.0)
     with pytest.raises(ValueError, match="per-sequence branches"):
         TrainConfig(model="transunet", labelled_fraction=0.5)
+    with pytest.raises(ValueError, match="batch_size must be >= 2"):
+        TrainConfig(model="immseg", labelled_fraction=0.5, batch_size=1)
+    with pytest.raises(ValueError, match="labelled_per_batch"):
+        TrainConfig(model="immseg", labelled_fraction=0.5, batch_size=4, labelled_per_batch=4)
+    with pytest.raises(ValueError, match="labelled_per_batch"):
+        TrainConfig(model="immseg", batch_size=4, labelled_per_batch=2)  # nothing unlabelled
 
 
 def test_unlabelled_slices_carry_no_label(tmp_path):
