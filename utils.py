@@ -13,7 +13,7 @@ import numbers
 import os
 import random
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -155,6 +155,17 @@ def setting(default: Any, help: str = "", *, choices: Any = None, shown: str | N
     if isinstance(default, list | dict | set):
         raise TypeError("mutable defaults need a default_factory")
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def aligned_rows(header: Sequence[str], body: Iterable[Sequence[str]]) -> list[str]:
+    """A plain-text table's lines: the header, then the body rows, columns two spaces apart, the
+    first left-aligned and the others right-aligned (numbers line up)."""
+    rows = [list(header), *(list(row) for row in body)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return ["  ".join([row[0].ljust(widths[0]),
+                       *(cell.rjust(width) for cell, width in zip(row[1:], widths[1:],
+                                                                  strict=True))])
+            for row in rows]
 
 
 def check_int(name: str, value: Any, minimum: int = 1) -> None:

@@ -15,14 +15,15 @@ import numpy as np
 from scipy import stats
 
 from datasets.labels import BURDENS
+from utils import aligned_rows
 
 
 def agreement(predicted: Sequence[float], truth: Sequence[float]) -> dict[str, float | int | None]:
     """Bland-Altman summary of paired measurements (prediction minus truth).
 
     ``n``, ``truth_mean``, ``predicted_mean``, ``bias``, ``sd`` (of the differences, ddof 1),
-    ``loa_low``/``loa_high`` (bias ∓ 1.96 sd), ``mae`` and ``pearson_r`` (None when either side is
-    constant, or fewer than 2 pairs: then ``sd`` and the limits are None too).
+    ``loa_low``/``loa_high`` (bias ∓ 1.96 sd), ``mae`` and ``pearson_r``. With fewer than 2
+    pairs ``sd``, the limits and ``r`` are None; ``r`` is None too when either side is constant.
     """
     pred = np.asarray(predicted, dtype=np.float64)
     true = np.asarray(truth, dtype=np.float64)
@@ -66,10 +67,4 @@ def format_agreement(rows: Mapping[str, Mapping[str, float | int | None]]) -> st
         body.append((name + unit, number(row["truth_mean"]), number(row["predicted_mean"]),
                      number(row["bias"]) + limits, number(row["mae"]),
                      number(row["pearson_r"], 2)))
-    widths = [max(len(line[i]) for line in (header, *body)) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join([cells[0].ljust(widths[0]),
-                          *(c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))])
-
-    return "\n".join([line(header), *(line(cells) for cells in body)])
+    return "\n".join(aligned_rows(header, body))

@@ -31,7 +31,7 @@ from networks.inference import predict_volume
 from networks.sequences import check_model_inputs, parse_sequences
 from prediction.native import labels_from_probabilities, probabilities_to_native
 from prediction.pipeline import PredictConfig, Registration, predict_stacks
-from utils import atomic_path, write_json
+from utils import aligned_rows, atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -310,13 +310,7 @@ def format_subset_table(results: Mapping[tuple[str, ...], Scores]) -> str:
     header = ["sequences", *groups]
     body = [[row["subset"], *(f"{100 * row[f'{group}_dice_mean']:.2f}" for group in groups)]
             for row in rows]
-    widths = [max(len(line[i]) for line in (header, *body)) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join([cells[0].ljust(widths[0]),
-                          *(c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))])
-
-    rule = "-" * len(line(header))
-    return "\n".join(["Dice (%) by sequence subset", line(header), rule,
-                      *(line(cells) for cells in body), rule,
+    top, *lines = aligned_rows(header, body)
+    rule = "-" * len(top)
+    return "\n".join(["Dice (%) by sequence subset", top, rule, *lines, rule,
                       f"n = {rows[0]['n']} cases per subset"])

@@ -31,7 +31,7 @@ from medpy.metric.binary import hd95 as _medpy_hd95
 
 from datasets.labels import EVAL_GROUPS, burdens, group_volumes
 from evaluation.agreement import agreement
-from utils import atomic_path, write_json
+from utils import aligned_rows, atomic_path, write_json
 
 #: Metric names in the order they appear in rows, tables and files.
 METRICS: tuple[str, ...] = ("dice", "hd95")
@@ -263,16 +263,9 @@ class MetricAccumulator:
             d, h = metrics["dice"], metrics["hd95"]
             body.append((group, f"{100 * d['mean']:.2f} ± {100 * d['std']:.2f}",
                          f"{h['mean']:.2f} ± {h['std']:.2f}"))
-        widths = [max(len(row[i]) for row in (header, *body)) for i in range(len(header))]
-
-        def line(cells: Sequence[str]) -> str:
-            first = cells[0].ljust(widths[0])
-            rest = [cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True)]
-            return "  ".join([first, *rest])
-
-        rule = "-" * len(line(header))
-        return "\n".join([line(header), rule, *(line(row) for row in body), rule,
-                          f"n = {len(self)} cases"])
+        top, *lines = aligned_rows(header, body)
+        rule = "-" * len(top)
+        return "\n".join([top, rule, *lines, rule, f"n = {len(self)} cases"])
 
     def write_csv(self, path: str | os.PathLike[str]) -> None:
         """Write the per-case rows atomically (floats in full precision)."""

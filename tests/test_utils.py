@@ -11,6 +11,7 @@ import pytest
 
 from preprocessing.affine_registration import check_pyramid
 from utils import (
+    aligned_rows,
     atomic_path,
     file_sha256,
     remove_stale_temporaries,
@@ -104,3 +105,11 @@ def test_stale_temporaries_of_a_killed_save_are_removed(tmp_path):
     assert [p.name for p in removed] == [".checkpoint_last.pth.abc123.tmp.pth"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".log.txt.x.tmp.txt",
                                                           "checkpoint_last.pth"]
+
+
+def test_aligned_rows_left_align_the_first_column_and_right_align_the_rest():
+    assert aligned_rows(("name", "x"), [("a", "10.5"), ("long name", "2")]) == [
+        "name          x",
+        "a          10.5",
+        "long name     2",
+    ]
