@@ -251,17 +251,12 @@ def write_results(directory: Path, scores: Scores, settings: Mapping[str, Any], 
     if len(scores.native):
         scores.native.write_csv(directory / "native_per_case.csv")
     headline = scores.headline
+    spaces = {"grid": scores.grid.results(),
+              "native": scores.native.results() if len(scores.native) else None}
     write_json(directory / "summary.json", {
         "groups": {name: list(labels) for name, labels in headline.groups.items()},
         "space": scores.space, "obtained": obtained or scores.describe(),
-        "roi_given": scores.roi_given,
-        "summary": headline.summary(), "cases": headline.per_case(),
-        "volumes": headline.volume_agreement(),
-        "grid": {"summary": scores.grid.summary(), "cases": scores.grid.per_case(),
-                 "volumes": scores.grid.volume_agreement()},
-        "native": ({"summary": scores.native.summary(), "cases": scores.native.per_case(),
-                    "volumes": scores.native.volume_agreement()}
-                   if len(scores.native) else None),
+        "roi_given": scores.roi_given, **spaces[scores.space], **spaces,
         "settings": dict(settings)})
     dice_boxplot(dice_by_group(headline), directory / "dice_boxplot.png", title=title)
 

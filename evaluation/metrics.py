@@ -25,6 +25,7 @@ import csv
 import math
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from medpy.metric.binary import hd95 as _medpy_hd95
@@ -274,13 +275,13 @@ class MetricAccumulator:
             writer.writeheader()
             writer.writerows(self.per_case())
 
+    def results(self) -> dict[str, Any]:
+        """``summary``, ``volumes`` (the volume agreement) and per-case ``cases``: what every
+        results file of the framework holds for one set of scores."""
+        return {"summary": self.summary(), "volumes": self.volume_agreement(),
+                "cases": self.per_case()}
+
     def write_json(self, path: str | os.PathLike[str]) -> None:
-        """Write groups, summary, volume agreement and per-case rows atomically as one JSON
-        document."""
-        payload = {
-            "groups": {name: list(labels) for name, labels in self.groups.items()},
-            "summary": self.summary(),
-            "volumes": self.volume_agreement(),
-            "cases": self.per_case(),
-        }
-        write_json(path, payload)
+        """Write groups and :meth:`results` atomically as one JSON document."""
+        write_json(path, {"groups": {name: list(labels) for name, labels in self.groups.items()},
+                          **self.results()})

@@ -95,17 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         metrics = score_folder(args.pred, args.raw_root, args.layout)
         metrics.write_csv(output / "per_case.csv")
+        results = metrics.results()
         write_json(output / "summary.json", {
             "space": "native", "pred": str(args.pred), "raw_root": str(args.raw_root),
-            "summary": metrics.summary(), "cases": metrics.per_case(),
-            "volumes": metrics.volume_agreement()})
+            **results})
     except (ValueError, OSError) as error:
         log.error("%s", error)
         return 1
     print(f"{len(metrics)} cases, native space")
     print(metrics.format_table())
     print("Volumes, prediction against label:")
-    print(format_agreement(metrics.volume_agreement()))
+    print(format_agreement(results["volumes"]))
     print(f"results: {output}")
     return 0
 
