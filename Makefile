@@ -146,7 +146,7 @@ myops_ablation: $(ABLATION_TARGETS)
 # Misaligned sequences (issue 17, docs/misalignment.md): immseg trained with per-sequence jitter
 # of bSSFP and T2w on the CV folds, then what a known misalignment costs each model out of fold,
 # label-free, in native space (bench.bench_misalignment, one whole-volume and one per-slice draw;
-# a table already written is kept).
+# a table already written is kept, and an interrupted bench resumes from the cases it finished).
 MYOPS_JITTER ?= 0.5
 MISALIGNMENT_MODELS ?= $(MYOPS_CV_RUNS)/immseg $(MYOPS_CV_RUNS)/immseg_jitter
 MISALIGNMENT_OUT ?= runs/misalignment
@@ -175,6 +175,7 @@ myops_misalignment:
 		out=$(MISALIGNMENT_OUT)/$(notdir $(run))_$(per).json; [ -f $$out ] || { \
 		$(PY) -m bench.bench_misalignment --run_dir $(run) --raw_root $(MYOPS_RAW) --per $(per) \
 		--rounds $(MISALIGNMENT_ROUNDS) --threads $(MISALIGNMENT_THREADS) \
+		--cache $(MISALIGNMENT_OUT)/cache/$(notdir $(run))_$(per) \
 		> $$out.tmp && mv $$out.tmp $$out; } && )) true
 	$(foreach per,sequence slice,$(PY) -m bench.misalignment_table \
 		$(foreach run,$(MISALIGNMENT_MODELS),$(notdir $(run))=$(MISALIGNMENT_OUT)/$(notdir $(run))_$(per).json) && ) true

@@ -28,12 +28,19 @@ native grid:
 The misalignment centre (the heart) comes from the label: it shapes the synthetic warp, never
 the network's input. Mean Dice (%) per group and condition, and each condition's loss against
 ``aligned``.
+
+A run over 30 cases takes hours on a CPU. With ``--cache DIR`` every finished case's predictions
+are kept in ``DIR`` (one file per case, written whole or not at all); a run started again with
+the same arguments scores the kept cases from their files and predicts only the rest, and prints
+the same report as an uninterrupted run. A cache made with other arguments or checkpoints is
+refused, never mixed in.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +68,7 @@ from prediction.pipeline import (
 from preprocessing.affine_pooling import AFFINE_POOLINGS
 from preprocessing.config import AFFINE_METRICS
 from preprocessing.resample import antialias_sigma
+from utils import atomic_path
 
 #: MyoPS380's in-plane pixel sizes (mm) for the moved sequences.
 TARGET_SPACING = {"bSSFP": 1.172, "T2w": 0.8929}
@@ -116,12 +124,12 @@ def draw_records(label: Volume, depth: int, per: str, config: MisalignmentConfig
     return records
 
 
-def _models(args: argparse.Namespace, device: torch.device
+def _models(paths: list[Path], device: torch.device
             ) -> list[tuple[LoadedCheckpoint, list[str] | None]]:
     """``(model, the cases it may be tested on)``: each its own test list when its training
     data's lists are at hand (a fold run: its fold's), else every case (None)."""
     models = []
-    for path in checkpoint_paths(args):
+    for path in paths:
         loaded = load_checkpoint(path, device)
         train = loaded.payload.get("train_config") or {}
         root = Path(train.get("root_path") or "")
@@ -129,6 +137,67 @@ def _models(args: argparse.Namespace, device: torch.device
         tested = lists / "test_vol.txt"
         models.append((loaded, tested.read_text().split() if tested.is_file() else None))
     return models
+
+
+class CaseCache:
+    """Finished cases' predictions under ``folder``, for a bench that resumes.
+
+    ``fingerprint.json`` holds everything the predictions depend on (the arguments, each
+    checkpoint's path, size and modification time, the conditions); a folder made under another
+    fingerprint raises instead of lending its cases to a different measurement. Each case is one
+    ``<model index>_<case>.npz`` (every condition's label map and its affine fit counts),
+    renamed into place only once complete.
+    """
+
+    def __init__(self, folder: Path, fingerprint: dict):
+        self.folder = folder
+        stamp = folder / "fingerprint.json"
+        if stamp.is_file():
+            kept = json.loads(stamp.read_text())
+            if kept != fingerprint:
+                changed = sorted(key for key in fingerprint.keys() | kept.keys()
+                                 if kept.get(key) != fingerprint.get(key))
+                raise ValueError(f"{folder}: a cache of another measurement (differs in "
+                                 f"{', '.join(changed)}); choose another --cache folder")
+        else:
+            with atomic_path(stamp) as tmp:
+                tmp.write_text(json.dumps(fingerprint, indent=1))
+
+    def _path(self, model: int, case_id: str) -> Path:
+        return self.folder / f"{model}_{case_id}.npz"
+
+    def load(self, model: int, case_id: str) -> dict[str, tuple[np.ndarray, dict]] | None:
+        """condition -> (labels, fit counts), or None when the case is not kept."""
+        path = self._path(model, case_id)
+        if not path.is_file():
+            return None
+        with np.load(path) as stored:
+            fits = json.loads(str(stored["fits"]))
+            return {condition: (stored[f"labels_{i}"], fits[i])
+                    for i, condition in enumerate(json.loads(str(stored["conditions"])))}
+
+    def store(self, model: int, case_id: str,
+              results: dict[str, tuple[np.ndarray, dict]]) -> None:
+        arrays = {f"labels_{i}": labels for i, (labels, _) in enumerate(results.values())}
+        with atomic_path(self._path(model, case_id)) as tmp, open(tmp, "wb") as handle:
+            np.savez_compressed(handle, conditions=json.dumps(list(results)),
+                                fits=json.dumps([fit for _, fit in results.values()]), **arrays)
+
+
+def _fingerprint(args: argparse.Namespace, paths: list[Path], conditions: dict) -> dict:
+    checkpoints = [[str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns]
+                   for path in paths]
+    return {"checkpoints": checkpoints, "raw_root": str(Path(args.raw_root).resolve()),
+            "conditions": list(conditions), "strength": args.strength,
+            "nonrigid_mm": args.nonrigid_mm, "per": args.per, "seed": args.seed,
+            "voxelmorph": args.voxelmorph, "cases": args.cases}
+
+
+def _fit_counts(record: dict) -> dict:
+    """How many slices the affine step fitted and how many of those fell back to the identity."""
+    fitted = [fit for sequence_fits in record["registration"].get("affine", {}).values()
+              for fit in sequence_fits]
+    return {"slices": len(fitted), "identity": sum(fit["model"] == "identity" for fit in fitted)}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -139,7 +208,8 @@ def run(args: argparse.Namespace) -> dict:
             raise ValueError(f"{what}: unknown {unknown}; known: {list(known)}")
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    models = _models(args, device)
+    paths = checkpoint_paths(args)
+    models = _models(paths, device)
     warp = warp_model(args.strength, args.nonrigid_mm)
     # condition -> (affine, non-rigid, register-then-predict rounds, other preprocessing)
     conditions = {"aligned": (False, False, 1, {}), "misaligned": (False, False, 1, {}),
@@ -159,6 +229,8 @@ def run(args: argparse.Namespace) -> dict:
 
         voxelmorph = load_voxelmorph(args.voxelmorph, device)
         conditions["misaligned + affine + non-rigid"] = (True, True, 1, {})
+    cache = (CaseCache(Path(args.cache), _fingerprint(args, paths, conditions))
+             if args.cache else None)
     scores = {condition: MetricAccumulator() for condition in conditions}
     # registered conditions: slices fitted and slices whose fit fell back to the identity
     fits = {condition: {"slices": 0, "identity": 0} for condition, spec in conditions.items()
@@ -166,33 +238,39 @@ def run(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(args.seed)
     cases = {files.case_id: files for files in discover_cases(args.raw_root)}
     done = 0
-    for loaded, allowed in models:
+    for index, (loaded, allowed) in enumerate(models):
         preprocess, _ = preprocess_config_for(loaded.payload)
         for case_id in sorted(allowed if allowed is not None else cases):
             if args.cases and done >= args.cases:
                 break
             case = load_case(cases[case_id])
             truth = case.label
+            # Drawn for kept cases too, so that the later cases see the same draws.
             records = {name: draw_records(truth, case.images[name].num_slices, args.per, warp,
                                           rng) for name in TARGET_SPACING}
-            for condition, (affine, nonrigid, rounds, other) in conditions.items():
-                moved = {name: moved_volume(case.images[name], spacing,
-                                            None if condition == "aligned" else records[name])
-                         for name, spacing in TARGET_SPACING.items()}
-                geometry = dataclasses.replace(preprocess, affine_registration=affine,
-                                               nonrigid_registration=nonrigid, **other)
-                config = PredictConfig(preprocess=geometry, register=affine,
-                                       register_rounds=rounds)
-                patient = PatientImages(case_id, {"LGE": case.images["LGE"]} | moved)
-                prediction = predict_patient(loaded.model, loaded.img_size, patient, config,
-                                             device, Registration(voxelmorph=voxelmorph))
-                scores[condition].update(case_id, prediction.labels, truth.array,
-                                         truth.spacing)
-                for sequence_fits in prediction.record["registration"].get("affine",
-                                                                            {}).values():
-                    fits[condition]["slices"] += len(sequence_fits)
-                    fits[condition]["identity"] += sum(fit["model"] == "identity"
-                                                       for fit in sequence_fits)
+            results = cache.load(index, case_id) if cache else None
+            if results is None:
+                results = {}
+                for condition, (affine, nonrigid, rounds, other) in conditions.items():
+                    moved = {name: moved_volume(case.images[name], spacing,
+                                                None if condition == "aligned" else
+                                                records[name])
+                             for name, spacing in TARGET_SPACING.items()}
+                    geometry = dataclasses.replace(preprocess, affine_registration=affine,
+                                                   nonrigid_registration=nonrigid, **other)
+                    config = PredictConfig(preprocess=geometry, register=affine,
+                                           register_rounds=rounds)
+                    patient = PatientImages(case_id, {"LGE": case.images["LGE"]} | moved)
+                    prediction = predict_patient(loaded.model, loaded.img_size, patient, config,
+                                                 device, Registration(voxelmorph=voxelmorph))
+                    results[condition] = (prediction.labels, _fit_counts(prediction.record))
+                if cache:
+                    cache.store(index, case_id, results)
+            for condition, (labels, counts) in results.items():
+                scores[condition].update(case_id, labels, truth.array, truth.spacing)
+                if condition in fits:
+                    for key in fits[condition]:
+                        fits[condition][key] += counts[key]
             done += 1
     table = {condition: {group: 100 * values["dice"]["mean"]
                          for group, values in accumulator.summary().items()}
@@ -238,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "slices' fits, e.g. stack,shrink "
                                          "(preprocessing.affine_pooling)")
     parser.add_argument("--cases", type=int, default=0, help="at most this many (0: all)")
+    parser.add_argument("--cache", default=None,
+                        help="keep each finished case's predictions here; a run started again "
+                             "with the same arguments predicts only the cases not kept")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")

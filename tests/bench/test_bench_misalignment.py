@@ -48,6 +48,20 @@ def test_unknown_metrics_or_poolings_stop_before_any_work(tmp_path):
                 ["--checkpoint", str(tmp_path / "absent.pth"), flag, value]))
 
 
+def _tiny_checkpoint_and_case(myops2020_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A random tiny network's checkpoint and a raw folder holding the real Case3001."""
+    torch.manual_seed(0)
+    model = create_network("transunet", backbone="tiny", img_size=128).eval()
+    checkpoint = tmp_path / "model.pth"
+    torch.save({"network": network_record(model), "model": model.state_dict(),
+                "train_config": {"root_path": str(tmp_path)}}, checkpoint)
+    raw = tmp_path / "raw" / "Case3001"
+    raw.mkdir(parents=True)
+    for path in (myops2020_dir / "Case3001").iterdir():
+        (raw / path.name).symlink_to(path)
+    return checkpoint, raw.parent
+
+
 def test_one_real_case_under_every_condition(myops2020_dir, tmp_path, capsys, monkeypatch):
     import prediction.pipeline as pipeline
 
@@ -59,16 +73,8 @@ def test_one_real_case_under_every_condition(myops2020_dir, tmp_path, capsys, mo
         return real_register(stacks, fixed, guide, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "register_sequences", counted)
-    torch.manual_seed(0)
-    model = create_network("transunet", backbone="tiny", img_size=128).eval()
-    checkpoint = tmp_path / "model.pth"
-    torch.save({"network": network_record(model), "model": model.state_dict(),
-                "train_config": {"root_path": str(tmp_path)}}, checkpoint)
-    raw = tmp_path / "raw" / "Case3001"
-    raw.mkdir(parents=True)
-    for path in (myops2020_dir / "Case3001").iterdir():
-        (raw / path.name).symlink_to(path)
-    assert bench.main(["--checkpoint", str(checkpoint), "--raw_root", str(raw.parent),
+    checkpoint, raw_root = _tiny_checkpoint_and_case(myops2020_dir, tmp_path)
+    assert bench.main(["--checkpoint", str(checkpoint), "--raw_root", str(raw_root),
                        "--per", "slice", "--threads", "1", "--rounds", "2",
                        "--pooling", "stack", "--metrics", "ngf"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -87,3 +93,27 @@ def test_one_real_case_under_every_condition(myops2020_dir, tmp_path, capsys, mo
     for row in report["dice_percent"].values():
         assert set(row) == {"myocardium", "scar", "edema alone", "scar+edema",
                             "whole myocardium"}
+
+
+def test_a_cached_run_reports_what_it_measured_without_predicting_again(
+        myops2020_dir, tmp_path, capsys, monkeypatch):
+    checkpoint, raw_root = _tiny_checkpoint_and_case(myops2020_dir, tmp_path)
+    cache = tmp_path / "cache"
+    argv = ["--checkpoint", str(checkpoint), "--raw_root", str(raw_root), "--threads", "1",
+            "--cache", str(cache)]
+    assert bench.main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert sorted(path.name for path in cache.iterdir()) == ["0_Case3001.npz",
+                                                             "fingerprint.json"]
+
+    def no_prediction(*args, **kwargs):
+        raise AssertionError("a kept case was predicted again")
+
+    monkeypatch.setattr(bench, "predict_patient", no_prediction)
+    assert bench.main(argv) == 0
+    assert json.loads(capsys.readouterr().out) == first
+    # Another measurement is refused, not mixed with the kept one; the cache stays as it was.
+    kept = (cache / "0_Case3001.npz").read_bytes()
+    assert bench.main([*argv, "--strength", "0.5"]) == 1
+    assert "differs in strength" in capsys.readouterr().err
+    assert (cache / "0_Case3001.npz").read_bytes() == kept
