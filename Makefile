@@ -39,7 +39,8 @@ MYOPS_CV_EPOCHS ?= 30
 MYOPS_CV_MODELS ?= immseg transunet immseg_noprior
 
 .PHONY: demo test install myops myops_subsets myops_data myops_cv_train myops_cv nnunet_cv \
-	myops_ablation myops_missing myops_semi myops_jitter myops_misalignment myops_cine
+	myops_ablation myops_missing myops_semi myops_jitter myops_misalignment myops_cine \
+	myops_transunet_equal_time
 
 install: $(STAMP)
 
@@ -246,4 +247,16 @@ nnunet_cv: $(NNUNET_VENV)/.installed $(if $(filter raw,$(NNUNET_SOURCE)),,myops_
 			--fold $$fold $(NNUNET_BUDGET) --iterations $(NNUNET_ITERATIONS); \
 	done
 	$(NNUNET_VENV)/bin/python -m baselines.nnunet score --work $(NNUNET_WORK)
+
+# TransUNet at immseg's CPU time per fold, the third row of the equal-budget table: a TransUNet
+# step costs 0.43 of an immseg step (R26-ViT-S_16, batch 8 at 128 x 128, bench.bench_training
+# back to back on 2 idle threads: 1.20 and 1.45 s against 3.14 and 3.10 s), so 71 epochs cost what
+# immseg's 30 do. myops_cv's transunet row keeps the 30 epochs of the other rows.
+TRANSUNET_EQUAL_TIME_EPOCHS ?= 71
+
+myops_transunet_equal_time: myops_data
+	$(PY) train.py $(CV_COMMON) --model transunet --max_epochs $(TRANSUNET_EQUAL_TIME_EPOCHS) \
+		--output_dir $(MYOPS_CV_RUNS)/transunet_equal_time
+	$(PY) test.py --run_dir $(MYOPS_CV_RUNS)/transunet_equal_time \
+		--output_dir $(MYOPS_CV_RUNS)/transunet_equal_time/test
 
