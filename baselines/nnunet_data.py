@@ -320,7 +320,11 @@ def score(work: str | Path, folds: Sequence[int] | None = None,
         scores = Scores(grid=native, native=native)
         obtained = ("native space (the raw label's grid and spacing); whole images, no ROI "
                     "(nnU-Net on the raw files)")
+    total = len(json.loads((dataset_dir(work) / "splits_final.json").read_text()))
+    evaluation = (f"out of fold over {total} folds" if folds is None else
+                  f"out of fold, fold(s) {', '.join(map(str, folds))} of {total}")
     write_results(output_dir, scores, {"model": "nnU-Net v2 2d", "source": source,
-                                       "folds": list(folds) if folds is not None else "all"},
+                                       "folds": list(folds) if folds is not None else "all",
+                                       "evaluation": evaluation},
                   title="nnU-Net", obtained=obtained)
     return scores

@@ -76,6 +76,8 @@ def test_predictions_go_back_to_the_label_grid_and_our_scorer(phantom, exported)
     with pytest.raises(ValueError, match="no label map for 3"):  # folds 2-4 not run yet
         nnunet_data.score(work)
     assert len(nnunet_data.score(work, folds=[0, 1])) == 2
+    partial = json.loads((work / "test" / "summary.json").read_text())
+    assert partial["settings"]["evaluation"] == "out of fold, fold(s) 0, 1 of 5"
     for k in (2, 3, 4):
         folder = work / "nnUNet_results" / "Dataset501_MyoPS" / "T__P__2d" / f"fold_{k}"
         (folder / "validation").mkdir(parents=True)
@@ -92,6 +94,7 @@ def test_predictions_go_back_to_the_label_grid_and_our_scorer(phantom, exported)
     assert mapped.same_geometry(read_volume(first.label, is_label=True))
     written = json.loads((work / "test" / "summary.json").read_text())  # as test.py writes it
     assert written["space"] == "native" and "whole images" in written["obtained"]
+    assert written["settings"]["evaluation"] == "out of fold over 5 folds"
     assert len(written["cases"]) == 5
     # A second trainer's results beside the first: which one to score is not guessed.
     other = work / "nnUNet_results" / "Dataset501_MyoPS" / "U__P__2d" / "fold_0" / "validation"
