@@ -40,7 +40,7 @@ MYOPS_CV_MODELS ?= immseg transunet immseg_noprior
 
 .PHONY: demo test install myops myops_subsets myops_data myops_cv_train myops_cv nnunet_cv \
 	myops_ablation myops_missing myops_semi myops_jitter myops_misalignment myops_cine \
-	myops_transunet_equal_time
+	myops_transunet_equal_time myops_misalignment_decision
 
 install: $(STAMP)
 
@@ -180,6 +180,14 @@ myops_misalignment:
 		> $$out.tmp && mv $$out.tmp $$out; } && )) true
 	$(foreach per,sequence slice,$(PY) -m bench.misalignment_table \
 		$(foreach run,$(MISALIGNMENT_MODELS),$(notdir $(run))=$(MISALIGNMENT_OUT)/$(notdir $(run))_$(per).json) && ) true
+
+# docs/misalignment.md's pre-registered rule over the benches above: does a candidate replace
+# immseg's defaults (bench.misalignment_decision)?
+MISALIGNMENT_CANDIDATES ?= immseg_anchor2 immseg_anchor2_jitter
+
+myops_misalignment_decision:
+	$(PY) -m bench.misalignment_decision --folder $(MISALIGNMENT_OUT) immseg \
+		$(MISALIGNMENT_CANDIDATES)
 
 # Incomplete and unlabelled training cases (docs/missing_and_unlabelled.md), on the folds, budget
 # and seed of myops_cv. Missing: one PASSION-style draw over all cases (bSSFP 0.2, LGE 0.4,
