@@ -143,6 +143,9 @@ myops_ablation: $(ABLATION_TARGETS)
 	$(PY) -m bench.results_table immseg=$(MYOPS_CV_RUNS)/immseg/test \
 		$(foreach row,$(ABLATION_ROWS),$(row)=$(MYOPS_ABLATION_RUNS)/$(row)/test) \
 		immseg_noprior=$(MYOPS_CV_RUNS)/immseg_noprior/test --paired immseg --folds $(MYOPS_FOLDS)
+	$(PY) -m bench.ablation_decision immseg=$(MYOPS_CV_RUNS)/immseg/test \
+		$(foreach row,$(filter-out release_parts immseg_released,$(ABLATION_ROWS)),$(row)=$(MYOPS_ABLATION_RUNS)/$(row)/test) \
+		$(if $(filter release_parts,$(ABLATION_ROWS)),--combined release_parts=$(MYOPS_ABLATION_RUNS)/release_parts/test)
 
 # Misaligned sequences (issue 17, docs/misalignment.md): immseg trained with per-sequence jitter
 # of bSSFP and T2w on the CV folds, then what a known misalignment costs each model out of fold,
