@@ -28,6 +28,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.measure import print_lines
 from bench.results_table import read_case_dice
 
 #: Groups in which ours can be measurably better.
@@ -123,13 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--combined", type=_parse, default=None,
                         help="label=folder of the run with every part switched on")
     args = parser.parse_args(argv)
-    try:
-        _, lines = decide(dict(args.runs), args.combined)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print("\n".join(lines))
-    return 0
+    return print_lines(lambda: decide(dict(args.runs), args.combined)[1])
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.measure import print_lines
 from bench.misalignment_table import DRAW_KEYS, read_bench
 
 #: The condition whose loss the rule compares.
@@ -131,13 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if len(args.models) < 2:
         parser.error("name the reference and at least one candidate")
-    try:
-        _, _, lines = decide(Path(args.folder), args.models)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print("\n".join(lines))
-    return 0
+    return print_lines(lambda: decide(Path(args.folder), args.models)[2])
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import json
 import sys
 from pathlib import Path
 
+from bench.measure import print_lines
+
 #: What must agree between two files for their rows to compare.
 DRAW_KEYS = ("cases", "per", "strength")
 
@@ -76,16 +78,15 @@ def main(argv: list[str] | None = None) -> int:
                         "commas, e.g. 'misaligned + affine, ngf metric'; default: the first "
                         "file's)")
     args = parser.parse_args(argv)
-    try:
+
+    def table() -> list[str]:
         benches = {}
         for text in args.benches:
             label, _, file = text.rpartition("=")
             benches[label or Path(file).stem] = read_bench(Path(file))
-        print(misalignment_table(benches, args.conditions))
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+        return [misalignment_table(benches, args.conditions)]
+
+    return print_lines(table)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.measure import print_lines
 from datasets.folds import fold_cases
 from datasets.labels import BURDENS, EVAL_GROUPS
 
@@ -214,34 +215,35 @@ def main(argv: list[str] | None = None) -> int:
                         help="add the agreement of scar and scar+edema volumes and burdens "
                              "with the label")
     args = parser.parse_args(argv)
-    try:
-        runs, folders = {}, {}
-        for text in args.runs:
-            label, folder = _parse_run(text)
-            if label in runs:
-                raise ValueError(f"label {label!r} given twice")
-            runs[label], folders[label] = read_summary(folder), folder
-        shown = labelled_by_cases(folders)
-        tables = [markdown_table({shown[label]: summary for label, summary in runs.items()},
-                                 metric) for metric in METRICS]
-        if args.paired is not None or args.folds:
-            cases = {label: read_case_dice(folder) for label, folder in folders.items()}
-        if args.folds:
-            tables.append(fold_table(cases, args.folds))
-        if args.paired is not None:
-            tables.append(paired_table(args.paired, cases))
-        if args.volumes:
-            tables.append(volume_table({shown[label]: read_volumes(folder)
-                                        for label, folder in folders.items()}))
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print("\n\n".join(tables))
+    return print_lines(lambda: report(args))
+
+
+def report(args: argparse.Namespace) -> list[str]:
+    """The tables the flags ask for, then how each run's numbers were obtained."""
+    runs, folders = {}, {}
+    for text in args.runs:
+        label, folder = _parse_run(text)
+        if label in runs:
+            raise ValueError(f"label {label!r} given twice")
+        runs[label], folders[label] = read_summary(folder), folder
+    shown = labelled_by_cases(folders)
+    tables = [markdown_table({shown[label]: summary for label, summary in runs.items()}, metric)
+              for metric in METRICS]
+    if args.paired is not None or args.folds:
+        cases = {label: read_case_dice(folder) for label, folder in folders.items()}
+    if args.folds:
+        tables.append(fold_table(cases, args.folds))
+    if args.paired is not None:
+        tables.append(paired_table(args.paired, cases))
+    if args.volumes:
+        tables.append(volume_table({shown[label]: read_volumes(folder)
+                                    for label, folder in folders.items()}))
+    lines = ["\n\n".join(tables)]
     notes = {label: read_obtained(folder) for label, folder in folders.items()}
     if any(notes.values()):
-        print("\n" + "\n".join(f"- {label}: {note}" for label, note in notes.items() if note))
-    return 0
-
+        lines.append("\n" + "\n".join(f"- {label}: {note}" for label, note in notes.items()
+                                       if note))
+    return lines
 
 if __name__ == "__main__":
     sys.exit(main())
