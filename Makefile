@@ -156,6 +156,8 @@ MISALIGNMENT_MODELS ?= $(MYOPS_CV_RUNS)/immseg $(MYOPS_CV_RUNS)/immseg_jitter
 MISALIGNMENT_OUT ?= runs/misalignment
 # register-then-predict rounds also measured (1: the affine condition only; 2 did not help)
 MISALIGNMENT_ROUNDS ?= 1
+# the draws: one per sequence (the whole volume moves) and one per slice
+MISALIGNMENT_DRAWS ?= sequence slice
 # intra-op threads per bench (1 when the cores are shared with a training)
 MISALIGNMENT_THREADS ?= 2
 
@@ -175,13 +177,13 @@ myops_cine: myops_data
 
 myops_misalignment:
 	mkdir -p $(MISALIGNMENT_OUT)
-	$(foreach run,$(MISALIGNMENT_MODELS),$(foreach per,sequence slice,\
+	$(foreach run,$(MISALIGNMENT_MODELS),$(foreach per,$(MISALIGNMENT_DRAWS),\
 		out=$(MISALIGNMENT_OUT)/$(notdir $(run))_$(per).json; [ -f $$out ] || { \
 		$(PY) -m bench.bench_misalignment --run_dir $(run) --raw_root $(MYOPS_RAW) --per $(per) \
 		--rounds $(MISALIGNMENT_ROUNDS) --threads $(MISALIGNMENT_THREADS) \
 		--cache $(MISALIGNMENT_OUT)/cache/$(notdir $(run))_$(per) \
 		> $$out.tmp && mv $$out.tmp $$out; } && )) true
-	$(foreach per,sequence slice,$(PY) -m bench.misalignment_table \
+	$(foreach per,$(MISALIGNMENT_DRAWS),$(PY) -m bench.misalignment_table \
 		$(foreach run,$(MISALIGNMENT_MODELS),$(notdir $(run))=$(MISALIGNMENT_OUT)/$(notdir $(run))_$(per).json) && ) true
 
 # docs/misalignment.md's pre-registered rule over the benches above: does a candidate replace
