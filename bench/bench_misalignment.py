@@ -251,11 +251,13 @@ def run(args: argparse.Namespace) -> dict:
             results = cache.load(index, case_id) if cache else None
             if results is None:
                 results = {}
+                # bSSFP and T2w as every condition sees them: resampled only, or also moved
+                inputs = {aligned: {name: moved_volume(case.images[name], spacing,
+                                                       None if aligned else records[name])
+                                    for name, spacing in TARGET_SPACING.items()}
+                          for aligned in (True, False)}
                 for condition, (affine, nonrigid, rounds, other) in conditions.items():
-                    moved = {name: moved_volume(case.images[name], spacing,
-                                                None if condition == "aligned" else
-                                                records[name])
-                             for name, spacing in TARGET_SPACING.items()}
+                    moved = inputs[condition == "aligned"]
                     geometry = dataclasses.replace(preprocess, affine_registration=affine,
                                                    nonrigid_registration=nonrigid, **other)
                     config = PredictConfig(preprocess=geometry, register=affine,

@@ -245,5 +245,6 @@ def report(args: argparse.Namespace) -> list[str]:
                                        if note))
     return lines
 
+
 if __name__ == "__main__":
     sys.exit(main())
