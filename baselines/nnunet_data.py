@@ -229,12 +229,17 @@ def fold_predictions(work: str | Path) -> dict[str, Path]:
     return found
 
 
-def held_out(work: str | Path, folds: Sequence[int] | None) -> list[str] | None:
-    """The held-out cases of ``folds`` (None: every case)."""
+def read_splits(work: str | Path) -> list[dict[str, list[str]]]:
+    """The export's ``splits_final.json``: per fold, its ``train`` and ``val`` cases."""
+    return json.loads((dataset_dir(work) / "splits_final.json").read_text())
+
+
+def held_out(splits: list[dict[str, list[str]]], folds: Sequence[int] | None
+             ) -> list[str] | None:
+    """The held-out cases of ``folds`` in ``splits`` (None: every case)."""
     if folds is None:
         return None
-    split = json.loads((dataset_dir(work) / "splits_final.json").read_text())
-    return sorted(case for k in folds for case in split[k]["val"])
+    return sorted(case for k in folds for case in splits[k]["val"])
 
 
 def collect_raw_predictions(work: str | Path, raw_root: str | Path, out: str | Path,
@@ -305,7 +310,8 @@ def score(work: str | Path, folds: Sequence[int] | None = None,
     them into ``output_dir`` (default ``<work>/test``): of every case, or of the held-out cases
     of ``folds`` (an error names the cases whose fold has not been predicted)."""
     source = read_source(work)
-    only = held_out(work, folds)
+    splits = read_splits(work)
+    only = held_out(splits, folds)
     output_dir = Path(output_dir or Path(work) / "test")
     output_dir.mkdir(parents=True, exist_ok=True)
     if source["kind"] == "processed":
@@ -320,9 +326,8 @@ def score(work: str | Path, folds: Sequence[int] | None = None,
         scores = Scores(grid=native, native=native)
         obtained = ("native space (the raw label's grid and spacing); whole images, no ROI "
                     "(nnU-Net on the raw files)")
-    total = len(json.loads((dataset_dir(work) / "splits_final.json").read_text()))
-    evaluation = (f"out of fold over {total} folds" if folds is None else
-                  f"out of fold, fold(s) {', '.join(map(str, folds))} of {total}")
+    evaluation = (f"out of fold over {len(splits)} folds" if folds is None else
+                  f"out of fold, fold(s) {', '.join(map(str, folds))} of {len(splits)}")
     write_results(output_dir, scores, {"model": "nnU-Net v2 2d", "source": source,
                                        "folds": list(folds) if folds is not None else "all",
                                        "evaluation": evaluation},
