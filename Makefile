@@ -267,9 +267,9 @@ nnunet_cv: $(NNUNET_VENV)/.installed $(if $(filter raw,$(NNUNET_SOURCE)),,myops_
 # immseg's 30 do. myops_cv's transunet row keeps the 30 epochs of the other rows.
 TRANSUNET_EQUAL_TIME_EPOCHS ?= 71
 
+myops_transunet_equal_time: MYOPS_CV_EPOCHS = $(TRANSUNET_EQUAL_TIME_EPOCHS)
 myops_transunet_equal_time: myops_data
-	$(PY) train.py $(CV_COMMON) --model transunet --max_epochs $(TRANSUNET_EQUAL_TIME_EPOCHS) \
-		--output_dir $(MYOPS_CV_RUNS)/transunet_equal_time
+	$(PY) train.py $(CV_COMMON) --model transunet --output_dir $(MYOPS_CV_RUNS)/transunet_equal_time
 	$(PY) test.py --run_dir $(MYOPS_CV_RUNS)/transunet_equal_time \
 		--output_dir $(MYOPS_CV_RUNS)/transunet_equal_time/test
 
