@@ -387,45 +387,8 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
     layout.check_slices(names)
     train_names, val_names = split_validation_cases(
         names, config.val_fraction if config.val_every else 0.0)
-    # Dropout masks, like augmentation, are functions of (seed, epoch, sample index): the same
-    # samples lose the same sequences on 1 or N processes, and a resumed epoch replays them.
-    missing = _missing_sequences(config, layout, train_names)
-    unlabelled = unlabelled_cases(train_names, config.labelled_fraction, config.seed)
-    # A semi-supervised epoch (and its labelled-only baseline) takes one pass's steps.
-    steps = steps_per_pass(len(train_names), config.batch_size) if unlabelled else 0
-    if unlabelled and config.consistency_weight == 0:
-        # Nothing would train on them: the baseline of the labelled cases alone.
-        train_names = [name for name in train_names if case_of(name) not in unlabelled]
-        log.info("consistency_weight 0: the %d unlabelled cases are left out; the labelled "
-                 "slices fill every batch of the same %d steps per epoch", len(unlabelled),
-                 steps)
-        unlabelled = frozenset()
-    dataset = SliceDataset(layout, train_names, config.img_size,
-                           AugmentConfig() if config.augment else None, seed=config.seed,
-                           sequence_dropout=config.sequence_dropout,
-                           jitter=JitterConfig(config.sequence_jitter)
-                           if config.sequence_jitter > 0 else None, missing=missing,
-                           unlabelled=unlabelled)
-    # The shuffle is a pure function of (seed, epoch): a resumed epoch replays its batches. The
-    # epoch travels with each index to the (persistent) workers.
-    sampler: EpochIndices | TwoStreamSampler
-    if steps:
-        is_labelled = [case_of(name) not in unlabelled for name in train_names]
-        sampler = TwoStreamSampler(
-            [i for i, flag in enumerate(is_labelled) if flag],
-            [i for i, flag in enumerate(is_labelled) if not flag], config.batch_size,
-            config.labelled_per_batch or config.batch_size // 2, steps, seed=config.seed,
-            num_replicas=context.world_size, rank=context.rank)
-    else:
-        sampler = EpochIndices(DistributedSampler(
-            dataset, num_replicas=context.world_size, rank=context.rank, shuffle=True,
-            seed=config.seed, drop_last=False))
-    loader = DataLoader(dataset, batch_size=config.batch_size // context.world_size,
-                        sampler=sampler, num_workers=config.num_workers,
-                        # Its own generator keeps worker seeding off the global RNG (dropout).
-                        generator=torch.Generator().manual_seed(config.seed),
-                        pin_memory=device.type == "cuda", drop_last=False,
-                        persistent_workers=config.num_workers > 0)
+    data = _training_data(config, context, layout, train_names)
+    dataset, sampler, loader = data.dataset, data.sampler, data.loader
 
     priors = (load_prior_bank(config.priors_path, required=canonical_names())
               if config.priors_path is not None else None)
@@ -440,21 +403,12 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
     # Early-fusion TransUNet sees only the zeroed channels; the I_MMSeg variants get the mask.
     step = TrainStep(model, TrainingObjective(config.num_classes, config.objective()).to(device),
                      _optimizer(config, model), device, amp=config.amp,
-                     pass_mask=config.sequence_dropout > 0 or missing is not None,
-                     pass_labelled=bool(unlabelled))
+                     pass_mask=config.sequence_dropout > 0 or data.missing is not None,
+                     pass_labelled=bool(data.unlabelled))
     optimizer, scaler = step.optimizer, step.scaler
     tracker = BestModelTracker(config.patience)
-    start_epoch, iteration = 0, 0
-    if payload is not None:
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        scaler.load_state_dict(payload["scaler"])
-        if payload.get("tracker"):
-            tracker.load_state_dict(payload["tracker"])
-        if payload.get("objective"):
-            step.objective.load_state_dict(payload["objective"])
-        start_epoch, iteration = int(payload["epoch"]), int(payload["iteration"])
-        restore_rng_state(payload["rng"])
+    start_epoch, iteration = (_restore(payload, model, step, tracker) if payload is not None
+                              else (0, 0))
     if context.distributed:
         # Before the contrastive term starts, immseg's embedding layers get no gradient.
         step.forward = DistributedDataParallel(
@@ -537,6 +491,79 @@ def _train(config: TrainConfig, context: DistContext, resume: bool,
     best = tracker.best_score if tracker.best_epoch is not None else None
     return TrainResult(run_dir, final, completed, iteration, loss_value, seconds, best,
                        tracker.best_epoch)
+
+
+def _restore(payload: dict, model: torch.nn.Module, step: TrainStep,
+             tracker: BestModelTracker) -> tuple[int, int]:
+    """Put a resumable checkpoint's state back (weights, optimiser, scaler, best-model tracker,
+    objective, RNG); the epoch and iteration to continue from."""
+    model.load_state_dict(payload["model"])
+    step.optimizer.load_state_dict(payload["optimizer"])
+    step.scaler.load_state_dict(payload["scaler"])
+    if payload.get("tracker"):
+        tracker.load_state_dict(payload["tracker"])
+    if payload.get("objective"):
+        step.objective.load_state_dict(payload["objective"])
+    restore_rng_state(payload["rng"])
+    return int(payload["epoch"]), int(payload["iteration"])
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What one run trains on: the slices, their per-epoch order and the loader over them."""
+
+    dataset: SliceDataset
+    sampler: EpochIndices | TwoStreamSampler
+    loader: DataLoader
+    #: sequences each case lacks (``None``: every case has every sequence)
+    missing: MissingSequences | None
+    #: training cases whose labels are left unused (semi-supervised runs)
+    unlabelled: frozenset[str]
+
+
+def _training_data(config: TrainConfig, context: DistContext, layout: ProcessedLayout,
+                   train_names: list[str]) -> TrainingData:
+    """The dataset, sampler and loader of ``train_names`` under ``config``'s missing sequences,
+    labelled fraction, dropout and jitter, this process's share of every global batch."""
+    # Dropout masks, like augmentation, are functions of (seed, epoch, sample index): the same
+    # samples lose the same sequences on 1 or N processes, and a resumed epoch replays them.
+    missing = _missing_sequences(config, layout, train_names)
+    unlabelled = unlabelled_cases(train_names, config.labelled_fraction, config.seed)
+    # A semi-supervised epoch (and its labelled-only baseline) takes one pass's steps.
+    steps = steps_per_pass(len(train_names), config.batch_size) if unlabelled else 0
+    if unlabelled and config.consistency_weight == 0:
+        # Nothing would train on them: the baseline of the labelled cases alone.
+        train_names = [name for name in train_names if case_of(name) not in unlabelled]
+        log.info("consistency_weight 0: the %d unlabelled cases are left out; the labelled "
+                 "slices fill every batch of the same %d steps per epoch", len(unlabelled),
+                 steps)
+        unlabelled = frozenset()
+    dataset = SliceDataset(layout, train_names, config.img_size,
+                           AugmentConfig() if config.augment else None, seed=config.seed,
+                           sequence_dropout=config.sequence_dropout,
+                           jitter=JitterConfig(config.sequence_jitter)
+                           if config.sequence_jitter > 0 else None, missing=missing,
+                           unlabelled=unlabelled)
+    # The shuffle is a pure function of (seed, epoch): a resumed epoch replays its batches. The
+    # epoch travels with each index to the (persistent) workers.
+    sampler: EpochIndices | TwoStreamSampler
+    if steps:
+        is_labelled = [case_of(name) not in unlabelled for name in train_names]
+        sampler = TwoStreamSampler(
+            [i for i, flag in enumerate(is_labelled) if flag],
+            [i for i, flag in enumerate(is_labelled) if not flag], config.batch_size,
+            config.labelled_per_batch or config.batch_size // 2, steps, seed=config.seed,
+            num_replicas=context.world_size, rank=context.rank)
+    else:
+        sampler = EpochIndices(DistributedSampler(
+            dataset, num_replicas=context.world_size, rank=context.rank, shuffle=True,
+            seed=config.seed, drop_last=False))
+    loader = DataLoader(dataset, batch_size=config.batch_size // context.world_size,
+                        sampler=sampler, num_workers=config.num_workers,
+                        # Its own generator keeps worker seeding off the global RNG (dropout).
+                        generator=torch.Generator().manual_seed(config.seed),
+                        pin_memory=context.device.type == "cuda", drop_last=False,
+                        persistent_workers=config.num_workers > 0)
+    return TrainingData(dataset, sampler, loader, missing, unlabelled)
 
 
 def unlabelled_cases(train_names: list[str], fraction: float, seed: int) -> frozenset[str]:
