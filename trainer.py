@@ -507,6 +507,7 @@ def _restore(payload: dict, model: torch.nn.Module, step: TrainStep,
     restore_rng_state(payload["rng"])
     return int(payload["epoch"]), int(payload["iteration"])
 
+
 @dataclass(frozen=True)
 class TrainingData:
     """What one run trains on: the slices, their per-epoch order and the loader over them."""
