@@ -6,6 +6,8 @@
         --out pred.nii.gz --save_probabilities
     python predict.py --run_dir runs/myops2020_cv/immseg --case_dir /data/new_cases \
         --out_dir predictions/                   # every case; the 5 folds as one ensemble
+    python predict.py --run_dir runs/r50_vitb16 --bssfp cine_4d.nii.gz --cine_frame 0 \
+        --lge lge.nii.gz --t2w t2w.nii.gz --out pred.nii.gz   # one frame of a 4D cine
 
 Any subset of the sequences may be given (absent ones are zeroed and masked, as in training with
 sequence dropout). The label map (0 background, 1 myocardium, 2 scar, 3 edema) has the shape and
@@ -58,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="raw case folder (MyoPS 2020 CaseXXXX/ or a dataset root of either "
                              "raw layout) instead of the file flags")
     parser.add_argument("--case_id", default=None, help="case to take from a --case_dir root")
+    parser.add_argument("--cine_frame", type=int, default=None,
+                        help="the bSSFP is a 4D cine series: read this frame of it (0-based, "
+                             "in file order; end-diastole is usually frame 0 of an ECG-triggered "
+                             "cine). MyoPS gives one frame per case")
     parser.add_argument("--sequences", default=None,
                         help=f"comma-separated subset to use, e.g. LGE,T2w (default: all given; "
                              f"known: {','.join(MODALITIES)})")
@@ -156,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                         preprocess.pixel_spacing_mm, preprocess.crop_size, preprocess.roi_size)
         networks = registration_networks(loaded.payload, preprocess, device, args.segmenter)
         for case_id, files, out in cases:
-            patient = load_patient(files, case_id)
+            patient = load_patient(files, case_id, args.cine_frame)
             prediction = predict_patient(loaded.model, loaded.img_size, patient, config, device,
                                          networks)
             written = write_prediction(prediction, out, args.save_probabilities)

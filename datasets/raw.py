@@ -99,18 +99,40 @@ class RawCase:
     label_modality: str | None
 
 
-def read_volume(path: str | Path, *, is_label: bool = False) -> Volume:
-    """Read a 3D NIfTI volume, refusing anything a later stage would silently mishandle."""
+def read_volume(path: str | Path, *, is_label: bool = False, frame: int | None = None) -> Volume:
+    """Read a 3D NIfTI volume, refusing anything a later stage would silently mishandle.
+
+    ``frame`` picks one frame (0-based) of a 4D series, such as a cine exported by dcm2niix
+    (its fourth axis is time); only that frame is read. A 4D series of several frames without
+    ``frame`` is refused, and so is a ``frame`` the file does not have (a 3D volume is one
+    frame, 0).
+    """
     path = Path(path)
     if not path.is_file():
         raise RawDataError(f"{path}: file not found")
     try:
         image = nib.load(str(path))
-        data = np.asanyarray(image.dataobj)
+        shape = image.shape
+        if len(shape) == 4:
+            frames = shape[3]
+            if frame is None and frames > 1:
+                hint = "" if is_label else (" (a cine? predict.py --cine_frame takes one "
+                                            "frame of the bSSFP)")
+                raise RawDataError(f"{path}: expected a 3D volume, got shape {shape}, a "
+                                   f"series of {frames} frames{hint}")
+            index = 0 if frame is None else frame
+            if not 0 <= index < frames:
+                raise RawDataError(f"{path}: has frames 0 to {frames - 1}, frame {frame} asked")
+            data = np.asanyarray(image.dataobj[..., index])
+        else:
+            if frame not in (None, 0):
+                raise RawDataError(f"{path}: a single frame (shape {shape}), frame {frame} "
+                                   f"asked")
+            data = np.asanyarray(image.dataobj)
+    except RawDataError:
+        raise
     except Exception as error:  # nibabel raises many types for corrupt files
         raise RawDataError(f"{path}: unreadable NIfTI ({error})") from error
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
     if data.ndim != 3:
         raise RawDataError(f"{path}: expected a 3D volume, got shape {data.shape}")
     if min(data.shape) < 1:

@@ -21,6 +21,9 @@ from datasets.raw import RawDataError, Volume, discover_cases, read_volume
 from preprocessing.grid_stacks import PREFERRED_REFERENCE
 from preprocessing.slice_matching import choose_reference
 
+#: The sequence that may come as a 4D cine series, of which one frame is read.
+CINE = "bSSFP"
+
 
 @dataclass(frozen=True)
 class PatientImages:
@@ -28,6 +31,8 @@ class PatientImages:
 
     case_id: str
     volumes: Mapping[str, Volume]
+    #: The frame taken from a 4D bSSFP cine (``load_patient(cine_frame=...)``), else None.
+    cine_frame: int | None = None
 
     def __post_init__(self) -> None:
         if not self.volumes:
@@ -56,10 +61,12 @@ class PatientImages:
 
 
 def load_patient(paths: Mapping[str, str | os.PathLike[str] | None],
-                 case_id: str | None = None) -> PatientImages:
+                 case_id: str | None = None, cine_frame: int | None = None) -> PatientImages:
     """Read the given sequence files (``None`` entries are absent sequences).
 
-    ``case_id`` defaults to the reference file's name without its NIfTI suffix.
+    ``case_id`` defaults to the reference file's name without its NIfTI suffix. ``cine_frame``
+    takes that frame (0-based) of a 4D bSSFP cine; MyoPS gives one cine frame per case, so a
+    model trained on it reads a single frame too. The other sequences must be 3D.
     """
     given = {name: Path(path) for name, path in paths.items() if path is not None}
     if not given:
@@ -67,11 +74,14 @@ def load_patient(paths: Mapping[str, str | os.PathLike[str] | None],
     unknown = sorted(set(given) - set(MODALITIES))
     if unknown:
         raise ValueError(f"unknown sequence(s) {unknown}; known: {list(MODALITIES)}")
-    volumes = {name: read_volume(given[name]) for name in MODALITIES if name in given}
+    if cine_frame is not None and CINE not in given:
+        raise ValueError(f"a cine frame ({cine_frame}) was asked but no {CINE} file was given")
+    volumes = {name: read_volume(given[name], frame=cine_frame if name == CINE else None)
+               for name in MODALITIES if name in given}
     if case_id is None:
         first = given.get(PREFERRED_REFERENCE, next(iter(given.values())))
         case_id = _strip_nifti_suffix(first.name)
-    return PatientImages(case_id, volumes)
+    return PatientImages(case_id, volumes, cine_frame)
 
 
 def case_dir_files(case_dir: str | os.PathLike[str], case_id: str | None = None,

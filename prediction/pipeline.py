@@ -215,6 +215,7 @@ def predict_patient(model: nn.Module, img_size: int, patient: PatientImages,
     record = {
         "case_id": patient.case_id,
         "sources": {name: str(patient.volumes[name].source) for name in patient.present},
+        "cine_frame": patient.cine_frame,
         "sequences_present": list(stacks.present),
         "sequences_absent": [name for name in MODALITIES if name not in stacks.present],
         "reference": stacks.reference,

@@ -84,6 +84,34 @@ def test_bad_volumes_raise_naming_file(tmp_path, array, message):
         read_volume(path)
 
 
+def test_one_frame_of_a_4d_series(tmp_path):
+    import nibabel as nib
+
+    # A cine of 3 frames as dcm2niix writes it: [X, Y, Z, T], frame t filled with t.
+    series = np.stack([np.full((4, 3, 2), t, np.float32) for t in range(3)], axis=3)
+    affine = axis_affine((1.25, 1.25, 8.0), (5, 6, 7))
+    path = tmp_path / "cine.nii.gz"
+    nib.save(nib.Nifti1Image(series, affine), str(path))
+    volume = read_volume(path, frame=2)
+    assert volume.array.shape == (2, 3, 4) and np.all(volume.array == 2)
+    np.testing.assert_allclose(volume.affine, affine)
+    assert np.all(read_volume(path, frame=0).array == 0)
+    with pytest.raises(RawDataError, match=r"cine\.nii\.gz: expected a 3D volume, got shape "
+                                           r"\(4, 3, 2, 3\), a series of 3 frames .*--cine_frame"):
+        read_volume(path)
+    for frame in (3, -1):
+        with pytest.raises(RawDataError, match=rf"has frames 0 to 2, frame {frame} asked"):
+            read_volume(path, frame=frame)
+    # A 3D volume is its own frame 0; a one-frame series reads without asking.
+    flat = write_nifti(tmp_path / "flat.nii.gz", np.ones((2, 3, 4), np.float32), affine)
+    assert np.all(read_volume(flat, frame=0).array == 1)
+    with pytest.raises(RawDataError, match=r"flat\.nii\.gz: a single frame .*frame 1 asked"):
+        read_volume(flat, frame=1)
+    single = tmp_path / "single.nii.gz"
+    nib.save(nib.Nifti1Image(series[..., 1:2], affine), str(single))
+    assert np.all(read_volume(single).array == 1)
+
+
 def test_unreadable_and_missing_files(tmp_path):
     garbage = tmp_path / "garbage.nii.gz"
     garbage.write_bytes(b"not a nifti")

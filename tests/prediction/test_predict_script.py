@@ -79,6 +79,36 @@ def test_predict_from_a_case_dir_with_a_subset(run_dir, phantom_root, phantom_fi
     assert record["config"]["weighting"] == "uniform"
 
 
+def test_one_frame_of_a_4d_cine(run_dir, phantom_files, tmp_path, capsys):
+    """The bSSFP given as a 3-frame series predicts as its chosen frame given alone."""
+    bssfp = nib.load(str(phantom_files["bSSFP"]))
+    frame = np.asanyarray(bssfp.dataobj).astype(np.float32)
+    cine = tmp_path / "cine.nii.gz"
+    nib.save(nib.Nifti1Image(np.stack([frame[::-1], frame, frame * 0.5], axis=3), bssfp.affine),
+             str(cine))
+    common = ["--checkpoint", str(run_dir / CHECKPOINT_FINAL), "--device", "cpu",
+              *sequence_args(phantom_files, ("LGE", "T2w"))]
+    runs = {"single": ["--bssfp", str(phantom_files["bSSFP"])],
+            "frame0": ["--bssfp", str(cine), "--cine_frame", "0"],
+            "frame1": ["--bssfp", str(cine), "--cine_frame", "1"]}
+    for name, args in runs.items():
+        assert predict.main([*common, *args, "--out", str(tmp_path / f"{name}.nii.gz"),
+                             "--save_probabilities"]) == 0
+    single, frame0, frame1 = (np.asanyarray(nib.load(str(tmp_path / f"{name}_probabilities"
+                                                         f".nii.gz")).dataobj) for name in runs)
+    np.testing.assert_array_equal(frame1, single)
+    assert np.abs(frame0 - single).max() > 1e-3  # the frame read is the one asked for
+    assert json.loads((tmp_path / "frame1.json").read_text())["cine_frame"] == 1
+    assert json.loads((tmp_path / "single.json").read_text())["cine_frame"] is None
+    capsys.readouterr()
+    refused = tmp_path / "refused.nii.gz"
+    assert predict.main([*common, "--bssfp", str(cine), "--out", str(refused)]) == 1
+    assert f"{cine}: expected a 3D volume" in capsys.readouterr().err
+    assert predict.main([*common, "--cine_frame", "0", "--out", str(refused)]) == 1
+    assert "no bSSFP file was given" in capsys.readouterr().err
+    assert not refused.exists()
+
+
 def bad_volumes(tmp_path, lge_path):
     lge = nib.load(str(lge_path))
     data = np.asanyarray(lge.dataobj).astype(np.float32)
