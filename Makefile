@@ -222,6 +222,8 @@ myops_missing: myops_data
 		--missing_file $(MISSING_FILE) $(MISSING_$(row)) --output_dir $(MYOPS_MISSING_RUNS)/$(row) && \
 		$(PY) test.py --run_dir $(MYOPS_MISSING_RUNS)/$(row) --all_subsets \
 		--output_dir $(MYOPS_MISSING_RUNS)/$(row)/test && ) true
+	$(PY) -m bench.subsets_table $(foreach row,$(MISSING_ROWS),$(row)=$(MYOPS_MISSING_RUNS)/$(row)/test) \
+		--folds $(MYOPS_FOLDS)
 
 myops_semi: myops_data
 	$(foreach f,$(SEMI_FRACTIONS),$(PY) train.py $(CV_FLAGS) --model immseg \

@@ -193,7 +193,8 @@ def fold_table(cases: dict[str, dict[str, dict[str, float]]], folds: int) -> str
     return "\n".join(lines)
 
 
-def _parse_run(text: str) -> tuple[str, Path]:
+def parse_run(text: str) -> tuple[str, Path]:
+    """``label=folder`` -> ``(label, folder)``; a bare folder is labelled by its parent's name."""
     label, sep, folder = text.partition("=")
     if sep and not label:
         raise ValueError(f"{text!r}: empty label before '='")
@@ -222,7 +223,7 @@ def report(args: argparse.Namespace) -> list[str]:
     """The tables the flags ask for, then how each run's numbers were obtained."""
     runs, folders = {}, {}
     for text in args.runs:
-        label, folder = _parse_run(text)
+        label, folder = parse_run(text)
         if label in runs:
             raise ValueError(f"label {label!r} given twice")
         runs[label], folders[label] = read_summary(folder), folder
