@@ -204,6 +204,18 @@ def parse_run(text: str) -> tuple[str, Path]:
     return label, Path(folder)
 
 
+def parse_runs(texts: list[str]) -> dict[str, Path]:
+    """``label -> folder`` of the ``label=folder`` arguments, in order; a label given twice is
+    refused."""
+    folders: dict[str, Path] = {}
+    for text in texts:
+        label, folder = parse_run(text)
+        if label in folders:
+            raise ValueError(f"label {label!r} given twice")
+        folders[label] = folder
+    return folders
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -221,12 +233,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(args: argparse.Namespace) -> list[str]:
     """The tables the flags ask for, then how each run's numbers were obtained."""
-    runs, folders = {}, {}
-    for text in args.runs:
-        label, folder = parse_run(text)
-        if label in runs:
-            raise ValueError(f"label {label!r} given twice")
-        runs[label], folders[label] = read_summary(folder), folder
+    folders = parse_runs(args.runs)
+    runs = {label: read_summary(folder) for label, folder in folders.items()}
     shown = labelled_by_cases(folders)
     tables = [markdown_table({shown[label]: summary for label, summary in runs.items()}, metric)
               for metric in METRICS]

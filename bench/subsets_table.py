@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.measure import print_lines
-from bench.results_table import parse_run, read_case_dice, read_obtained
+from bench.results_table import parse_runs, read_case_dice, read_obtained
 from datasets.folds import fold_cases
 from datasets.labels import EVAL_GROUPS
 
@@ -106,12 +106,8 @@ def report(args: argparse.Namespace) -> list[str]:
     groups = parse_groups(args.groups)
     if args.folds is not None and args.folds < 2:
         raise ValueError(f"--folds must be at least 2, got {args.folds}")
-    runs, folders = {}, {}
-    for text in args.runs:
-        label, folder = parse_run(text)
-        if label in runs:
-            raise ValueError(f"label {label!r} given twice")
-        runs[label], folders[label] = read_run(folder), folder
+    folders = parse_runs(args.runs)
+    runs = {label: read_run(folder) for label, folder in folders.items()}
     check_same(runs)
     tables = [group_table(runs, group, args.folds) for group in groups]
     notes = {label: read_obtained(folder / next(iter(runs[label])))
