@@ -179,15 +179,21 @@ def markdown_table(runs: dict[str, dict], metric: str) -> str:
     return "\n".join(lines)
 
 
+def fold_means(dice: dict[str, dict[str, float]], group: str, folds: int) -> np.ndarray:
+    """The ``folds`` means of ``group``'s per-case Dice, fold k over the cases
+    :func:`datasets.folds.fold_cases` deals it."""
+    split = [fold_cases(sorted(dice), folds, k)[1] for k in range(folds)]
+    return np.array([np.mean([dice[case][group] for case in test]) for test in split])
+
+
 def fold_table(cases: dict[str, dict[str, dict[str, float]]], folds: int) -> str:
     """Per run and group, ``mean ± std`` over the ``folds`` fold means of per-case Dice (%)."""
     lines = [f"| Dice %, mean ± std over {folds} fold means | " + " | ".join(EVAL_GROUPS) + " |",
              "|---|" + "---|" * len(EVAL_GROUPS)]
     for label, dice in cases.items():
-        split = [fold_cases(sorted(dice), folds, k)[1] for k in range(folds)]
         cells = []
         for group in EVAL_GROUPS:
-            means = np.array([np.mean([dice[case][group] for case in test]) for test in split])
+            means = fold_means(dice, group, folds)
             cells.append(f"{100 * means.mean():.2f} ± {100 * means.std():.2f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.measure import print_lines
-from bench.results_table import parse_runs, read_case_dice, read_obtained
-from datasets.folds import fold_cases
+from bench.results_table import fold_means, parse_runs, read_case_dice, read_obtained
 from datasets.labels import EVAL_GROUPS
 
 
@@ -52,8 +51,7 @@ def cell_values(dice: dict[str, dict[str, float]], group: str, folds: int | None
     """The values a cell summarises: per-case Dice, or the ``folds`` fold means."""
     if not folds:
         return np.array([dice[case][group] for case in sorted(dice)])
-    split = [fold_cases(sorted(dice), folds, k)[1] for k in range(folds)]
-    return np.array([np.mean([dice[case][group] for case in test]) for test in split])
+    return fold_means(dice, group, folds)
 
 
 def group_table(runs: dict[str, dict[str, dict[str, dict[str, float]]]], group: str,
@@ -63,17 +61,13 @@ def group_table(runs: dict[str, dict[str, dict[str, dict[str, float]]]], group: 
     spread = f"mean ± std over {folds} fold means" if folds else "mean over cases"
     lines = [f"| {group} Dice % ({spread}) | " + " | ".join(subsets) + " | mean over subsets |",
              "|---|" + "---|" * (len(subsets) + 1)]
+    def cell(values: np.ndarray) -> str:
+        return f"{values.mean():.1f} ± {values.std():.1f}" if folds else f"{values.mean():.1f}"
+
     for label, by_subset in runs.items():
-        cells, per_subset = [], []
-        for subset in subsets:
-            values = 100 * cell_values(by_subset[subset], group, folds)
-            per_subset.append(values)
-            cells.append(f"{values.mean():.1f} ± {values.std():.1f}" if folds
-                         else f"{values.mean():.1f}")
+        per_subset = [100 * cell_values(by_subset[subset], group, folds) for subset in subsets]
         # Averaged case by case (or fold by fold) first, so the spread is that of the average.
-        overall = np.mean(per_subset, axis=0)
-        cells.append(f"{overall.mean():.1f} ± {overall.std():.1f}" if folds
-                     else f"{overall.mean():.1f}")
+        cells = [*map(cell, per_subset), cell(np.mean(per_subset, axis=0))]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
