@@ -210,11 +210,11 @@ class TrainConfig(ConfigRecord):
         0.0, "probability that a training slice loses 1 or 2 of its 3 sequences (zeroed; immseg "
         "variants also get the presence mask), so the model learns to segment with missing "
         "sequences; not for transunet_single")
-    sequence_jitter: float = setting(
-        0.0, "probability that bSSFP and T2w, each on its own, are moved off LGE and the label "
+    sequence_jitter: float | None = setting(
+        None, "probability that bSSFP and T2w, each on its own, are moved off LGE and the label "
         "by a random misalignment (datasets.sequence_jitter: rotation up to 8 deg, shift 5 mm, "
         "scale 5 %, a 1.5 mm smooth field): training for sequences registration leaves "
-        "misaligned")
+        "misaligned", shown="0.5 for immseg and immseg_noprior (docs/misalignment.md), else 0")
     missing_file: str | None = setting(
         None, "JSON naming the sequences each training case lacks (datasets.missing; e.g. drawn "
         "at PASSION-style imbalanced rates): those channels are zeroed and masked in every epoch")
@@ -271,8 +271,14 @@ class TrainConfig(ConfigRecord):
             raise ValueError(f"sequence_dropout must lie in [0, 1), got "
                              f"{self.sequence_dropout!r}")
         check_options(self.model, self.network_options())
+        if self.sequence_jitter is None:
+            object.__setattr__(self, "sequence_jitter",
+                               spec.train_defaults.get("sequence_jitter", 0.0))
         if isinstance(self.sequence_jitter, bool) or not 0 <= self.sequence_jitter <= 1:
             raise ValueError(f"sequence_jitter must lie in [0, 1], got {self.sequence_jitter!r}")
+        if self.sequence_jitter > 0 and spec.capabilities.single_sequence:
+            raise ValueError("transunet_single reads one sequence: sequence_jitter would move "
+                             "bSSFP or T2w off its label, or LGE's partners it never reads")
         if isinstance(self.labelled_fraction, bool) or not 0 < self.labelled_fraction <= 1:
             raise ValueError(f"labelled_fraction must lie in (0, 1], got "
                              f"{self.labelled_fraction!r}")
@@ -313,8 +319,9 @@ class TrainConfig(ConfigRecord):
 
     @classmethod
     def field_defaults(cls) -> dict[str, Any]:
-        """Every field's default: what a config written before a field existed meant by it."""
-        return {f.name: field_default(f) for f in fields(cls)}
+        """Every field's default: what a config written before a field existed meant by it
+        (sequence_jitter's default is now the variant's; runs from before it had none)."""
+        return {f.name: field_default(f) for f in fields(cls)} | {"sequence_jitter": 0.0}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

@@ -62,3 +62,50 @@ def test_the_dataset_jitters_reproducibly_and_leaves_the_label(tmp_path):
     again = SliceDataset(layout, names, 48, seed=4, jitter=JitterConfig(probability=1.0))
     assert (again[(0, 1)]["image"] == b["image"]).all()  # a function of (seed, epoch, index)
     assert not (jittered[(1, 1)]["image"] == b["image"]).all()  # another epoch, another draw
+
+
+def test_immseg_trains_with_jitter_by_default_and_runs_from_before_still_resume(tmp_path):
+    """The default is the variant's (networks.variants: immseg and its ablation 0.5, the
+    others 0); an explicit value wins; a checkpoint written before the field existed meant
+    no jitter, so it resumes with ``--sequence_jitter 0`` and refuses the new default."""
+    import dataclasses
+    import re
+
+    import torch
+
+    from commands.train import build_parser, settings_of
+    from networks.checkpoint import CHECKPOINT_LAST, load_training_checkpoint
+    from trainer import TrainConfig, _training_data
+    from training.distributed import DistContext
+
+    def from_flags(*flags: str) -> TrainConfig:
+        return TrainConfig(**settings_of(build_parser().parse_args(list(flags))))
+
+    resolved = {model: from_flags("--model", model).sequence_jitter
+                for model in ("immseg", "immseg_noprior", "transunet", "transunet_single",
+                              "immseg_released")}
+    assert resolved == {"immseg": 0.5, "immseg_noprior": 0.5, "transunet": 0.0,
+                        "transunet_single": 0.0, "immseg_released": 0.0}
+    assert from_flags("--sequence_jitter", "0").sequence_jitter == 0.0  # immseg, by flag
+    assert TrainConfig(model="transunet", sequence_jitter=0.2).sequence_jitter == 0.2
+    with pytest.raises(ValueError, match="transunet_single reads one sequence"):
+        TrainConfig(model="transunet_single", sequence="bSSFP", sequence_jitter=0.5)
+
+    root = write_ring_dataset(tmp_path, train_cases=1, slices_per_case=2, size=48)
+    config = TrainConfig(model="immseg_noprior", vit_name="tiny", root_path=str(root),
+                         output_dir=str(tmp_path / "run"), img_size=48, num_workers=0)
+    layout = ProcessedLayout(root)
+    data = _training_data(config, DistContext(torch.device("cpu")), layout,
+                          layout.names("train"))
+    assert data.dataset.jitter == JitterConfig(0.5)  # the default reaches the slices
+
+    saved = dataclasses.replace(config, sequence_jitter=0.0).to_dict()
+    del saved["sequence_jitter"]  # as written before the option existed
+    path = tmp_path / CHECKPOINT_LAST
+    torch.save({"format_version": 2, "network": {}, "model": {}, "optimizer": {}, "scaler": {},
+                "epoch": 1, "iteration": 4, "train_config": saved, "rng": {}}, path)
+    old = TrainConfig.field_defaults()
+    without = dataclasses.replace(config, sequence_jitter=0.0).to_dict()
+    assert load_training_checkpoint(path, without, defaults=old)["epoch"] == 1
+    with pytest.raises(ValueError, match=re.escape("sequence_jitter: 0.0 -> 0.5")):
+        load_training_checkpoint(path, config.to_dict(), defaults=old)
