@@ -160,10 +160,17 @@ def warp_slice(image: np.ndarray, spacing_xy: tuple[float, float], record: Mappi
     interpolation for images, nearest for labels, zero outside.
     """
     sx, sy = spacing_xy
-    rows, cols = np.mgrid[: image.shape[0], : image.shape[1]].astype(np.float64)
-    points = np.stack([cols.ravel() * sx, rows.ravel() * sy], axis=1)
-    source = apply_slice_misalignment(record, points)
-    coords = np.stack([source[:, 1] / sy, source[:, 0] / sx]).reshape(2, *image.shape)
+    xs, ys = np.arange(image.shape[1]) * sx, np.arange(image.shape[0]) * sy
+    # W(p) of apply_slice_misalignment on the pixel grid; the field separable on the grid costs
+    # 8 taps per pixel instead of the 16 of scattered points (training jitter warps every slice).
+    centre, linear = np.asarray(record["centre_mm"]), linear_part(record)
+    shift = centre + np.asarray(record["translation_mm"])
+    field = displacement_grid(record["nonrigid"], xs, ys)  # [2, X, Y]
+    source_x = (shift[0] + linear[0, 0] * (xs[None, :] - centre[0])
+                + linear[0, 1] * (ys[:, None] - centre[1]) + field[0].T)
+    source_y = (shift[1] + linear[1, 0] * (xs[None, :] - centre[0])
+                + linear[1, 1] * (ys[:, None] - centre[1]) + field[1].T)
+    coords = np.stack([source_y / sy, source_x / sx])
     order = 0 if is_label else 3
     out = ndimage.map_coordinates(image, coords, order=order, mode="constant", cval=0)
     return out.astype(image.dtype, copy=False)
