@@ -8,10 +8,10 @@ Measures, one after the other so that they do not share the cores:
 * the train step, :class:`training.step.TrainStep`, the object ``train.py`` calls (forward, the
   full objective with the contrastive term on, backward, AdamW; float16 autocast on CUDA), on
   random initial weights and one synthetic batch: s/step and images/s;
-* the real :class:`datasets.dataset.SliceDataset` with augmentation (and sequence dropout when
-  asked) behind a ``DataLoader`` with ``--workers`` processes: images/s. Without
-  ``--data_root`` it reads a temporary processed layout of 128x128 ring slices
-  (:mod:`datasets.rings`);
+* the real :class:`datasets.dataset.SliceDataset` with augmentation, the variant's default
+  per-sequence jitter (``--sequence_jitter``) and sequence dropout when asked, behind a
+  ``DataLoader`` with ``--workers`` processes: images/s. Without ``--data_root`` it reads a
+  temporary processed layout of 128x128 ring slices (:mod:`datasets.rings`);
 * the ratio loader / model images per second (target >= 10: the loader then costs the training
   loop at most a tenth of a step even with no overlap), peak resident memory of this process and
   of the largest loader worker, and on CUDA the peak allocated GPU memory.
@@ -43,6 +43,7 @@ from datasets.dataset import EpochIndices, SliceDataset
 from datasets.labels import MODALITIES, NUM_CLASSES
 from datasets.processed import ProcessedLayout
 from datasets.rings import write_ring_dataset
+from datasets.sequence_jitter import JitterConfig
 from networks.backbones import list_backbones
 from networks.objective import ObjectiveConfig, TrainingObjective
 from networks.sequences import zero_absent
@@ -102,7 +103,9 @@ def bench_loader(args: argparse.Namespace, layout: ProcessedLayout) -> dict[str,
     """Images per second the augmenting loader delivers, worker start-up excluded."""
     names = layout.names("train")
     dataset = SliceDataset(layout, names, args.img_size, AugmentConfig(), seed=0,
-                           sequence_dropout=args.sequence_dropout)
+                           sequence_dropout=args.sequence_dropout,
+                           jitter=JitterConfig(args.sequence_jitter)
+                           if args.sequence_jitter > 0 else None)
     # As train.py feeds it: the epoch travels with each index to the persistent workers.
     sampler = EpochIndices(RandomSampler(dataset, generator=torch.Generator().manual_seed(0)))
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
@@ -143,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="processed layout to read (default: temporary synthetic slices)")
     parser.add_argument("--synthetic_slices", type=int, default=64)
     parser.add_argument("--sequence_dropout", type=float, default=0.0)
+    parser.add_argument("--sequence_jitter", type=float, default=None,
+                        help="loader: train.py's --sequence_jitter (default: the variant's, "
+                             "0.5 for immseg)")
     parser.add_argument("--steps", type=int, default=5, help="timed train steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed train steps first")
     parser.add_argument("--loader_batches", type=int, default=40, help="timed loader batches")
@@ -160,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.workers < 0 or args.warmup < 0:
         raise ValueError("--workers and --warmup must be >= 0")
+    if args.sequence_jitter is None:
+        args.sequence_jitter = VARIANTS[args.model].train_defaults.get("sequence_jitter", 0.0)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -176,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = {
         "model": args.model, "vit_name": args.vit_name, "batch_size": args.batch_size,
         "img_size": args.img_size, "sequence_dropout": args.sequence_dropout,
+        "sequence_jitter": args.sequence_jitter,
         "amp": args.amp and device.type == "cuda",
         "device": str(device),
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
