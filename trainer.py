@@ -94,6 +94,12 @@ _LOSS = ObjectiveConfig()
 PATHOLOGY_GROUPS = ("scar", "edema alone")
 
 
+#: What a saved config that lacks a field meant by it, where that differs from the field's
+#: default today: sequence_jitter's default became the variant's (0.5 for immseg) in a later
+#: version than the field, and runs from before it had none.
+LEGACY_DEFAULTS: dict[str, Any] = {"sequence_jitter": 0.0}
+
+
 @dataclass(frozen=True)
 class TrainConfig(ConfigRecord):
     """One training run. Defaults follow the released I_MMSeg recipe (AdamW, poly decay).
@@ -319,9 +325,8 @@ class TrainConfig(ConfigRecord):
 
     @classmethod
     def field_defaults(cls) -> dict[str, Any]:
-        """Every field's default: what a config written before a field existed meant by it
-        (sequence_jitter's default is now the variant's; runs from before it had none)."""
-        return {f.name: field_default(f) for f in fields(cls)} | {"sequence_jitter": 0.0}
+        """Every field's default: what a config written before a field existed meant by it."""
+        return {f.name: field_default(f) for f in fields(cls)} | LEGACY_DEFAULTS
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

@@ -28,6 +28,7 @@ from trainer import (
     CHECKPOINT_FINAL,
     CHECKPOINT_LAST,
     DATASETS,
+    LEGACY_DEFAULTS,
     TrainConfig,
     default_run_dir,
     train,
@@ -58,7 +59,8 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     """TrainConfig values: the field defaults, under ``--config``'s saved ones, under the flags
     given. The dataset decides the class count (and, unless given, the data root); a saved fold
     run's folder and lists are turned back into the cross-validation folder they came from."""
-    saved = read_config_file(args.config, TrainConfig) if args.config else {}
+    # A setting a saved config lacks keeps the meaning it had when that run was written.
+    saved = LEGACY_DEFAULTS | read_config_file(args.config, TrainConfig) if args.config else {}
     if saved.get("fold") is not None:
         run_dir = Path(saved["output_dir"])
         if run_dir.name == f"fold{saved['fold']}":

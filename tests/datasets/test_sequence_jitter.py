@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
+
 import numpy as np
 import pytest
+import torch
 
+from commands.train import build_parser, settings_of
 from datasets.dataset import SliceDataset
 from datasets.misalignment import warp_slice
 from datasets.processed import ProcessedLayout
 from datasets.sequence_jitter import JitterConfig, jitter_sequences
+from networks.checkpoint import CHECKPOINT_LAST, load_training_checkpoint
 from tests.helpers import ring_slice, write_ring_dataset
+from trainer import TrainConfig, _training_data
+from training.distributed import DistContext
 
 
 def _slice(size: int = 64) -> np.ndarray:
@@ -66,17 +75,9 @@ def test_the_dataset_jitters_reproducibly_and_leaves_the_label(tmp_path):
 
 def test_immseg_trains_with_jitter_by_default_and_runs_from_before_still_resume(tmp_path):
     """The default is the variant's (networks.variants: immseg and its ablation 0.5, the
-    others 0); an explicit value wins; a checkpoint written before the field existed meant
-    no jitter, so it resumes with ``--sequence_jitter 0`` and refuses the new default."""
-    import dataclasses
-    import re
-
-    import torch
-
-    from commands.train import build_parser, settings_of
-    from networks.checkpoint import CHECKPOINT_LAST, load_training_checkpoint
-    from trainer import TrainConfig, _training_data
-    from training.distributed import DistContext
+    others 0); an explicit value wins; a config or checkpoint written before the field existed
+    meant no jitter: ``--config`` gives it back without, and resuming it refuses the new
+    default."""
 
     def from_flags(*flags: str) -> TrainConfig:
         return TrainConfig(**settings_of(build_parser().parse_args(list(flags))))
@@ -101,6 +102,12 @@ def test_immseg_trains_with_jitter_by_default_and_runs_from_before_still_resume(
 
     saved = dataclasses.replace(config, sequence_jitter=0.0).to_dict()
     del saved["sequence_jitter"]  # as written before the option existed
+    old_json, new_json = tmp_path / "old.json", tmp_path / "new.json"
+    old_json.write_text(json.dumps(saved))
+    new_json.write_text(json.dumps(config.to_dict()))
+    assert from_flags("--config", str(old_json)).sequence_jitter == 0.0  # what that run did
+    assert from_flags("--config", str(new_json)).sequence_jitter == 0.5
+    assert from_flags("--config", str(old_json), "--sequence_jitter", "1").sequence_jitter == 1
     path = tmp_path / CHECKPOINT_LAST
     torch.save({"format_version": 2, "network": {}, "model": {}, "optimizer": {}, "scaler": {},
                 "epoch": 1, "iteration": 4, "train_config": saved, "rng": {}}, path)
