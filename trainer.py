@@ -29,7 +29,7 @@ from datasets.folds import check_fold, fold_list_dir
 from datasets.labels import MODALITIES, NUM_CLASSES
 from datasets.missing import DATASET_MISSING_FILE, MissingSequences
 from datasets.processed import DEFAULT_PROCESSED_ROOT, ProcessedLayout, case_of
-from datasets.sequence_jitter import JitterConfig
+from datasets.sequence_jitter import JITTER_MISALIGNMENT, JitterConfig
 from datasets.two_stream import TwoStreamSampler, steps_per_pass
 from networks.backbones import list_backbones
 from networks.capabilities import capabilities_of
@@ -221,6 +221,9 @@ class TrainConfig(ConfigRecord):
         "by a random misalignment (datasets.sequence_jitter: rotation up to 8 deg, shift 5 mm, "
         "scale 5 %, a 1.5 mm smooth field): training for sequences registration leaves "
         "misaligned", shown="0.5 for immseg and immseg_noprior (docs/misalignment.md), else 0")
+    jitter_strength: float = setting(
+        1.0, "every magnitude of that misalignment times this (0.5: up to 4 deg, 2.5 mm, "
+        "2.5 %, 0.75 mm)")
     missing_file: str | None = setting(
         None, "JSON naming the sequences each training case lacks (datasets.missing; e.g. drawn "
         "at PASSION-style imbalanced rates): those channels are zeroed and masked in every epoch")
@@ -282,6 +285,9 @@ class TrainConfig(ConfigRecord):
                                spec.train_defaults.get("sequence_jitter", 0.0))
         if isinstance(self.sequence_jitter, bool) or not 0 <= self.sequence_jitter <= 1:
             raise ValueError(f"sequence_jitter must lie in [0, 1], got {self.sequence_jitter!r}")
+        if isinstance(self.jitter_strength, bool) or not 0 < self.jitter_strength < 10:
+            raise ValueError(f"jitter_strength must lie in (0, 10) (a scale change under 50 %), "
+                             f"got {self.jitter_strength!r}")
         if self.sequence_jitter > 0 and spec.capabilities.single_sequence:
             raise ValueError("transunet_single reads one sequence: sequence_jitter would move "
                              "bSSFP or T2w off its label, or LGE's partners it never reads")
@@ -322,6 +328,11 @@ class TrainConfig(ConfigRecord):
         shared = {f.name for f in fields(ObjectiveConfig)} & {f.name for f in fields(self)}
         return ObjectiveConfig(**{name: getattr(self, name) for name in shared},
                                schedule=self.loss_schedule)
+
+    def jitter(self) -> JitterConfig:
+        """The per-sequence misalignment of training slices (``sequence_jitter``)."""
+        return JitterConfig(self.sequence_jitter,
+                            JITTER_MISALIGNMENT.scaled(self.jitter_strength))
 
     @classmethod
     def field_defaults(cls) -> dict[str, Any]:
@@ -553,8 +564,8 @@ def _training_data(config: TrainConfig, context: DistContext, layout: ProcessedL
     dataset = SliceDataset(layout, train_names, config.img_size,
                            AugmentConfig() if config.augment else None, seed=config.seed,
                            sequence_dropout=config.sequence_dropout,
-                           jitter=JitterConfig(config.sequence_jitter)
-                           if config.sequence_jitter > 0 else None, missing=missing,
+                           jitter=config.jitter() if config.sequence_jitter > 0 else None,
+                           missing=missing,
                            unlabelled=unlabelled)
     # The shuffle is a pure function of (seed, epoch): a resumed epoch replays its batches. The
     # epoch travels with each index to the (persistent) workers.

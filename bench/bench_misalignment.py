@@ -56,6 +56,7 @@ from datasets.misalignment import (
     sample_slice_misalignment,
 )
 from datasets.raw import Volume, discover_cases, load_case
+from datasets.sequence_jitter import JITTER_MISALIGNMENT
 from evaluation.metrics import MetricAccumulator
 from networks.checkpoint import LoadedCheckpoint, load_checkpoint
 from prediction.inputs import PatientImages
@@ -75,9 +76,9 @@ TARGET_SPACING = {"bSSFP": 1.172, "T2w": 0.8929}
 
 
 def warp_model(strength: float, nonrigid_mm: float) -> MisalignmentConfig:
-    return MisalignmentConfig(max_rotation_deg=8.0 * strength,
-                              max_translation_mm=5.0 * strength, max_scale=0.05 * strength,
-                              nonrigid_mm=nonrigid_mm * strength)
+    """The training jitter's model (rotation 8 deg, shift 5 mm, scale 5 %) with a field of
+    ``nonrigid_mm``, every magnitude times ``strength``."""
+    return dataclasses.replace(JITTER_MISALIGNMENT, nonrigid_mm=nonrigid_mm).scaled(strength)
 
 
 def moved_volume(volume: Volume, spacing_mm: float, records: list[dict] | None) -> Volume:

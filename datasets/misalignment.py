@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,16 @@ class MisalignmentConfig:
             raise ValueError(f"max_scale must be in [0, 0.5), got {self.max_scale}")
         if not self.nonrigid_grid_mm > 0 or not self.reach_mm > 0:
             raise ValueError("nonrigid_grid_mm and reach_mm must be > 0")
+
+    def scaled(self, strength: float) -> MisalignmentConfig:
+        """The same model with every magnitude (rotation, shift, scale, field) times
+        ``strength``; the field's grid and reach stay."""
+        if not 0 <= strength <= 1 / (2 * self.max_scale + 1e-12):
+            raise ValueError(f"strength must be >= 0 and keep max_scale < 0.5, got {strength}")
+        return replace(self, max_rotation_deg=self.max_rotation_deg * strength,
+                       max_translation_mm=self.max_translation_mm * strength,
+                       max_scale=self.max_scale * strength,
+                       nonrigid_mm=self.nonrigid_mm * strength)
 
 
 def _bspline3(t: np.ndarray) -> np.ndarray:

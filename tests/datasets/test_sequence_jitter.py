@@ -12,9 +12,9 @@ import torch
 
 from commands.train import build_parser, settings_of
 from datasets.dataset import SliceDataset
-from datasets.misalignment import warp_slice
+from datasets.misalignment import sample_slice_misalignment, warp_slice
 from datasets.processed import ProcessedLayout
-from datasets.sequence_jitter import JitterConfig, jitter_sequences
+from datasets.sequence_jitter import JITTER_MISALIGNMENT, JitterConfig, jitter_sequences
 from networks.checkpoint import CHECKPOINT_LAST, load_training_checkpoint
 from tests.helpers import ring_slice, write_ring_dataset
 from trainer import TrainConfig, _training_data
@@ -116,3 +116,25 @@ def test_immseg_trains_with_jitter_by_default_and_runs_from_before_still_resume(
     assert load_training_checkpoint(path, without, defaults=old)["epoch"] == 1
     with pytest.raises(ValueError, match=re.escape("sequence_jitter: 0.0 -> 0.5")):
         load_training_checkpoint(path, config.to_dict(), defaults=old)
+
+
+def test_jitter_strength_scales_every_magnitude_of_the_warp_model():
+    half = JitterConfig(1.0, JITTER_MISALIGNMENT.scaled(0.5)).misalignment
+    assert (half.max_rotation_deg, half.max_translation_mm, half.max_scale, half.nonrigid_mm) \
+        == (4.0, 2.5, 0.025, 0.75)
+    assert (half.nonrigid_grid_mm, half.reach_mm) == (JITTER_MISALIGNMENT.nonrigid_grid_mm,
+                                                      JITTER_MISALIGNMENT.reach_mm)
+    config = TrainConfig(model="immseg", sequence_jitter=1.0, jitter_strength=0.5)
+    assert config.jitter() == JitterConfig(1.0, half)
+    assert TrainConfig(model="immseg").jitter() == JitterConfig(0.5)  # strength 1: the model
+    for bad in (0, -0.5, 10, True):
+        with pytest.raises(ValueError, match="jitter_strength"):
+            TrainConfig(model="immseg", jitter_strength=bad)
+    with pytest.raises(ValueError, match="strength"):
+        JITTER_MISALIGNMENT.scaled(10)
+    # The draws shrink with the model: shifts of a half-strength model stay within 2.5 mm.
+    rng = np.random.default_rng(0)
+    xs = ys = np.arange(64.0)
+    shifts = [np.hypot(*sample_slice_misalignment(rng, (32.0, 32.0), xs, ys, half)[0]
+                       ["translation_mm"]) for _ in range(200)]
+    assert 2.0 < max(shifts) <= 2.5
