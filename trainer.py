@@ -288,6 +288,9 @@ class TrainConfig(ConfigRecord):
         if isinstance(self.jitter_strength, bool) or not 0 < self.jitter_strength < 10:
             raise ValueError(f"jitter_strength must lie in (0, 10) (a scale change under 50 %), "
                              f"got {self.jitter_strength!r}")
+        if self.jitter_strength != 1 and self.sequence_jitter == 0:
+            raise ValueError(f"jitter_strength {self.jitter_strength} has no effect without "
+                             f"sequence_jitter > 0 (0 for {self.model} here)")
         if self.sequence_jitter > 0 and spec.capabilities.single_sequence:
             raise ValueError("transunet_single reads one sequence: sequence_jitter would move "
                              "bSSFP or T2w off its label, or LGE's partners it never reads")

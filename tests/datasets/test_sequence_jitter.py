@@ -130,6 +130,8 @@ def test_jitter_strength_scales_every_magnitude_of_the_warp_model():
     for bad in (0, -0.5, 10, True):
         with pytest.raises(ValueError, match="jitter_strength"):
             TrainConfig(model="immseg", jitter_strength=bad)
+    with pytest.raises(ValueError, match="has no effect without sequence_jitter"):
+        TrainConfig(model="transunet", jitter_strength=0.5)  # its jitter defaults to 0
     with pytest.raises(ValueError, match="strength"):
         JITTER_MISALIGNMENT.scaled(10)
     # The draws shrink with the model: shifts of a half-strength model stay within 2.5 mm.
