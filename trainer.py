@@ -98,6 +98,14 @@ PATHOLOGY_GROUPS = ("scar", "edema alone")
 #: default today: sequence_jitter's default became the variant's (0.5 for immseg) in a later
 #: version than the field, and runs from before it had none.
 LEGACY_DEFAULTS: dict[str, Any] = {"sequence_jitter": 0.0}
+#: jitter_strength stays below this: the scale change of the jitter's model stays under 50 %.
+_MAX_JITTER_STRENGTH = 0.5 / JITTER_MISALIGNMENT.max_scale
+
+
+def default_sequence_jitter(model: str) -> float:
+    """``model``'s training jitter when none is given (networks.variants: 0.5 for immseg and
+    immseg_noprior, else 0)."""
+    return VARIANTS[model].train_defaults.get("sequence_jitter", 0.0)
 
 
 @dataclass(frozen=True)
@@ -281,13 +289,13 @@ class TrainConfig(ConfigRecord):
                              f"{self.sequence_dropout!r}")
         check_options(self.model, self.network_options())
         if self.sequence_jitter is None:
-            object.__setattr__(self, "sequence_jitter",
-                               spec.train_defaults.get("sequence_jitter", 0.0))
+            object.__setattr__(self, "sequence_jitter", default_sequence_jitter(self.model))
         if isinstance(self.sequence_jitter, bool) or not 0 <= self.sequence_jitter <= 1:
             raise ValueError(f"sequence_jitter must lie in [0, 1], got {self.sequence_jitter!r}")
-        if isinstance(self.jitter_strength, bool) or not 0 < self.jitter_strength < 10:
-            raise ValueError(f"jitter_strength must lie in (0, 10) (a scale change under 50 %), "
-                             f"got {self.jitter_strength!r}")
+        if (isinstance(self.jitter_strength, bool)
+                or not 0 < self.jitter_strength < _MAX_JITTER_STRENGTH):
+            raise ValueError(f"jitter_strength must lie in (0, {_MAX_JITTER_STRENGTH:g}) (a scale "
+                             f"change under 50 %), got {self.jitter_strength!r}")
         if self.jitter_strength != 1 and self.sequence_jitter == 0:
             raise ValueError(f"jitter_strength {self.jitter_strength} has no effect without "
                              f"sequence_jitter > 0 (0 for {self.model} here)")

@@ -48,6 +48,7 @@ from networks.backbones import list_backbones
 from networks.objective import ObjectiveConfig, TrainingObjective
 from networks.sequences import zero_absent
 from networks.variants import VARIANTS, count_parameters, create_network
+from trainer import default_sequence_jitter
 from training.step import TrainStep
 from utils import resolve_device
 
@@ -167,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers < 0 or args.warmup < 0:
         raise ValueError("--workers and --warmup must be >= 0")
     if args.sequence_jitter is None:
-        args.sequence_jitter = VARIANTS[args.model].train_defaults.get("sequence_jitter", 0.0)
+        args.sequence_jitter = default_sequence_jitter(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

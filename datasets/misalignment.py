@@ -139,6 +139,13 @@ def sample_slice_misalignment(rng: np.random.Generator, centre_xy: tuple[float, 
     return record, field * factor
 
 
+def _similarity(record: Mapping[str, Any], xy: np.ndarray) -> np.ndarray:
+    """``W(p)`` without its field, ``c + t + s R(theta) (p - c)``, for points ``[N, 2]``."""
+    centre = np.asarray(record["centre_mm"])
+    shift = centre + np.asarray(record["translation_mm"])
+    return shift + (xy - centre) @ linear_part(record).T
+
+
 def apply_slice_misalignment(record: Mapping[str, Any], xy_mm: np.ndarray,
                              inverse: bool = False) -> np.ndarray:
     """``W(p)`` (or ``W^-1(q)``) for in-plane points ``[N, 2]`` in mm.
@@ -147,10 +154,10 @@ def apply_slice_misalignment(record: Mapping[str, Any], xy_mm: np.ndarray,
     small and smooth.
     """
     xy = np.asarray(xy_mm, np.float64).reshape(-1, 2)
+    if not inverse:
+        return _similarity(record, xy) + displacement_points(record["nonrigid"], xy)
     centre, linear = np.asarray(record["centre_mm"]), linear_part(record)
     shift = centre + np.asarray(record["translation_mm"])
-    if not inverse:
-        return shift + (xy - centre) @ linear.T + displacement_points(record["nonrigid"], xy)
     inv = np.linalg.inv(linear)
     p = centre + (xy - shift) @ inv.T
     for _ in range(50):
@@ -171,16 +178,12 @@ def warp_slice(image: np.ndarray, spacing_xy: tuple[float, float], record: Mappi
     """
     sx, sy = spacing_xy
     xs, ys = np.arange(image.shape[1]) * sx, np.arange(image.shape[0]) * sy
-    # W(p) of apply_slice_misalignment on the pixel grid; the field separable on the grid costs
-    # 8 taps per pixel instead of the 16 of scattered points (training jitter warps every slice).
-    centre, linear = np.asarray(record["centre_mm"]), linear_part(record)
-    shift = centre + np.asarray(record["translation_mm"])
-    field = displacement_grid(record["nonrigid"], xs, ys)  # [2, X, Y]
-    source_x = (shift[0] + linear[0, 0] * (xs[None, :] - centre[0])
-                + linear[0, 1] * (ys[:, None] - centre[1]) + field[0].T)
-    source_y = (shift[1] + linear[1, 0] * (xs[None, :] - centre[0])
-                + linear[1, 1] * (ys[:, None] - centre[1]) + field[1].T)
-    coords = np.stack([source_y / sy, source_x / sx])
+    # W(p) on the pixel grid: the field evaluated separably on the grid costs 8 taps per pixel
+    # instead of the 16 of scattered points (the training jitter warps every slice).
+    points = np.stack(np.meshgrid(xs, ys), axis=-1)  # [Y, X, (x, y)]
+    source = (_similarity(record, points.reshape(-1, 2)).reshape(points.shape)
+              + displacement_grid(record["nonrigid"], xs, ys).transpose(2, 1, 0))
+    coords = np.stack([source[..., 1] / sy, source[..., 0] / sx])
     order = 0 if is_label else 3
     out = ndimage.map_coordinates(image, coords, order=order, mode="constant", cval=0)
     return out.astype(image.dtype, copy=False)
