@@ -179,7 +179,7 @@ myops_jitter: myops_data  # the later --sequence_jitter wins over CV_FLAGS' TABL
 # where the label-free affine step leaves the heart 1.5 to 1.8 mm off, docs/registration.md).
 # Benched with MISALIGNMENT_MODELS=$(MYOPS_CV_RUNS)/immseg_jitter_matched; decided against
 # immseg's default by myops_misalignment_decision with MISALIGNMENT_REFERENCE=immseg_jitter
-# MISALIGNMENT_CANDIDATES=immseg_jitter_matched.
+# MISALIGNMENT_CANDIDATES=immseg_jitter_matched (session 21: it fails, the default stays).
 MYOPS_JITTER_MATCHED ?= --sequence_jitter 1 --jitter_strength 0.5
 
 myops_jitter_matched: myops_data
